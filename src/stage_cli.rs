@@ -1,0 +1,37 @@
+//! Shared plumbing for stage binaries: logging, error reporting, progress bars.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Runs a stage's `main`: sets up `tracing` on stderr (`RUST_LOG`, default `info`), runs `body`,
+/// and on error prints the whole error chain and exits with status 1.
+pub fn main(body: impl FnOnce() -> anyhow::Result<()>) {
+    init_logging(false);
+    if let Err(err) = body() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Installs the `tracing` subscriber on stderr; `verbose` raises the default level to debug.
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// A progress bar over `len` items on stderr, hidden when stderr is not a terminal.
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

@@ -1,0 +1,106 @@
+//! The registry of built-in stages: what each one reads and writes.
+//!
+//! A built-in stage `NAME` is the binary `halo-NAME`, found next to the `halo` binary (or on
+//! `PATH`). The runner calls it as a plain CLI: `--INPUT PATH` for each input, `--OUTPUT PATH`
+//! for each output, and `--PARAM VALUE` for each param (underscores become hyphens), so
+//! `halo-unpair --help` documents the same arguments a pipeline's `params` table sets.
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::schema;
+
+/// Params of a stage as given in the pipeline (after variable substitution).
+pub type Params = serde_json::Map<String, Value>;
+
+/// A built-in stage's interface.
+pub struct Builtin {
+    /// Stage name (`uses = "NAME"`), binary `halo-NAME`.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+    /// Input names and the schema each expects (None: a raw file in any format).
+    pub inputs: &'static [(&'static str, Option<&'static str>)],
+    /// Output names and schemas, which may depend on params.
+    pub outputs: fn(&Params) -> Result<Vec<(String, String)>>,
+}
+
+fn out(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter().map(|(n, s)| (n.to_string(), s.to_string())).collect()
+}
+
+fn import_outputs(params: &Params) -> Result<Vec<(String, String)>> {
+    let kind = match params.get("kind") {
+        None => schema::PAIRED,
+        Some(Value::String(k)) if k == schema::PAIRED || k == schema::BINARY || k == schema::PROMPTS => k.as_str(),
+        Some(other) => bail!("params.kind must be \"paired\", \"binary\" or \"prompts\", found {other}"),
+    };
+    Ok(out(&[("data", kind), ("summary", schema::JSON)]))
+}
+
+/// All built-in stages.
+pub fn builtins() -> Vec<Builtin> {
+    vec![
+        Builtin {
+            name: "import",
+            about: "import HH-RLHF, Open-Assistant, TRL-style JSONL/Parquet or prompt files",
+            inputs: &[("source", None)],
+            outputs: import_outputs,
+        },
+        Builtin {
+            name: "unpair",
+            about: "paired -> binary: one desirable and one undesirable example per pair",
+            inputs: &[("pairs", Some(schema::PAIRED))],
+            outputs: |_| Ok(out(&[("binary", schema::BINARY), ("summary", schema::JSON)])),
+        },
+        Builtin {
+            name: "resample",
+            about: "subsample classes, set lambda_D/lambda_U, write the stratified batch plan",
+            inputs: &[("data", Some(schema::BINARY))],
+            outputs: |_| Ok(out(&[("plan", schema::PLAN), ("summary", schema::JSON)])),
+        },
+    ]
+}
+
+/// Looks up a built-in stage, listing the known ones on failure.
+pub fn builtin(name: &str) -> Result<Builtin> {
+    let all = builtins();
+    let names: Vec<&str> = all.iter().map(|b| b.name).collect();
+    match all.into_iter().find(|b| b.name == name) {
+        Some(b) => Ok(b),
+        None => bail!("unknown built-in stage `{name}` (known: {})", names.join(", ")),
+    }
+}
+
+/// Renders params as CLI arguments: `--key value` (underscores in keys become hyphens).
+/// Strings are passed raw, other values as JSON (numbers, `true`/`false`, arrays).
+pub fn param_args(params: &Params) -> Vec<String> {
+    let mut args = Vec::new();
+    for (key, value) in params {
+        args.push(format!("--{}", key.replace('_', "-")));
+        args.push(match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_become_flags() {
+        let params: Params = serde_json::from_str(r#"{"drop_conflicts": true, "seed": 3, "name": "x y"}"#).unwrap();
+        assert_eq!(param_args(&params), ["--drop-conflicts", "true", "--seed", "3", "--name", "x y"]);
+    }
+
+    #[test]
+    fn import_kind_selects_output_schema() {
+        let params: Params = serde_json::from_str(r#"{"kind": "binary"}"#).unwrap();
+        let outs = (builtin("import").unwrap().outputs)(&params).unwrap();
+        assert_eq!(outs[0], ("data".to_string(), "binary".to_string()));
+        assert!(builtin("unpiar").unwrap_err().to_string().contains("unpair"));
+    }
+}
