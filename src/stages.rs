@@ -101,6 +101,6 @@ mod tests {
         let params: Params = serde_json::from_str(r#"{"kind": "binary"}"#).unwrap();
         let outs = (builtin("import").unwrap().outputs)(&params).unwrap();
         assert_eq!(outs[0], ("data".to_string(), "binary".to_string()));
-        assert!(builtin("unpiar").unwrap_err().to_string().contains("unpair"));
+        assert!(builtin("unpiar").err().unwrap().to_string().contains("unpair"));
     }
 }

@@ -1,0 +1,26 @@
+//! `halo gc`.
+
+use anyhow::Result;
+use haloflow::manifest::Manifest;
+use haloflow::runner::{WorkLock, Workspace};
+
+use super::PipelineArgs;
+
+/// Deletes cache entries that no lock file in the work dir references.
+pub fn gc(args: &PipelineArgs) -> Result<bool> {
+    let pipeline = args.load()?;
+    let _lock = WorkLock::acquire(&pipeline.work_dir)?;
+    let workspace = Workspace::open(pipeline)?;
+    workspace.cache.clean_temp()?;
+    let keep = Manifest::referenced_keys(&workspace.pipeline.work_dir)?;
+    let (mut removed, mut bytes) = (0, 0);
+    for key in workspace.cache.keys()? {
+        if !keep.contains(&key) {
+            bytes += workspace.cache.entry_size(&key);
+            workspace.cache.remove(&key)?;
+            removed += 1;
+        }
+    }
+    println!("removed {removed} cache entries ({:.1} MiB), kept {}", bytes as f64 / 1048576.0, keep.len());
+    Ok(true)
+}

@@ -1,0 +1,97 @@
+//! Command-line interface of `halo`: one module per subcommand.
+
+mod dag;
+mod gc;
+mod run;
+mod status;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use haloflow::pipeline::Pipeline;
+
+const EXAMPLES: &str = "Examples:
+  halo run pipelines/example.toml                 run what is stale, reuse the rest
+  halo run pipelines/example.toml --dry-run       say what would run and why
+  halo run pipelines/example.toml --set seed=3    override a [vars] value
+  halo run pipelines/example.toml --force unpair  rerun one stage (and what its new output changes)
+  halo status pipelines/example.toml              fresh/stale per stage
+  halo dag pipelines/example.toml --dot | dot -Tsvg > dag.svg";
+
+/// Align language models with human-aware losses: run cached pipelines of stages.
+#[derive(Parser)]
+#[command(name = "halo", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Log more (debug level); RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline: execute stale stages, reuse cached ones.
+    Run(run::RunArgs),
+    /// Show whether each stage is fresh or stale, and why.
+    Status(PipelineArgs),
+    /// Print the stage graph (text, or Graphviz DOT with --dot).
+    Dag(dag::DagArgs),
+    /// Delete cache entries that no lock file references.
+    Gc(PipelineArgs),
+    /// Rehash every cache entry; report and remove corrupt ones.
+    Verify(PipelineArgs),
+    /// Print the Arrow schemas stages exchange (the plug-in contract).
+    Schema,
+}
+
+/// Arguments shared by commands that open a pipeline.
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// The pipeline TOML file.
+    pub pipeline: PathBuf,
+    /// Override a [vars] value (NAME=VALUE, repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Work dir for cache and manifests (default: [pipeline].work_dir, or .halo beside the file).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl PipelineArgs {
+    /// Loads the pipeline with overrides applied.
+    pub fn load(&self) -> anyhow::Result<Pipeline> {
+        let mut pipeline = Pipeline::load(&self.pipeline, &self.set)?;
+        if let Some(dir) = &self.work_dir {
+            pipeline.work_dir = dir.clone();
+        }
+        Ok(pipeline)
+    }
+}
+
+/// Parses arguments, runs the subcommand and maps errors to exit status 1 (2 for usage).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    haloflow::stage_cli::init_logging(cli.verbose);
+    let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => status::status(args),
+        Command::Dag(args) => dag::dag(args),
+        Command::Gc(args) => gc::gc(args),
+        Command::Verify(args) => verify::verify(args),
+        Command::Schema => {
+            print!("{}", haloflow::schema::markdown());
+            Ok(true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

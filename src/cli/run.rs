@@ -1,0 +1,66 @@
+//! `halo run`.
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use clap::Args;
+use haloflow::manifest::Status;
+use haloflow::runner::{Plan, RunOptions, WorkLock, Workspace};
+
+use super::PipelineArgs;
+
+/// Arguments of `halo run`.
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Run only this stage (repeatable); its inputs must be up to date.
+    #[arg(long, value_name = "STAGE")]
+    only: Vec<String>,
+    /// Rerun this stage and everything downstream of it (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    from: Vec<String>,
+    /// Rerun this stage even if it is cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Say what would run and why, without running anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Runs the pipeline; returns whether every stage succeeded.
+pub fn run(args: &RunArgs) -> Result<bool> {
+    let pipeline = args.pipeline.load()?;
+    let options = RunOptions { only: args.only.clone(), from: args.from.clone(), force: args.force.clone() };
+    if args.dry_run {
+        return dry_run(Workspace::open(pipeline)?, &options);
+    }
+    let _lock = WorkLock::acquire(&pipeline.work_dir)?;
+    let workspace = Workspace::open(pipeline)?;
+    workspace.cache.clean_temp()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let manifest = runtime.block_on(workspace.run(&options))?;
+    print!("{}", haloflow::progress::table(&manifest.stages));
+    for failed in manifest.stages.iter().filter(|s| matches!(s.status, Status::Failed)) {
+        eprintln!("\nerror: stage `{}`: {}", failed.name, failed.reason.as_deref().unwrap_or("failed"));
+    }
+    let ran = manifest.stages.iter().filter(|s| s.status == Status::Ran).count();
+    println!("{ran} ran, manifest {}", haloflow::manifest::Manifest::lock_path(&args.pipeline.load()?.work_dir, &manifest.pipeline).display());
+    Ok(manifest.ok)
+}
+
+fn dry_run(workspace: Workspace, options: &RunOptions) -> Result<bool> {
+    let mut forced: BTreeSet<String> = workspace.pipeline.with_descendants(&options.from)?;
+    forced.extend(options.force.iter().cloned());
+    for (name, _, plan) in workspace.analyze(&forced) {
+        if !options.only.is_empty() && !options.only.contains(&name) {
+            continue;
+        }
+        match plan {
+            Plan::Fresh(_) => println!("cached     {name}"),
+            Plan::Run(why) => println!("would run  {name}: {why}"),
+            Plan::AfterUpstream(up) => println!("would run  {name}: if upstream `{up}` changes its outputs"),
+        }
+    }
+    Ok(true)
+}

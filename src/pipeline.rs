@@ -1,0 +1,516 @@
+//! Pipeline files: parsing, variable substitution and validation.
+//!
+//! ```toml
+//! [pipeline]
+//! name = "example"            # default: the file's stem
+//! work_dir = ".halo"          # default: .halo beside the pipeline file
+//!
+//! [vars]
+//! data = "../../shared/data"
+//!
+//! [stages.import]
+//! uses = "import"             # built-in stage: runs halo-import
+//! inputs = { source = "{vars.data}/hh-rlhf/helpful-base-test.jsonl.gz" }
+//! params = { format = "hh-rlhf" }
+//!
+//! [stages.filter]             # a user's own program, given as argv (never through a shell)
+//! run = ["python3", "filter.py", "{in.pairs}", "{out.kept}", "{params.min_chars}"]
+//! inputs = { pairs = "import.data" }    # STAGE.OUTPUT, or a file path
+//! outputs = { kept = "paired" }         # output name = schema it must satisfy
+//! params = { min_chars = 20 }
+//! version = "1"
+//! ```
+//!
+//! `{vars.NAME}` is replaced in inputs, params and argv; a param that is exactly `{vars.NAME}`
+//! takes the variable's type. Relative paths are relative to the pipeline file's directory,
+//! which is also the working directory of stage processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::schema::{self, SchemaDef};
+use crate::stages::{self, Params};
+
+/// Where a stage input comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputRef {
+    /// Another stage's output (`"stage.output"`).
+    Stage {
+        /// Producing stage.
+        stage: String,
+        /// Output name of that stage.
+        output: String,
+    },
+    /// A file or directory, absolute or relative to the pipeline directory.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for InputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InputRef::Stage { stage, output } => write!(f, "{stage}.{output}"),
+            InputRef::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// What a stage runs.
+#[derive(Debug, Clone)]
+pub enum StageKind {
+    /// A built-in stage `halo-NAME`.
+    Builtin(String),
+    /// A user command: argv with `{in.X}`, `{out.Y}`, `{params.Z}` placeholders left to fill.
+    Command(Vec<String>),
+}
+
+/// One resolved stage of a pipeline.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Unique name within the pipeline.
+    pub name: String,
+    /// Built-in or command.
+    pub kind: StageKind,
+    /// Inputs by name.
+    pub inputs: BTreeMap<String, InputRef>,
+    /// Outputs in declaration order, with the schema each must satisfy.
+    pub outputs: Vec<(String, SchemaDef)>,
+    /// Params after variable substitution.
+    pub params: Params,
+    /// Optional user-given version, part of a command stage's identity.
+    pub version: Option<String>,
+}
+
+impl Stage {
+    /// Names of the stages this one reads from.
+    pub fn upstream(&self) -> BTreeSet<&str> {
+        self.inputs
+            .values()
+            .filter_map(|i| match i {
+                InputRef::Stage { stage, .. } => Some(stage.as_str()),
+                InputRef::File(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// A parsed, validated pipeline; stages are in a topological order.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Pipeline name (used for the lock file).
+    pub name: String,
+    /// The pipeline file.
+    pub path: PathBuf,
+    /// Its directory: base of relative paths and working directory of stages.
+    pub dir: PathBuf,
+    /// Where the cache, lock files and run manifests live.
+    pub work_dir: PathBuf,
+    /// Variables after `--set` overrides.
+    pub vars: BTreeMap<String, Value>,
+    /// Stages in topological order (ties broken by declaration order).
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    pipeline: RawMeta,
+    #[serde(default)]
+    vars: serde_json::Map<String, Value>,
+    #[serde(default)]
+    stages: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: Option<String>,
+    work_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    uses: Option<String>,
+    run: Option<Vec<String>>,
+    #[serde(default)]
+    inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    outputs: BTreeMap<String, String>,
+    #[serde(default)]
+    params: Params,
+    version: Option<String>,
+}
+
+impl Pipeline {
+    /// Loads a pipeline file; `overrides` are `NAME=VALUE` settings of `[vars]` (VALUE is read
+    /// as a TOML value when it parses as one, else as a string).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Pipeline> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading pipeline {}", path.display()))?;
+        Self::parse(&text, path, overrides).with_context(|| format!("pipeline {}", path.display()))
+    }
+
+    /// Parses pipeline text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Pipeline> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let mut vars: BTreeMap<String, Value> = raw.vars.into_iter().collect();
+        for o in overrides {
+            let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected NAME=VALUE"))?;
+            vars.insert(k.to_string(), parse_override(v));
+        }
+        let name = raw.pipeline.name.unwrap_or_else(|| {
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
+        });
+        let work_dir = dir.join(raw.pipeline.work_dir.as_deref().unwrap_or(".halo"));
+        if raw.stages.is_empty() {
+            bail!("no stages: add a [stages.NAME] table");
+        }
+        let names: Vec<String> = raw.stages.keys().cloned().collect();
+        let mut stages = Vec::new();
+        for (stage_name, value) in raw.stages {
+            let raw_stage: RawStage = serde_json::from_value(value).map_err(|e| anyhow!("stage `{stage_name}`: {e}"))?;
+            stages.push(
+                resolve_stage(&stage_name, raw_stage, &vars, &dir, &names)
+                    .with_context(|| format!("stage `{stage_name}`"))?,
+            );
+        }
+        check_references(&stages)?;
+        let stages = topological_order(stages)?;
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, stages })
+    }
+
+    /// The stage with this name, or an error listing the stages.
+    pub fn stage(&self, name: &str) -> Result<&Stage> {
+        self.stages.iter().find(|s| s.name == name).ok_or_else(|| {
+            anyhow!(
+                "no stage named `{name}` in pipeline {} (stages: {})",
+                self.name,
+                self.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The named stages and everything downstream of them.
+    pub fn with_descendants(&self, names: &[String]) -> Result<BTreeSet<String>> {
+        let mut set = BTreeSet::new();
+        for n in names {
+            set.insert(self.stage(n)?.name.clone());
+        }
+        for stage in &self.stages {
+            if stage.upstream().iter().any(|u| set.contains(*u)) {
+                set.insert(stage.name.clone());
+            }
+        }
+        Ok(set)
+    }
+}
+
+fn parse_override(v: &str) -> Value {
+    toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|t| serde_json::to_value(&t["v"]).ok())
+        .unwrap_or_else(|| Value::String(v.to_string()))
+}
+
+/// Replaces `{vars.NAME}` in a string.
+fn expand_vars(s: &str, vars: &BTreeMap<String, Value>) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{vars.") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').with_context(|| format!("unclosed `{{vars.` in \"{s}\""))? + start;
+        let name = &rest[start + 6..end];
+        let value = vars.get(name).with_context(|| {
+            format!("unknown variable `{name}` in \"{s}\" (defined: {})", vars.keys().cloned().collect::<Vec<_>>().join(", "))
+        })?;
+        match value {
+            Value::String(v) => out.push_str(v),
+            other => out.push_str(&other.to_string()),
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Substitutes variables in a param value; `"{vars.x}"` alone keeps x's type.
+fn expand_value(v: Value, vars: &BTreeMap<String, Value>) -> Result<Value> {
+    Ok(match v {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("{vars.").and_then(|r| r.strip_suffix('}')) {
+                if let Some(value) = vars.get(name).filter(|_| !name.contains('{')) {
+                    return Ok(value.clone());
+                }
+            }
+            Value::String(expand_vars(&s, vars)?)
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(|i| expand_value(i, vars)).collect::<Result<_>>()?),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| Ok((k, expand_value(v, vars)?))).collect::<Result<_>>()?)
+        }
+        other => other,
+    })
+}
+
+fn resolve_stage(
+    name: &str,
+    raw: RawStage,
+    vars: &BTreeMap<String, Value>,
+    dir: &Path,
+    stage_names: &[String],
+) -> Result<Stage> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        bail!("stage names may hold only letters, digits, `_` and `-`");
+    }
+    let params = match expand_value(Value::Object(raw.params), vars)? {
+        Value::Object(m) => m,
+        _ => unreachable!("an object expands to an object"),
+    };
+    let mut inputs = BTreeMap::new();
+    for (input, reference) in raw.inputs {
+        let reference = expand_vars(&reference, vars).with_context(|| format!("input `{input}`"))?;
+        let parsed = match reference.split_once('.') {
+            Some((stage, output)) if stage_names.iter().any(|s| s == stage) && !output.contains('/') => {
+                InputRef::Stage { stage: stage.to_string(), output: output.to_string() }
+            }
+            _ => InputRef::File(dir.join(&reference)),
+        };
+        inputs.insert(input, parsed);
+    }
+    let (kind, outputs) = match (raw.uses, raw.run) {
+        (Some(_), Some(_)) => bail!("give either `uses` (a built-in stage) or `run` (a command), not both"),
+        (None, None) => bail!("missing `uses` (a built-in stage) or `run` (a command argv)"),
+        (Some(uses), None) => {
+            let builtin = stages::builtin(&uses)?;
+            if !raw.outputs.is_empty() {
+                bail!("`outputs` is fixed for built-in stage `{uses}`; remove it");
+            }
+            let expected: BTreeSet<&str> = builtin.inputs.iter().map(|(n, _)| *n).collect();
+            let given: BTreeSet<&str> = inputs.keys().map(|s| s.as_str()).collect();
+            if expected != given {
+                bail!(
+                    "built-in stage `{uses}` takes inputs {{{}}}, the pipeline gives {{{}}}",
+                    expected.into_iter().collect::<Vec<_>>().join(", "),
+                    given.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let outputs = (builtin.outputs)(&params)?
+                .into_iter()
+                .map(|(n, s)| Ok((n, schema::by_name(&s)?)))
+                .collect::<Result<Vec<_>>>()?;
+            (StageKind::Builtin(uses), outputs)
+        }
+        (None, Some(argv)) => {
+            if argv.is_empty() {
+                bail!("`run` is empty: give the program and its arguments as an array");
+            }
+            if raw.outputs.is_empty() {
+                bail!("a command stage must declare `outputs = {{ NAME = \"SCHEMA\" }}`");
+            }
+            let outputs = raw
+                .outputs
+                .into_iter()
+                .map(|(n, s)| Ok((n.clone(), schema::by_name(&s).with_context(|| format!("output `{n}`"))?)))
+                .collect::<Result<Vec<_>>>()?;
+            let argv = argv.iter().map(|a| expand_vars(a, vars)).collect::<Result<Vec<_>>>()?;
+            for arg in &argv {
+                check_placeholders(arg, &inputs, &outputs, &params)?;
+            }
+            (StageKind::Command(argv), outputs)
+        }
+    };
+    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version })
+}
+
+/// The `{in.X}`, `{out.Y}`, `{params.Z}` and `{out_dir}` placeholders of an argv element.
+pub fn placeholders(arg: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else { break };
+        let inner = &rest[start + 1..start + len];
+        if inner == "out_dir" || ["in.", "out.", "params."].iter().any(|p| inner.starts_with(p)) {
+            found.push(inner);
+        }
+        rest = &rest[start + len + 1..];
+    }
+    found
+}
+
+fn check_placeholders(
+    arg: &str,
+    inputs: &BTreeMap<String, InputRef>,
+    outputs: &[(String, SchemaDef)],
+    params: &Params,
+) -> Result<()> {
+    for p in placeholders(arg) {
+        let ok = match p.split_once('.') {
+            Some(("in", n)) => inputs.contains_key(n),
+            Some(("out", n)) => outputs.iter().any(|(o, _)| o == n),
+            Some(("params", n)) => params.contains_key(n),
+            _ => true,
+        };
+        if !ok {
+            bail!("`run` argument \"{arg}\" uses {{{p}}}, which is not declared");
+        }
+    }
+    Ok(())
+}
+
+fn check_references(stages: &[Stage]) -> Result<()> {
+    for stage in stages {
+        for (input, reference) in &stage.inputs {
+            if let InputRef::Stage { stage: from, output } = reference {
+                let producer = stages.iter().find(|s| &s.name == from).expect("resolved against stage names");
+                let Some((_, produced)) = producer.outputs.iter().find(|(o, _)| o == output) else {
+                    bail!(
+                        "stage `{}` input `{input}` refers to `{from}.{output}`, but stage `{from}` has no output `{output}` (its outputs: {})",
+                        stage.name,
+                        producer.outputs.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                };
+                if let StageKind::Builtin(uses) = &stage.kind {
+                    let builtin = stages::builtin(uses)?;
+                    let wanted = builtin.inputs.iter().find(|(n, _)| n == input).and_then(|(_, s)| *s);
+                    if let Some(wanted) = wanted.filter(|w| *w != produced.name) {
+                        bail!(
+                            "stage `{}` input `{input}` expects a `{wanted}` table, but `{from}.{output}` is `{}`",
+                            stage.name,
+                            produced.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders stages so each comes after its inputs (Kahn's algorithm, declaration order for ties);
+/// a cycle is an error that names the stages on it.
+fn topological_order(stages: Vec<Stage>) -> Result<Vec<Stage>> {
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut remaining = stages;
+    let mut ordered = Vec::new();
+    while !remaining.is_empty() {
+        let ready = remaining.iter().position(|s| s.upstream().iter().all(|u| done.contains(*u)));
+        match ready {
+            Some(i) => {
+                let stage = remaining.remove(i);
+                done.insert(stage.name.clone());
+                ordered.push(stage);
+            }
+            None => bail!("the stages form a cycle: {}", describe_cycle(&remaining)),
+        }
+    }
+    Ok(ordered)
+}
+
+fn describe_cycle(stuck: &[Stage]) -> String {
+    // Walk upstream edges among the stuck stages until a stage repeats.
+    let mut path: Vec<&str> = vec![stuck[0].name.as_str()];
+    loop {
+        let current = stuck.iter().find(|s| s.name == *path.last().unwrap()).unwrap();
+        let next = current.upstream().into_iter().find(|u| stuck.iter().any(|s| s.name == *u)).unwrap();
+        if let Some(pos) = path.iter().position(|p| *p == next) {
+            let mut cycle: Vec<&str> = path[pos..].to_vec();
+            cycle.reverse();
+            cycle.push(cycle[0]);
+            return cycle.join(" -> ");
+        }
+        path.push(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Pipeline> {
+        Pipeline::parse(text, Path::new("/tmp/p/pipe.toml"), &[])
+    }
+
+    const BASE: &str = r#"
+[vars]
+seed = 3
+data = "/data"
+[stages.import]
+uses = "import"
+inputs = { source = "{vars.data}/x.jsonl" }
+[stages.unpair]
+uses = "unpair"
+inputs = { pairs = "import.data" }
+[stages.resample]
+uses = "resample"
+inputs = { data = "unpair.binary" }
+params = { seed = "{vars.seed}", note = "s{vars.seed}" }
+"#;
+
+    #[test]
+    fn parses_references_vars_and_order() {
+        let p = parse(BASE).unwrap();
+        assert_eq!(p.name, "pipe");
+        let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["import", "unpair", "resample"]);
+        assert_eq!(p.stage("import").unwrap().inputs["source"], InputRef::File("/data/x.jsonl".into()));
+        let r = p.stage("resample").unwrap();
+        assert_eq!(r.params["seed"], serde_json::json!(3));
+        assert_eq!(r.params["note"], serde_json::json!("s3"));
+        let d = p.with_descendants(&["unpair".into()]).unwrap();
+        assert_eq!(d.into_iter().collect::<Vec<_>>(), ["resample", "unpair"]);
+    }
+
+    #[test]
+    fn set_overrides_vars_with_types() {
+        let p = Pipeline::parse(BASE, Path::new("/tmp/p/pipe.toml"), &["seed=7".into()]).unwrap();
+        assert_eq!(p.stage("resample").unwrap().params["seed"], serde_json::json!(7));
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        let cases = [
+            (BASE.replace("uses = \"unpair\"", "uses = \"unpiar\""), "unknown built-in stage `unpiar`"),
+            (BASE.replace("import.data", "import.pairs"), "has no output `pairs`"),
+            (BASE.replace("unpair.binary", "import.data"), "expects a `binary` table"),
+            (BASE.replace("{vars.seed}\"", "{vars.sed}\""), "unknown variable `sed`"),
+            (format!("{BASE}\n[stages.unpair]\nuses = \"unpair\"\n"), "duplicate key"),
+            (BASE.replace("inputs = { source", "inputz = { source"), "unknown field `inputz`"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let text = r#"
+[stages.a]
+run = ["x", "{in.i}", "{out.o}"]
+inputs = { i = "b.o" }
+outputs = { o = "json" }
+[stages.b]
+run = ["x", "{in.i}", "{out.o}"]
+inputs = { i = "a.o" }
+outputs = { o = "json" }
+"#;
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("cycle") && err.contains("a -> b -> a") || err.contains("b -> a -> b"), "{err}");
+    }
+
+    #[test]
+    fn command_placeholders_must_be_declared() {
+        let text = r#"
+[stages.a]
+run = ["x", "{in.missing}", "{out.o}"]
+outputs = { o = "json" }
+"#;
+        let err = format!("{:#}", parse(text).unwrap_err());
+        assert!(err.contains("{in.missing}"), "{err}");
+    }
+}

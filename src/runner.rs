@@ -1,0 +1,551 @@
+//! Running a pipeline: cache keys, freshness, and execution of stages on a `dagrs` graph.
+//!
+//! A stage's key is the blake3 of its [`KeyParts`]: program identity, resolved params, content
+//! hashes of its inputs and its declared outputs. Keys of downstream stages are computed from
+//! the actual hashes of upstream outputs, so a rerun upstream that produces identical bytes
+//! leaves its descendants cached.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use async_trait::async_trait;
+use dagrs::{Action, Content, DefaultNode, EnvVar, Graph, InChannels, Node, NodeTable, OutChannels, Output};
+
+use crate::cache::{Cache, Entry, Lookup, StoredOutput, LOG_FILE};
+use crate::hashing::{self, HashMemo};
+use crate::manifest::{self, Identity, KeyParts, Manifest, OutputRecord, StageRecord, Status};
+use crate::pipeline::{self, InputRef, Pipeline, Stage, StageKind};
+use crate::progress::Progress;
+use crate::schema;
+
+/// Which stages a run considers and forces.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only these stages (their upstream must be fresh in the cache).
+    pub only: Vec<String>,
+    /// Rerun these stages and everything downstream of them.
+    pub from: Vec<String>,
+    /// Rerun these stages even if cached.
+    pub force: Vec<String>,
+}
+
+/// What would happen to a stage, judged from the cache without running anything.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Up to date: this cache entry is used.
+    Fresh(Entry),
+    /// Must run, and why.
+    Run(String),
+    /// Its key depends on an upstream stage that must run first.
+    AfterUpstream(String),
+}
+
+/// A pipeline bound to its cache, its previous manifest and the hash memo.
+pub struct Workspace {
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// Its cache.
+    pub cache: Cache,
+    /// The latest manifest, if the pipeline ran before.
+    pub previous: Option<Manifest>,
+    memo: Mutex<HashMemo>,
+}
+
+/// An exclusive lock on a work dir, held while a command uses it.
+pub struct WorkLock(#[allow(dead_code)] std::fs::File);
+
+impl WorkLock {
+    /// Locks `work_dir` (creating it), failing at once if another `halo` holds it.
+    pub fn acquire(work_dir: &Path) -> Result<WorkLock> {
+        std::fs::create_dir_all(work_dir).with_context(|| format!("creating work dir {}", work_dir.display()))?;
+        let path = work_dir.join(".lock");
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.try_lock().map_err(|_| anyhow!("another halo process is using {}; wait for it to finish", work_dir.display()))?;
+        Ok(WorkLock(file))
+    }
+}
+
+impl Workspace {
+    /// Opens the workspace of a pipeline.
+    pub fn open(pipeline: Pipeline) -> Result<Workspace> {
+        let cache = Cache::new(&pipeline.work_dir);
+        let previous = Manifest::load_lock(&pipeline.work_dir, &pipeline.name)?;
+        let memo = Mutex::new(HashMemo::load(&pipeline.work_dir.join("hashes.json")));
+        Ok(Workspace { pipeline, cache, previous, memo })
+    }
+
+    /// Saves the hash memo.
+    pub fn save_memo(&self) -> Result<()> {
+        self.memo.lock().expect("memo lock").save()
+    }
+
+    fn hash(&self, path: &Path) -> Result<String> {
+        self.memo.lock().expect("memo lock").hash(path)
+    }
+
+    /// The identity of a stage's program.
+    pub fn identity(&self, stage: &Stage) -> Result<Identity> {
+        match &stage.kind {
+            StageKind::Builtin(name) => {
+                let path = builtin_binary(name)?;
+                Ok(Identity::Builtin { binary: format!("halo-{name}"), hash: self.hash(&path)? })
+            }
+            StageKind::Command(argv) => {
+                let mut files = BTreeMap::new();
+                for arg in argv.iter().filter(|a| pipeline::placeholders(a).is_empty()) {
+                    let path = self.pipeline.dir.join(arg);
+                    if arg.contains(['/', '.']) && path.is_file() {
+                        files.insert(arg.clone(), self.hash(&path)?);
+                    }
+                }
+                Ok(Identity::Command { argv: argv.clone(), version: stage.version.clone(), files })
+            }
+        }
+    }
+
+    /// Path of an input, given the entries of finished upstream stages.
+    pub fn input_path(&self, input: &InputRef, upstream: &BTreeMap<String, Entry>) -> Result<PathBuf> {
+        match input {
+            InputRef::File(path) => Ok(path.clone()),
+            InputRef::Stage { stage, output } => {
+                let entry = upstream.get(stage).ok_or_else(|| anyhow!("stage `{stage}` has not produced its outputs"))?;
+                self.cache.output_path(entry, output).ok_or_else(|| anyhow!("stage `{stage}` has no output `{output}`"))
+            }
+        }
+    }
+
+    /// The key parts of a stage, given the entries of its finished upstream stages.
+    pub fn key_parts(&self, stage: &Stage, upstream: &BTreeMap<String, Entry>) -> Result<KeyParts> {
+        let mut inputs = BTreeMap::new();
+        for (name, input) in &stage.inputs {
+            let hash = match input {
+                InputRef::File(path) => self.hash(path).with_context(|| format!("input `{name}` of stage `{}`", stage.name))?,
+                InputRef::Stage { stage: from, output } => upstream
+                    .get(from)
+                    .and_then(|e| e.outputs.get(output))
+                    .map(|o| o.hash.clone())
+                    .ok_or_else(|| anyhow!("stage `{from}` has not produced `{output}`"))?,
+            };
+            inputs.insert(name.clone(), hash);
+        }
+        Ok(KeyParts {
+            identity: self.identity(stage)?,
+            params: stage.params.clone(),
+            inputs,
+            outputs: stage.outputs.iter().map(|(n, s)| (n.clone(), s.name.to_string())).collect(),
+        })
+    }
+
+    /// Decides whether a stage with these key parts can use the cache.
+    pub fn decide(&self, stage: &Stage, parts: &KeyParts, forced: bool) -> Plan {
+        if forced {
+            return Plan::Run("forced".into());
+        }
+        match self.cache.lookup(&parts.key(), false) {
+            Lookup::Valid(entry) => Plan::Fresh(entry),
+            Lookup::Corrupt(why) => Plan::Run(format!("cache entry corrupt ({why}); rebuilding")),
+            Lookup::Missing => {
+                let prev = self.previous.as_ref().and_then(|m| m.stage(&stage.name)).and_then(|r| r.parts.as_ref());
+                Plan::Run(match prev {
+                    None => "first run".into(),
+                    Some(prev) => {
+                        let why = manifest::explain_change(prev, parts);
+                        if why.is_empty() { "no cache entry".into() } else { why.join("; ") }
+                    }
+                })
+            }
+        }
+    }
+
+    /// Judges every stage from the cache alone, in pipeline order (for `status`, `--dry-run`
+    /// and the upstream of `--only`). Returns the plan and, when computable, the key parts.
+    pub fn analyze(&self, forced: &BTreeSet<String>) -> Vec<(String, Option<KeyParts>, Plan)> {
+        let mut fresh: BTreeMap<String, Entry> = BTreeMap::new();
+        let mut out = Vec::new();
+        for stage in &self.pipeline.stages {
+            let waiting = stage.upstream().into_iter().find(|u| !fresh.contains_key(*u));
+            let (parts, plan) = match waiting {
+                Some(u) => (None, Plan::AfterUpstream(u.to_string())),
+                None => match self.key_parts(stage, &fresh) {
+                    Err(e) => (None, Plan::Run(format!("{e:#}"))),
+                    Ok(parts) => {
+                        let plan = self.decide(stage, &parts, forced.contains(&stage.name));
+                        (Some(parts), plan)
+                    }
+                },
+            };
+            if let Plan::Fresh(entry) = &plan {
+                fresh.insert(stage.name.clone(), entry.clone());
+            }
+            out.push((stage.name.clone(), parts, plan));
+        }
+        out
+    }
+
+    /// Runs the pipeline (or the selected part of it) and writes the manifest.
+    pub async fn run(self, options: &RunOptions) -> Result<Manifest> {
+        let started = Instant::now();
+        let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        let mut forced = self.pipeline.with_descendants(&options.from)?;
+        for f in &options.force {
+            forced.insert(self.pipeline.stage(f)?.name.clone());
+        }
+        let selected: BTreeSet<String> = if options.only.is_empty() {
+            self.pipeline.stages.iter().map(|s| s.name.clone()).collect()
+        } else {
+            options.only.iter().map(|n| Ok(self.pipeline.stage(n)?.name.clone())).collect::<Result<_>>()?
+        };
+        // Upstream stages outside the selection must be fresh; their entries seed the run.
+        let mut seeded = BTreeMap::new();
+        if !options.only.is_empty() {
+            for (name, _, plan) in self.analyze(&BTreeSet::new()) {
+                if selected.contains(&name) {
+                    continue;
+                }
+                let needed = self.pipeline.stages.iter().any(|s| selected.contains(&s.name) && s.upstream().contains(name.as_str()));
+                match plan {
+                    Plan::Fresh(entry) => {
+                        seeded.insert(name, entry);
+                    }
+                    Plan::Run(why) | Plan::AfterUpstream(why) if needed => {
+                        bail!("--only: stage `{name}`, an input of the selection, is not up to date ({why}); run it first")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let ctx = Arc::new(RunContext {
+            ws: self,
+            forced,
+            entries: Mutex::new(seeded),
+            records: Mutex::new(BTreeMap::new()),
+            progress: Progress::new(),
+        });
+        run_graph(&ctx, &selected).await?;
+        let ctx = Arc::try_unwrap(ctx).map_err(|_| anyhow!("run context still shared"))?;
+        ctx.ws.save_memo()?;
+        let mut records = ctx.records.into_inner().expect("records lock");
+        let stages: Vec<StageRecord> = ctx
+            .ws
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| {
+                records.remove(&s.name).unwrap_or_else(|| {
+                    let prev = ctx.ws.previous.as_ref().and_then(|m| m.stage(&s.name)).cloned();
+                    StageRecord { status: Status::NotRun, ..prev.unwrap_or_else(|| empty_record(&s.name)) }
+                })
+            })
+            .collect();
+        let ok = stages.iter().all(|r| !matches!(r.status, Status::Failed | Status::Skipped));
+        let manifest = Manifest {
+            pipeline: ctx.ws.pipeline.name.clone(),
+            file: ctx.ws.pipeline.path.clone(),
+            halo_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_unix,
+            wall_s: started.elapsed().as_secs_f64(),
+            ok,
+            stages,
+        };
+        manifest.save(&ctx.ws.pipeline.work_dir)?;
+        Ok(manifest)
+    }
+}
+
+fn empty_record(name: &str) -> StageRecord {
+    StageRecord {
+        name: name.to_string(),
+        status: Status::NotRun,
+        reason: None,
+        key: None,
+        parts: None,
+        outputs: BTreeMap::new(),
+        duration_s: 0.0,
+    }
+}
+
+/// Finds the binary of a built-in stage: `$HALO_BIN_DIR`, the directory of the running
+/// executable, then `PATH`.
+pub fn builtin_binary(name: &str) -> Result<PathBuf> {
+    let file = format!("halo-{name}");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("HALO_BIN_DIR") {
+        dirs.push(dir.into());
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(dir);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.iter()
+        .map(|d| d.join(&file))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("cannot find the binary `{file}` of built-in stage `{name}` (build it with `cargo build --release --workspace`)"))
+}
+
+struct RunContext {
+    ws: Workspace,
+    forced: BTreeSet<String>,
+    /// Entries of finished stages (cached or ran), by stage.
+    entries: Mutex<BTreeMap<String, Entry>>,
+    records: Mutex<BTreeMap<String, StageRecord>>,
+    progress: Progress,
+}
+
+struct StageAction {
+    ctx: Arc<RunContext>,
+    index: usize,
+}
+
+#[async_trait]
+impl Action for StageAction {
+    async fn run(&self, inputs: &mut InChannels, outputs: &mut OutChannels, _env: Arc<EnvVar>) -> Output {
+        // Upstream nodes send one message when they finish, whatever their outcome.
+        let _ = inputs.map(|_| ()).await;
+        let record = run_stage(self.ctx.clone(), self.index).await;
+        self.ctx.progress.finish(record.1, &record.0);
+        self.ctx.records.lock().expect("records lock").insert(record.0.name.clone(), record.0);
+        outputs.broadcast(Content::new(())).await;
+        Output::empty()
+    }
+}
+
+async fn run_graph(ctx: &Arc<RunContext>, selected: &BTreeSet<String>) -> Result<()> {
+    if selected.is_empty() {
+        return Ok(());
+    }
+    let mut table = NodeTable::default();
+    let mut graph = Graph::new();
+    let mut ids = BTreeMap::new();
+    for (index, stage) in ctx.ws.pipeline.stages.iter().enumerate().filter(|(_, s)| selected.contains(&s.name)) {
+        let node = DefaultNode::with_action(stage.name.clone(), StageAction { ctx: ctx.clone(), index }, &mut table);
+        ids.insert(stage.name.clone(), node.id());
+        graph.add_node(node).map_err(|e| anyhow!("building the stage graph: {e}"))?;
+    }
+    for stage in ctx.ws.pipeline.stages.iter().filter(|s| selected.contains(&s.name)) {
+        let downstream = ids[&stage.name];
+        for up in stage.upstream().into_iter().filter(|u| selected.contains(*u)) {
+            graph.add_edge(ids[up], vec![downstream]).map_err(|e| anyhow!("building the stage graph: {e}"))?;
+        }
+    }
+    graph.set_env(EnvVar::new(table));
+    graph.async_start().await.map_err(|e| anyhow!("running the stage graph: {e}"))?;
+    Ok(())
+}
+
+/// Runs (or takes from the cache) one stage; never panics on stage errors, which end up in
+/// the record.
+async fn run_stage(ctx: Arc<RunContext>, index: usize) -> (StageRecord, Option<indicatif::ProgressBar>) {
+    let stage = &ctx.ws.pipeline.stages[index];
+    let started = Instant::now();
+    let mut record = empty_record(&stage.name);
+    let failed_upstream = {
+        let records = ctx.records.lock().expect("records lock");
+        stage.upstream().into_iter().find(|u| records.get(*u).is_some_and(|r| matches!(r.status, Status::Failed | Status::Skipped)))
+            .map(str::to_string)
+    };
+    if let Some(up) = failed_upstream {
+        record.status = Status::Skipped;
+        record.reason = Some(format!("upstream stage `{up}` failed"));
+        return (record, None);
+    }
+    let upstream = ctx.entries.lock().expect("entries lock").clone();
+    let prepared = {
+        let ctx = ctx.clone();
+        let upstream = upstream.clone();
+        tokio::task::spawn_blocking(move || {
+            let stage = &ctx.ws.pipeline.stages[index];
+            let parts = ctx.ws.key_parts(stage, &upstream)?;
+            let plan = ctx.ws.decide(stage, &parts, ctx.forced.contains(&stage.name));
+            anyhow::Ok((parts, plan))
+        })
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|r| r)
+    };
+    let (parts, plan) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            record.status = Status::Failed;
+            record.reason = Some(format!("{e:#}"));
+            record.duration_s = started.elapsed().as_secs_f64();
+            return (record, None);
+        }
+    };
+    let key = parts.key();
+    record.key = Some(key.clone());
+    record.parts = Some(parts.clone());
+    let (result, bar) = match plan {
+        Plan::Fresh(entry) => {
+            record.status = Status::Cached;
+            (Ok(entry), None)
+        }
+        Plan::Run(reason) | Plan::AfterUpstream(reason) => {
+            let bar = ctx.progress.start(&stage.name, &reason);
+            record.reason = Some(reason);
+            let result = execute(&ctx, stage, &key, &upstream).await;
+            record.status = if result.is_ok() { Status::Ran } else { Status::Failed };
+            (result, Some(bar))
+        }
+    };
+    match result {
+        Ok(entry) => {
+            record.outputs = entry
+                .outputs
+                .iter()
+                .map(|(name, o)| {
+                    let path = ctx.ws.cache.entry_dir(&key).join(&o.file);
+                    (name.clone(), OutputRecord { path, hash: o.hash.clone(), rows: o.rows })
+                })
+                .collect();
+            ctx.entries.lock().expect("entries lock").insert(stage.name.clone(), entry);
+        }
+        Err(e) => record.reason = Some(format!("{e:#}")),
+    }
+    record.duration_s = started.elapsed().as_secs_f64();
+    (record, bar)
+}
+
+/// The argv of a stage run writing into `temp`.
+fn command_line(ws: &Workspace, stage: &Stage, temp: &Path, upstream: &BTreeMap<String, Entry>) -> Result<Vec<String>> {
+    let mut inputs = BTreeMap::new();
+    for (name, input) in &stage.inputs {
+        let path = ws.input_path(input, upstream)?;
+        inputs.insert(name.clone(), std::path::absolute(&path).unwrap_or(path).to_string_lossy().into_owned());
+    }
+    let outputs: BTreeMap<&str, String> = stage
+        .outputs
+        .iter()
+        .map(|(name, def)| (name.as_str(), temp.join(format!("{name}{}", def.format.extension())).to_string_lossy().into_owned()))
+        .collect();
+    Ok(match &stage.kind {
+        StageKind::Builtin(name) => {
+            let mut argv = vec![builtin_binary(name)?.to_string_lossy().into_owned()];
+            for (name, path) in &inputs {
+                argv.extend([format!("--{}", name.replace('_', "-")), path.clone()]);
+            }
+            for (name, path) in &outputs {
+                argv.extend([format!("--{}", name.replace('_', "-")), path.clone()]);
+            }
+            argv.extend(crate::stages::param_args(&stage.params));
+            argv
+        }
+        StageKind::Command(argv) => argv
+            .iter()
+            .map(|arg| {
+                let mut arg = arg.clone();
+                for p in pipeline::placeholders(&arg.clone()) {
+                    let value = match p.split_once('.') {
+                        Some(("in", n)) => inputs[n].clone(),
+                        Some(("out", n)) => outputs[n].clone(),
+                        Some(("params", n)) => match &stage.params[n] {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        },
+                        _ => temp.to_string_lossy().into_owned(),
+                    };
+                    arg = arg.replace(&format!("{{{p}}}"), &value);
+                }
+                arg
+            })
+            .collect(),
+    })
+}
+
+/// Runs a stage process into a temporary directory, validates its outputs and commits them
+/// to the cache. On any failure the temporary directory is removed and its log kept under
+/// `WORK_DIR/logs/STAGE.failed.log`.
+async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTreeMap<String, Entry>) -> Result<Entry> {
+    let ws = &ctx.ws;
+    let temp = ws.cache.new_temp(key)?;
+    let started = Instant::now();
+    let result = async {
+        let argv = command_line(ws, stage, &temp, upstream)?;
+        tracing::debug!(stage = %stage.name, ?argv, "starting");
+        let log_path = temp.join(LOG_FILE);
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .current_dir(&ws.pipeline.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("HALO_STAGE", &stage.name)
+            .env("HALO_OUT_DIR", &temp)
+            .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        let mut child = command.spawn().with_context(|| format!("stage `{}`: cannot start `{}`", stage.name, argv[0]))?;
+        let status = child.wait().await?;
+        if !status.success() {
+            bail!("stage `{}` failed ({}); last lines of its output:\n{}", stage.name, describe_exit(&status), tail(&log_path, 20));
+        }
+        let (ctx2, stage_name, temp2) = (ctx.clone(), stage.name.clone(), temp.clone());
+        let key = key.to_string();
+        let duration_s = started.elapsed().as_secs_f64();
+        let entry = tokio::task::spawn_blocking(move || {
+            let stage = ctx2.ws.pipeline.stage(&stage_name)?;
+            let mut outputs = BTreeMap::new();
+            for (name, def) in &stage.outputs {
+                let file = format!("{name}{}", def.format.extension());
+                let path = temp2.join(&file);
+                if !path.exists() {
+                    bail!("stage `{stage_name}` exited 0 but did not write output `{name}` (expected at {})", path.display());
+                }
+                let rows = schema::validate_file(def, &path)
+                    .with_context(|| format!("stage `{stage_name}` output `{name}` does not match schema `{}`", def.name))?;
+                let hash = hashing::hash_path(&path)?;
+                outputs.insert(name.clone(), StoredOutput { file, schema: def.name.to_string(), hash, stamp: hashing::stamp(&path)?, rows });
+            }
+            let entry = Entry { stage: stage_name, key, duration_s, outputs };
+            ctx2.ws.cache.commit(&temp2, &entry)?;
+            anyhow::Ok(entry)
+        })
+        .await??;
+        Ok(entry)
+    }
+    .await;
+    if result.is_err() && temp.exists() {
+        let logs = ws.pipeline.work_dir.join("logs");
+        let _ = std::fs::create_dir_all(&logs);
+        let _ = std::fs::rename(temp.join(LOG_FILE), logs.join(format!("{}.failed.log", stage.name)));
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
+/// Asks the kernel to kill the stage process if `halo` itself dies, so a killed run leaves no
+/// orphan writing into the work dir.
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(9)) => "killed by signal 9 (SIGKILL)".into(),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The last `n` lines of a text file (lossy UTF-8).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let shown = lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>();
+    if shown.is_empty() { "  | (no output)".into() } else { shown.join("\n") }
+}
