@@ -1,0 +1,113 @@
+//! The example pipeline over ../shared/data, run with the real binaries: caching, reruns of
+//! exactly the affected stages, the Python plug-in stage, dry-run reasons, corruption.
+
+mod common;
+
+use common::*;
+use haloflow::manifest::Status;
+
+const ALL: &[&str] = &["import_hh", "import_oasst", "filter", "unpair", "unpair_oasst", "resample"];
+
+fn example_args<'a>(cmd: &'a str, work: &'a str, data: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let pipeline = repo_root().join("pipelines/example.toml");
+    let mut args = vec![cmd.to_string(), pipeline.to_string_lossy().into_owned(), "--work-dir".into(), work.into()];
+    args.extend(["--set".to_string(), format!("data={data}")]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn halo_example(cmd: &str, work: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let args = example_args(cmd, work.to_str().unwrap(), data.to_str().unwrap(), extra);
+    run(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+}
+
+#[test]
+fn caching_reruns_exactly_the_affected_stages() {
+    let Some(data) = shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+
+    // First run executes every stage.
+    let out = halo_example("run", &work, &data, &[]);
+    assert!(out.status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(ALL));
+    let first = manifest(&work, "example");
+    assert!(text(&out).contains("stage") && text(&out).contains("rows"), "final table printed");
+
+    // The plug-in stage really filtered, and its output passed the `paired` contract.
+    let kept = &first.stage("filter").unwrap().outputs["kept"];
+    let imported = first.stage("import_hh").unwrap().outputs["data"].rows.unwrap();
+    assert!(kept.rows.unwrap() < imported, "filter dropped short pairs");
+    let rows = haloflow::records::read_paired(&kept.path).unwrap();
+    assert!(rows.iter().all(|r| r.chosen.chars().count() >= 20 && r.rejected.chars().count() >= 20 && r.chosen != r.rejected));
+
+    // Second run executes nothing.
+    assert!(halo_example("run", &work, &data, &[]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&[]));
+    assert_eq!(stages_with(&work, "example", Status::Cached), set(ALL));
+
+    // Dry run explains a param change without running anything.
+    let dry = text(&halo_example("run", &work, &data, &["--set", "min_chars=60", "--dry-run"]));
+    assert!(dry.contains("would run  filter: params.min_chars 20 → 60"), "{dry}");
+    assert!(dry.contains("cached     import_hh") && dry.contains("cached     unpair_oasst"), "{dry}");
+    assert_eq!(stages_with(&work, "example", Status::Cached), set(ALL), "dry run changed nothing");
+
+    // Changing one stage's param reruns exactly that stage and its descendants.
+    assert!(halo_example("run", &work, &data, &["--set", "min_chars=60"]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["filter", "unpair", "resample"]));
+    let second = manifest(&work, "example");
+    assert_eq!(second.stage("unpair").unwrap().reason.as_deref(), Some("input pairs changed"));
+
+    // Going back is a cache hit (content-addressed), and --force reruns one stage only: its
+    // output is identical, so nothing downstream reruns.
+    assert!(halo_example("run", &work, &data, &["--force", "unpair_oasst"]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["unpair_oasst"]));
+
+    // --only runs a single stage; --from reruns a stage and its descendants.
+    assert!(halo_example("run", &work, &data, &["--only", "resample", "--force", "resample"]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["resample"]));
+    assert_eq!(stages_with(&work, "example", Status::NotRun).len(), ALL.len() - 1);
+    assert!(halo_example("run", &work, &data, &["--from", "filter"]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["filter", "unpair", "resample"]));
+
+    // status reports everything fresh; a new seed makes resample (only) stale.
+    let status = text(&halo_example("status", &work, &data, &["--set", "seed=5"]));
+    assert!(status.contains("stale  resample: params.seed 0 → 5"), "{status}");
+    assert!(status.contains("fresh  unpair"), "{status}");
+}
+
+#[test]
+fn a_corrupted_entry_is_detected_and_rebuilt() {
+    let Some(data) = shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    assert!(halo_example("run", &work, &data, &[]).status.success());
+    let plan = manifest(&work, "example").stage("resample").unwrap().outputs["plan"].path.clone();
+
+    // Same size, different content: found by hash before use, and rebuilt.
+    let mut bytes = std::fs::read(&plan).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&plan, &bytes).unwrap();
+    assert!(halo_example("run", &work, &data, &[]).status.success());
+    let m = manifest(&work, "example");
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["resample"]));
+    assert!(m.stage("resample").unwrap().reason.as_deref().unwrap().contains("corrupt"));
+
+    // Truncation: `halo verify` reports it, removes the entry, exits 1; the next run rebuilds.
+    let unpaired = m.stage("unpair").unwrap().outputs["binary"].path.clone();
+    let len = std::fs::metadata(&unpaired).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&unpaired).unwrap().set_len(len / 2).unwrap();
+    let verify = halo_example("verify", &work, &data, &[]);
+    assert!(!verify.status.success());
+    assert!(text(&verify).contains("1 corrupt"), "{}", text(&verify));
+    assert!(halo_example("run", &work, &data, &[]).status.success());
+    assert_eq!(stages_with(&work, "example", Status::Ran), set(&["unpair"]), "identical output: resample stays cached");
+    assert!(halo_example("verify", &work, &data, &[]).status.success());
+
+    // gc drops entries no lock file references (the corrupted-then-rebuilt ones are gone
+    // already; an older min_chars run leaves some).
+    assert!(halo_example("run", &work, &data, &["--set", "min_chars=60"]).status.success());
+    let gc = text(&halo_example("gc", &work, &data, &[]));
+    assert!(gc.contains("removed 3 cache entries"), "{gc}");
+}
