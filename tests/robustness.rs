@@ -235,3 +235,11 @@ fn bad_input_data_names_file_and_line_and_writes_nothing() {
         assert!(cached_stages(&work).is_empty());
     }
 }
+
+#[test]
+fn datasets_readme_documents_the_current_schemas() {
+    let readme = std::fs::read_to_string(repo_root().join("datasets/README.md")).unwrap();
+    let out = run_ok(&["schema"]);
+    let generated = String::from_utf8(out.stdout).unwrap();
+    assert!(readme.contains(generated.trim()), "datasets/README.md is out of date: paste the output of `halo schema`");
+}
