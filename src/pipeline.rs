@@ -376,11 +376,12 @@ fn check_references(stages: &[Stage]) -> Result<()> {
                 };
                 if let StageKind::Builtin(uses) = &stage.kind {
                     let builtin = stages::builtin(uses)?;
-                    let wanted = builtin.inputs.iter().find(|(n, _)| n == input).and_then(|(_, s)| *s);
-                    if let Some(wanted) = wanted.filter(|w| *w != produced.name) {
+                    let wanted = builtin.inputs.iter().find(|(n, _)| n == input).map(|(_, s)| *s).unwrap_or_default();
+                    if !wanted.is_empty() && !wanted.contains(&produced.name) {
                         bail!(
-                            "stage `{}` input `{input}` expects a `{wanted}` table, but `{from}.{output}` is `{}`",
+                            "stage `{}` input `{input}` expects a `{}` table, but `{from}.{output}` is `{}`",
                             stage.name,
+                            wanted.join("` or `"),
                             produced.name
                         );
                     }

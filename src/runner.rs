@@ -463,6 +463,10 @@ fn command_line(ws: &Workspace, stage: &Stage, temp: &Path, upstream: &BTreeMap<
 async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTreeMap<String, Entry>) -> Result<Entry> {
     let ws = &ctx.ws;
     let temp = ws.cache.new_temp(key)?;
+    // Scratch space that survives a failed or killed attempt (for resumable stages such as
+    // refcache) and is deleted once the stage's result is in the cache.
+    let scratch = ws.pipeline.work_dir.join("scratch").join(key);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let started = Instant::now();
     let result = async {
         let argv = command_line(ws, stage, &temp, upstream)?;
@@ -478,6 +482,7 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
             .stderr(log)
             .env("HALO_STAGE", &stage.name)
             .env("HALO_OUT_DIR", &temp)
+            .env("HALO_SCRATCH_DIR", &scratch)
             .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
             .kill_on_drop(true);
         die_with_parent(&mut command);
@@ -511,6 +516,9 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
         Ok(entry)
     }
     .await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     if result.is_err() && temp.exists() {
         let logs = ws.pipeline.work_dir.join("logs");
         let _ = std::fs::create_dir_all(&logs);

@@ -88,6 +88,10 @@ pub const JSON: &str = "json";
 /// Name of the `dir` pseudo-schema: a directory (model checkpoints, reports).
 pub const DIR: &str = "dir";
 
+/// Key of the `ref_logps` Parquet metadata holding the JSON fingerprint of the reference model,
+/// tokenizer, lengths and data it was computed from.
+pub const REF_FINGERPRINT: &str = "haloflow.fingerprint";
+
 /// Keys of the `plan` output's Arrow schema metadata written by `resample`.
 pub mod plan_meta {
     /// λ_D, the weight of desirable examples (decimal string).
@@ -116,6 +120,11 @@ pub fn message_fields() -> Fields {
         Field::new("role", DataType::Utf8, false),
         Field::new("content", DataType::Utf8, false),
     ])
+}
+
+/// The type of per-token values: `list<float>`.
+pub fn float_list() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Float32, true)))
 }
 
 fn req(name: &'static str, data_type: DataType, doc: &'static str) -> Column {
@@ -226,6 +235,9 @@ pub fn all() -> Vec<SchemaDef> {
                 opt("kl_n_tokens", DataType::Int64, "KL partner tokens"),
                 opt("rejected_logp", DataType::Float64, "summed log-prob of the rejected reply"),
                 opt("rejected_n_tokens", DataType::Int64, "rejected tokens"),
+                opt("token_logps", float_list(), "per-token log-probs of the completion (chosen)"),
+                opt("kl_token_logps", float_list(), "per-token log-probs of the KL partner"),
+                opt("rejected_token_logps", float_list(), "per-token log-probs of the rejected reply"),
             ],
         },
         SchemaDef { name: JSON, format: Format::Json, doc: "a JSON document", columns: vec![] },

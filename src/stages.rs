@@ -19,8 +19,8 @@ pub struct Builtin {
     pub name: &'static str,
     /// One line on what it does.
     pub about: &'static str,
-    /// Input names and the schema each expects (None: a raw file in any format).
-    pub inputs: &'static [(&'static str, Option<&'static str>)],
+    /// Input names and the schemas each accepts (empty: a raw file in any format).
+    pub inputs: &'static [(&'static str, &'static [&'static str])],
     /// Output names and schemas, which may depend on params.
     pub outputs: fn(&Params) -> Result<Vec<(String, String)>>,
 }
@@ -44,20 +44,26 @@ pub fn builtins() -> Vec<Builtin> {
         Builtin {
             name: "import",
             about: "import HH-RLHF, Open-Assistant, TRL-style JSONL/Parquet or prompt files",
-            inputs: &[("source", None)],
+            inputs: &[("source", &[])],
             outputs: import_outputs,
         },
         Builtin {
             name: "unpair",
             about: "paired -> binary: one desirable and one undesirable example per pair",
-            inputs: &[("pairs", Some(schema::PAIRED))],
+            inputs: &[("pairs", &[schema::PAIRED])],
             outputs: |_| Ok(out(&[("binary", schema::BINARY), ("summary", schema::JSON)])),
         },
         Builtin {
             name: "resample",
             about: "subsample classes, set lambda_D/lambda_U, write the stratified batch plan",
-            inputs: &[("data", Some(schema::BINARY))],
+            inputs: &[("data", &[schema::BINARY])],
             outputs: |_| Ok(out(&[("plan", schema::PLAN), ("summary", schema::JSON)])),
+        },
+        Builtin {
+            name: "refcache",
+            about: "precompute the reference model's completion log-probs to Parquet",
+            inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR])],
+            outputs: |_| Ok(out(&[("logps", schema::REF_LOGPS), ("summary", schema::JSON)])),
         },
     ]
 }

@@ -6,12 +6,17 @@ use haloflow::runner::{WorkLock, Workspace};
 
 use super::PipelineArgs;
 
-/// Deletes cache entries that no lock file in the work dir references.
+/// Deletes cache entries that no lock file in the work dir references, and the scratch space
+/// kept by interrupted resumable stages.
 pub fn gc(args: &PipelineArgs) -> Result<bool> {
     let pipeline = args.load()?;
     let _lock = WorkLock::acquire(&pipeline.work_dir)?;
     let workspace = Workspace::open(pipeline)?;
     workspace.cache.clean_temp()?;
+    let scratch = workspace.pipeline.work_dir.join("scratch");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).map_err(|e| anyhow::anyhow!("removing {}: {e}", scratch.display()))?;
+    }
     let keep = Manifest::referenced_keys(&workspace.pipeline.work_dir)?;
     let (mut removed, mut bytes) = (0, 0);
     for key in workspace.cache.keys()? {

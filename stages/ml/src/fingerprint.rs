@@ -1,0 +1,102 @@
+//! The fingerprint of reference log-probs: what model, tokenizer, lengths and data they were
+//! computed from. `refcache` stores it in its Parquet metadata; the trainer recomputes it for
+//! its own reference model and data and refuses a cache that does not match.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::weights::weight_files;
+
+/// What reference log-probs depend on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// blake3 of the weight files.
+    pub weights: String,
+    /// blake3 of tokenizer.json and tokenizer_config.json (which holds the chat template).
+    pub tokenizer: String,
+    /// The chat template, if any (also covered by `tokenizer`; kept readable).
+    pub chat_template: Option<String>,
+    /// Prompt truncation length.
+    pub max_prompt_length: usize,
+    /// Sequence truncation length.
+    pub max_length: usize,
+    /// blake3 of the data file scored.
+    pub data: String,
+}
+
+impl Fingerprint {
+    /// Computes the fingerprint of a model directory and a data file.
+    pub fn compute(model_dir: &Path, data: &Path, max_prompt_length: usize, max_length: usize) -> Result<Fingerprint> {
+        let mut weights = blake3::Hasher::new();
+        for file in weight_files(model_dir)? {
+            weights.update(haloflow::hashing::hash_path(&file)?.as_bytes());
+        }
+        let mut tokenizer = blake3::Hasher::new();
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            let path = model_dir.join(file);
+            if path.is_file() {
+                tokenizer.update(haloflow::hashing::hash_path(&path)?.as_bytes());
+            }
+        }
+        Ok(Fingerprint {
+            weights: weights.finalize().to_hex().to_string(),
+            tokenizer: tokenizer.finalize().to_hex().to_string(),
+            chat_template: chat_template(model_dir),
+            max_prompt_length,
+            max_length,
+            data: haloflow::hashing::hash_path(data).with_context(|| format!("hashing {}", data.display()))?,
+        })
+    }
+
+    /// Checks that a stored fingerprint matches the expected one; the error lists every field
+    /// that differs.
+    pub fn check(&self, expected: &Fingerprint) -> Result<()> {
+        let mut diffs = Vec::new();
+        if self.weights != expected.weights {
+            diffs.push("the reference model's weights differ".to_string());
+        }
+        if self.tokenizer != expected.tokenizer || self.chat_template != expected.chat_template {
+            diffs.push("the tokenizer or chat template differs".to_string());
+        }
+        if (self.max_prompt_length, self.max_length) != (expected.max_prompt_length, expected.max_length) {
+            diffs.push(format!(
+                "lengths differ: cache max_prompt_length={} max_length={}, expected {} and {}",
+                self.max_prompt_length, self.max_length, expected.max_prompt_length, expected.max_length
+            ));
+        }
+        if self.data != expected.data {
+            diffs.push("the data differs".to_string());
+        }
+        if !diffs.is_empty() {
+            bail!("the reference log-prob cache does not match: {}; recompute it with halo-refcache", diffs.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// The `chat_template` of `tokenizer_config.json` (a string, or JSON text for template lists).
+fn chat_template(model_dir: &Path) -> Option<String> {
+    let text = std::fs::read(model_dir.join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatches_are_listed() {
+        let a = Fingerprint { weights: "w".into(), tokenizer: "t".into(), chat_template: None, max_prompt_length: 8, max_length: 16, data: "d".into() };
+        assert!(a.check(&a.clone()).is_ok());
+        let b = Fingerprint { weights: "w2".into(), max_length: 32, ..a.clone() };
+        let err = a.check(&b).unwrap_err().to_string();
+        assert!(err.contains("weights differ") && err.contains("lengths differ") && !err.contains("data differs"), "{err}");
+    }
+}

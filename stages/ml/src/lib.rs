@@ -1,0 +1,15 @@
+//! haloflow's language-model core on libtorch (`tch`): Hugging Face checkpoints (Llama family
+//! and Qwen2), tokenizers and chat templates, and completion log-probabilities. Only the
+//! machine-learning stages link this crate (and libtorch).
+
+pub mod chat_template;
+pub mod config;
+pub mod dataset;
+pub mod device;
+pub mod fingerprint;
+pub mod llama;
+pub mod logprobs;
+pub mod model;
+pub mod qwen2;
+pub mod weights;
+pub mod tokenize;

@@ -1,0 +1,69 @@
+//! `halo-refcache`: the reference model's completion log-probs, precomputed to Parquet so that
+//! training never holds the reference model. See `halo-refcache --help`.
+
+mod buckets;
+mod refcache;
+mod scratch;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+const EXAMPLE: &str = "Example:
+  halo-refcache --data plan.arrow --model ../shared/models/stories260K \\
+      --logps ref.parquet --summary summary.json --max-prompt-length 128 --max-length 256
+
+For a `plan` (from halo-resample) each row gets the summed log-prob and token count of its
+completion and of its KL partner completion; for a `paired` table, of the chosen and the
+rejected reply. Sequences are sorted by length and batched by a token budget so padding stays
+small. Progress is kept in --scratch (default $HALO_SCRATCH_DIR, else OUT.partial): a killed run
+continues where it stopped and writes the same file as an uninterrupted run.";
+
+/// Precompute reference log-probs to Parquet.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-refcache", version, after_help = EXAMPLE)]
+pub struct Args {
+    /// Input `plan` or `paired` table.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Reference model: a Hugging Face directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output `ref_logps` Parquet file.
+    #[arg(long)]
+    pub logps: PathBuf,
+    /// Output summary (JSON).
+    #[arg(long)]
+    pub summary: PathBuf,
+    /// Prompt tokens kept (from the end).
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_length: usize,
+    /// Prompt + completion tokens kept (the completion loses its end).
+    #[arg(long, default_value_t = 512)]
+    pub max_length: usize,
+    /// Padded tokens per forward batch.
+    #[arg(long, default_value_t = 8192)]
+    pub token_budget: usize,
+    /// Sequences per resumable chunk.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_size: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Also store per-token log-probs (needed by offline PPO).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub per_token: bool,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Where finished chunks are kept until the output is complete.
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+}
+
+fn main() {
+    haloflow::stage_cli::main(|| refcache::run(&Args::parse()));
+}

@@ -1,0 +1,201 @@
+//! The refcache run: tokenize, bucket, score under no-grad, keep chunks for resumption, and
+//! write the Parquet file keyed by example id with the fingerprint in its metadata.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use arrow_array::builder::{Float32Builder, ListBuilder};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::Schema;
+use haloflow::schema::{self, REF_FINGERPRINT};
+use haloflow_ml::dataset::{self, DataKind, EncodedRow};
+use haloflow_ml::device::{parse_device, parse_dtype};
+use haloflow_ml::fingerprint::Fingerprint;
+use haloflow_ml::logprobs::{self, Batch, Sequence};
+use haloflow_ml::model::CausalLm;
+use haloflow_ml::tokenize::Tokenizer;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::buckets;
+use crate::scratch::{Scratch, SeqResult};
+use crate::Args;
+
+/// Key of the Parquet metadata that says whether rows are `plan` or `paired` rows.
+pub const DATA_KIND: &str = "haloflow.data_kind";
+
+/// Runs the stage.
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(&args.dtype, device)?;
+    let (data_kind, rows) = dataset::read_rows(&args.data)?;
+    if rows.is_empty() {
+        bail!("{}: no rows to score", args.data.display());
+    }
+    let tok = Tokenizer::from_dir(&args.model)?;
+    let (encoded, stats) = dataset::encode_rows(&tok, &rows, args.max_prompt_length, args.max_length)?;
+    if stats.skipped > 0 {
+        tracing::warn!(skipped = stats.skipped, first = ?stats.skipped_examples.first(), "rows skipped (empty completion after truncation)");
+    }
+    if encoded.is_empty() {
+        bail!("no row left to score: all {} rows were skipped (e.g. {:?})", stats.rows, stats.skipped_examples.first());
+    }
+    let fingerprint = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
+    let model = CausalLm::load(&args.model, device, kind)?;
+
+    let seqs: Vec<&Sequence> = encoded.iter().flat_map(|r| r.seqs.iter()).collect();
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    let order = buckets::by_length(&lengths);
+    let run_id = haloflow::hashing::hash_json(&json!({
+        "fingerprint": fingerprint, "chunk_size": args.chunk_size, "token_budget": args.token_budget,
+        "per_token": args.per_token, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
+    }));
+    let scratch_dir = args
+        .scratch
+        .clone()
+        .or_else(|| std::env::var_os("HALO_SCRATCH_DIR").map(Into::into))
+        .unwrap_or_else(|| args.logps.with_extension("partial"));
+    let scratch = Scratch::open(&scratch_dir, &run_id)?;
+
+    let total_tokens: usize = lengths.iter().sum();
+    let bar = haloflow::stage_cli::progress(total_tokens as u64, "refcache tokens");
+    let started = Instant::now();
+    let mut results: Vec<Option<SeqResult>> = vec![None; seqs.len()];
+    let (mut resumed, mut computed_tokens, mut padded_tokens) = (0usize, 0usize, 0usize);
+    let _no_grad = tch::no_grad_guard();
+    let chunks: Vec<&[usize]> = order.chunks(args.chunk_size.max(1)).collect();
+    for (c, chunk) in chunks.iter().enumerate() {
+        let chunk_tokens: usize = chunk.iter().map(|&i| lengths[i]).sum();
+        if let Some(done) = scratch.read(c)? {
+            for (i, r) in done {
+                results[i] = Some(r);
+            }
+            resumed += 1;
+            bar.inc(chunk_tokens as u64);
+            continue;
+        }
+        let mut chunk_results = Vec::with_capacity(chunk.len());
+        for batch in buckets::batches(chunk, &lengths, args.token_budget) {
+            let members: Vec<&Sequence> = batch.iter().map(|&i| seqs[i]).collect();
+            padded_tokens += members.len() * members.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            chunk_results.extend(score(&model, &members, device, args.per_token)?.into_iter().zip(batch.iter()).map(|(r, &i)| (i, r)));
+            let tokens: usize = members.iter().map(|s| s.ids.len()).sum();
+            computed_tokens += tokens;
+            bar.inc(tokens as u64);
+        }
+        scratch.write(c, &chunk_results)?;
+        for (i, r) in chunk_results {
+            results[i] = Some(r);
+        }
+        if fault_after_chunks() == Some(c + 1 - resumed) {
+            // Test hook: die like a killed process (no unwinding, no cleanup).
+            std::process::abort();
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let results: Vec<SeqResult> = results.into_iter().map(|r| r.expect("every chunk scored")).collect();
+
+    let batch = output_batch(data_kind, &encoded, &results, args.per_token)?;
+    let metadata = HashMap::from([
+        (REF_FINGERPRINT.to_string(), serde_json::to_string(&fingerprint)?),
+        (DATA_KIND.to_string(), serde_json::to_value(data_kind)?.as_str().unwrap_or_default().to_string()),
+    ]);
+    haloflow::io::write_parquet(&args.logps, &batch.schema(), &[batch], metadata)?;
+    let summary = json!({
+        "data_kind": data_kind,
+        "rows": stats.rows,
+        "rows_written": encoded.len(),
+        "skipped": stats.skipped,
+        "skipped_examples": stats.skipped_examples,
+        "truncated_prompts": stats.truncated_prompts,
+        "truncated_completions": stats.truncated_completions,
+        "sequences": seqs.len(),
+        "tokens": total_tokens,
+        "tokens_computed": computed_tokens,
+        "padded_tokens_computed": padded_tokens,
+        "padding_waste": if padded_tokens > 0 { 1.0 - computed_tokens as f64 / padded_tokens as f64 } else { 0.0 },
+        "seconds": seconds,
+        "tokens_per_s": computed_tokens as f64 / seconds.max(1e-9),
+        "chunks": chunks.len(),
+        "chunks_resumed": resumed,
+        "device": format!("{device:?}"),
+        "dtype": format!("{kind:?}"),
+        "fingerprint": fingerprint,
+    });
+    tracing::info!(rows = encoded.len(), skipped = stats.skipped, tokens_per_s = %format!("{:.0}", summary["tokens_per_s"].as_f64().unwrap_or(0.0)), resumed, "reference log-probs written");
+    haloflow::io::write_json(&args.summary, &summary)?;
+    scratch.remove()
+}
+
+/// `HALO_FAULT_AFTER_CHUNKS=N` makes a run abort after computing N chunks, so tests can check
+/// resumption deterministically.
+fn fault_after_chunks() -> Option<usize> {
+    std::env::var("HALO_FAULT_AFTER_CHUNKS").ok()?.parse().ok()
+}
+
+/// Scores one batch: summed completion log-probs (accumulated in f64) and, optionally, the
+/// per-token values.
+fn score(model: &CausalLm, members: &[&Sequence], device: Device, per_token: bool) -> Result<Vec<SeqResult>> {
+    let batch = Batch::new(members, 0, device);
+    let token_logps = logprobs::token_logps(&model.net, &batch).to_device(Device::Cpu);
+    let sums = token_logps.to_kind(Kind::Double).sum_dim_intlist([-1].as_slice(), false, Kind::Double);
+    let mut out = Vec::with_capacity(members.len());
+    for (row, s) in members.iter().enumerate() {
+        let n = s.ids.len() - s.completion_start;
+        let tokens = if per_token {
+            let t: Tensor = token_logps.get(row as i64).narrow(0, s.completion_start as i64 - 1, n as i64);
+            Some(Vec::<f32>::try_from(&t).context("per-token log-probs")?)
+        } else {
+            None
+        };
+        let logp = sums.double_value(&[row as i64]);
+        if !logp.is_finite() {
+            bail!("non-finite reference log-prob ({logp}) for a sequence of {} tokens", s.ids.len());
+        }
+        out.push(SeqResult { logp, n_tokens: n as i64, tokens });
+    }
+    Ok(out)
+}
+
+fn token_lists<'a>(values: impl Iterator<Item = &'a SeqResult>) -> ArrayRef {
+    let mut builder = ListBuilder::new(Float32Builder::new());
+    for r in values {
+        builder.values().append_slice(r.tokens.as_deref().unwrap_or_default());
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
+}
+
+/// The `ref_logps` table: one row per scored row, in input order.
+fn output_batch(kind: DataKind, rows: &[EncodedRow], results: &[SeqResult], per_token: bool) -> Result<RecordBatch> {
+    let second = match kind {
+        DataKind::Plan => "kl",
+        DataKind::Paired => "rejected",
+    };
+    let first_of = |i: usize| &results[2 * i];
+    let second_of = |i: usize| &results[2 * i + 1];
+    let n = rows.len();
+    let mut columns: Vec<(String, ArrayRef)> = vec![
+        ("example_id".into(), Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.id.as_str())))),
+        ("logp".into(), Arc::new((0..n).map(|i| first_of(i).logp).collect::<Float64Array>())),
+        ("n_tokens".into(), Arc::new((0..n).map(|i| first_of(i).n_tokens).collect::<Int64Array>())),
+        (format!("{second}_logp"), Arc::new((0..n).map(|i| second_of(i).logp).collect::<Float64Array>())),
+        (format!("{second}_n_tokens"), Arc::new((0..n).map(|i| second_of(i).n_tokens).collect::<Int64Array>())),
+    ];
+    if per_token {
+        columns.push(("token_logps".into(), token_lists((0..n).map(first_of))));
+        columns.push((format!("{second}_token_logps"), token_lists((0..n).map(second_of))));
+    }
+    let def = schema::by_name(schema::REF_LOGPS)?.arrow_schema();
+    let fields = columns
+        .iter()
+        .map(|(name, _)| def.field_with_name(name).cloned().with_context(|| format!("column {name} is not in the ref_logps schema")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns.into_iter().map(|(_, a)| a).collect())?)
+}
