@@ -157,7 +157,9 @@ impl Pipeline {
     /// Parses pipeline text as if it were read from `path`.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Pipeline> {
         let raw: RawFile = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        // Absolute, because stages run in this directory while the runner may not.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let mut vars: BTreeMap<String, Value> = raw.vars.into_iter().collect();
         for o in overrides {
             let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected NAME=VALUE"))?;

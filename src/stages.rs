@@ -60,6 +60,12 @@ pub fn builtins() -> Vec<Builtin> {
             outputs: |_| Ok(out(&[("plan", schema::PLAN), ("summary", schema::JSON)])),
         },
         Builtin {
+            name: "init",
+            about: "a randomly initialised model of a given shape (for CI on a tiny model)",
+            inputs: &[("tokenizer", &[schema::DIR])],
+            outputs: |_| Ok(out(&[("out", schema::DIR)])),
+        },
+        Builtin {
             name: "refcache",
             about: "precompute the reference model's completion log-probs to Parquet",
             inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR])],

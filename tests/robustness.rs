@@ -116,6 +116,19 @@ fn sigkill_of_the_runner_leaves_no_entry_and_the_next_run_recovers() {
 }
 
 #[test]
+fn relative_pipeline_and_work_dir_paths_work_from_any_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("sub")).unwrap();
+    write(&tmp.path().join("sub"), KILL_PIPELINE, &[("make.py", MAKE), ("slow.py", SLOW)]);
+    for extra in [&[][..], &["--work-dir", "elsewhere"][..]] {
+        let out = halo(&[&["run", "sub/p.toml"][..], extra].concat()).current_dir(tmp.path()).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    assert!(tmp.path().join("sub/.halo/p.lock.json").is_file());
+    assert!(tmp.path().join("elsewhere/p.lock.json").is_file());
+}
+
+#[test]
 fn a_failing_custom_stage_shows_its_stderr_and_keeps_earlier_results() {
     let tmp = tempfile::tempdir().unwrap();
     let pipeline = r#"

@@ -65,7 +65,7 @@ impl PipelineArgs {
     pub fn load(&self) -> anyhow::Result<Pipeline> {
         let mut pipeline = Pipeline::load(&self.pipeline, &self.set)?;
         if let Some(dir) = &self.work_dir {
-            pipeline.work_dir = dir.clone();
+            pipeline.work_dir = std::path::absolute(dir)?;
         }
         Ok(pipeline)
     }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): tokens/s of halo-refcache against a Python transformers batched
+# forward that pads each batch to its longest sequence, on the same model, data and threads,
+# measured in one run on this machine. Target: ratio >= 1.5. Needs transformers in the venv
+# (installed here if missing) and ../shared/data (the example pipeline's plan).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/bootstrap.sh
+source ci/env.sh
+.venv/bin/python -c "import transformers" 2>/dev/null || .venv/bin/pip install --quiet transformers
+ROWS=${ROWS:-256} THREADS=${THREADS:-2} HIDDEN=${HIDDEN:-256} LAYERS=${LAYERS:-4}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+halo run pipelines/example.toml >/dev/null 2>&1
+plan=$(python3 -c "import json;m=json.load(open('pipelines/.halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
+python3 - "$plan" "$work/plan.arrow" "$ROWS" <<'PY'
+import sys, pyarrow as pa
+t = pa.ipc.open_file(pa.memory_map(sys.argv[1])).read_all().slice(0, int(sys.argv[3]))
+with pa.ipc.new_file(pa.OSFile(sys.argv[2], "wb"), t.schema) as w: w.write_table(t)
+PY
+halo-init --hidden "$HIDDEN" --layers "$LAYERS" --heads 8 --kv-heads 4 \
+  --tokenizer ../shared/models/stories260K --out "$work/model" 2>/dev/null
+
+halo-refcache --data "$work/plan.arrow" --model "$work/model" --logps "$work/ref.parquet" \
+  --summary "$work/halo.json" --max-prompt-length 128 --max-length 256 --threads "$THREADS" \
+  --device cpu --scratch "$work/scratch" 2>/dev/null
+.venv/bin/python ci/bench/refcache_transformers.py "$work/plan.arrow" "$work/model" "$work/peer.json" \
+  --threads "$THREADS" --batch-size 8 --max-prompt-length 128 --max-length 256 2>/dev/null
+
+echo "hidden $HIDDEN, layers $LAYERS, threads $THREADS, $ROWS plan rows"
+.venv/bin/python - "$work" <<'PY'
+import json, sys, pyarrow.parquet as pq
+w = sys.argv[1]
+h, p = json.load(open(f"{w}/halo.json")), json.load(open(f"{w}/peer.json"))
+t = pq.read_table(f"{w}/ref.parquet").to_pydict()
+ours = [x for pair in zip(t["logp"], t["kl_logp"]) for x in pair]
+diff = max(abs(a - b) for a, b in zip(ours, p["logps"]))
+assert h["tokens"] == p["tokens"], (h["tokens"], p["tokens"])
+print(f"model: random Llama (halo-init), {h['device']} {h['dtype']}; {h['sequences']} sequences, {h['tokens']} tokens")
+print(f"halo-refcache: {h['tokens_per_s']:.0f} tokens/s (padding waste {h['padding_waste']:.1%})")
+print(f"transformers : {p['tokens_per_s']:.0f} tokens/s (padding waste {1 - p['tokens'] / p['padded_tokens']:.1%})")
+print(f"ratio: {h['tokens_per_s'] / p['tokens_per_s']:.2f}x (target >= 1.5); max |logp difference| {diff:.2e}")
+PY

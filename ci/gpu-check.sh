@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with CUDA (CI has none): builds, loads a model on CUDA in bf16,
+# runs refcache and sample on it and prints tokens/s. Usage: bash ci/gpu-check.sh
+# Needs ../shared (stories260K tokenizer, HH-RLHF data) beside the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/bootstrap.sh
+source ci/env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU visible"; exit 1; }
+.venv/bin/python -c "import torch; assert torch.cuda.is_available(); print('torch sees', torch.cuda.get_device_name(0))"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+halo run pipelines/example.toml --work-dir "$work/halo" >/dev/null 2>&1
+plan=$(python3 -c "import json;m=json.load(open('$work/halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
+# A ~300M-parameter random Llama (hidden 1024, 16 layers) on the stories260K tokenizer.
+halo-init --hidden 1024 --layers 16 --heads 16 --kv-heads 4 --max-positions 1024 \
+  --tokenizer ../shared/models/stories260K --out "$work/model"
+
+echo "== refcache on CUDA, bf16"
+halo-refcache --data "$plan" --model "$work/model" --logps "$work/ref.parquet" --summary "$work/ref.json" \
+  --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 --token-budget 65536 --scratch "$work/s"
+python3 -c "import json;s=json.load(open('$work/ref.json'));print(f\"refcache: {s['tokens']} tokens, {s['tokens_per_s']:.0f} tokens/s, padding waste {s['padding_waste']:.1%}, {s['device']} {s['dtype']}\")"
+
+echo "== sample on CUDA, bf16"
+halo-import --source ../shared/data/prompts/vicuna_bench_question.jsonl --format mt-bench --kind prompts \
+  --data "$work/prompts.arrow" --summary "$work/prompts.json" 2>/dev/null
+halo-sample --prompts "$work/prompts.arrow" --model "$work/model" --samples "$work/samples.arrow" \
+  --summary "$work/samples.json" --device cuda --dtype bf16 --max-new-tokens 128 --batch-size 80 --temperature 0.7
+python3 -c "import json;s=json.load(open('$work/samples.json'));print('sample:', {k: s[k] for k in s if k in ('samples','tokens_generated','tokens_per_s','device','dtype')})"
