@@ -14,5 +14,6 @@ pub mod cache;
 pub mod hashing;
 pub mod manifest;
 pub mod pipeline;
+pub mod plot;
 pub mod progress;
 pub mod runner;

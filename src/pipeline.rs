@@ -293,10 +293,12 @@ fn resolve_stage(
                 bail!("`outputs` is fixed for built-in stage `{uses}`; remove it");
             }
             let expected: BTreeSet<&str> = builtin.inputs.iter().map(|(n, _)| *n).collect();
+            let required: BTreeSet<&str> = expected.iter().copied().filter(|n| !builtin.optional.contains(n)).collect();
             let given: BTreeSet<&str> = inputs.keys().map(|s| s.as_str()).collect();
-            if expected != given {
+            if !given.is_subset(&expected) || !required.is_subset(&given) {
+                let optional = if builtin.optional.is_empty() { String::new() } else { format!(" (optional: {})", builtin.optional.join(", ")) };
                 bail!(
-                    "built-in stage `{uses}` takes inputs {{{}}}, the pipeline gives {{{}}}",
+                    "built-in stage `{uses}` takes inputs {{{}}}{optional}, the pipeline gives {{{}}}",
                     expected.into_iter().collect::<Vec<_>>().join(", "),
                     given.into_iter().collect::<Vec<_>>().join(", ")
                 );

@@ -83,6 +83,8 @@ pub const SAMPLES: &str = "samples";
 pub const JUDGMENTS: &str = "judgments";
 /// Name of the `ref_logps` schema: reference-model log-probabilities (Parquet).
 pub const REF_LOGPS: &str = "ref_logps";
+/// Name of the `metrics` schema: per-step training metrics (Parquet).
+pub const METRICS: &str = "metrics";
 /// Name of the `json` pseudo-schema: any JSON document.
 pub const JSON: &str = "json";
 /// Name of the `dir` pseudo-schema: a directory (model checkpoints, reports).
@@ -238,6 +240,20 @@ pub fn all() -> Vec<SchemaDef> {
                 opt("token_logps", float_list(), "per-token log-probs of the completion (chosen)"),
                 opt("kl_token_logps", float_list(), "per-token log-probs of the KL partner"),
                 opt("rejected_token_logps", float_list(), "per-token log-probs of the rejected reply"),
+            ],
+        },
+        SchemaDef {
+            name: METRICS,
+            format: Format::Parquet,
+            doc: "one optimizer step of training (step 0: evaluation before training); further nullable double columns hold rewards/..., logps/..., kl, eval/...",
+            columns: vec![
+                req("step", DataType::Int64, "optimizer step, 1-based (0 = before training)"),
+                req("epoch", DataType::Int64, "epoch of the step"),
+                opt("loss", DataType::Float64, "training loss of the step (null at step 0)"),
+                opt("lr", DataType::Float64, "learning rate of the step"),
+                opt("grad_norm", DataType::Float64, "global gradient norm before clipping"),
+                opt("tokens_per_s", DataType::Float64, "throughput of the step"),
+                opt("eval/loss", DataType::Float64, "held-out loss, when evaluated"),
             ],
         },
         SchemaDef { name: JSON, format: Format::Json, doc: "a JSON document", columns: vec![] },

@@ -35,3 +35,17 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// Test hook for crash recovery: when the environment variable `HALO_FAULT_<NAME>` holds
+/// `count`, the process sends itself SIGKILL (no unwinding, no cleanup, exactly like being
+/// killed from outside). Used by the tests of resumable stages.
+pub fn fault_point(name: &str, count: usize) {
+    let var = format!("HALO_FAULT_{}", name.to_uppercase());
+    if std::env::var(&var).ok().and_then(|v| v.parse::<usize>().ok()) == Some(count) {
+        tracing::warn!("{var}={count}: killing this process for a crash test");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -21,6 +21,8 @@ pub struct Builtin {
     pub about: &'static str,
     /// Input names and the schemas each accepts (empty: a raw file in any format).
     pub inputs: &'static [(&'static str, &'static [&'static str])],
+    /// Inputs a pipeline may leave out.
+    pub optional: &'static [&'static str],
     /// Output names and schemas, which may depend on params.
     pub outputs: fn(&Params) -> Result<Vec<(String, String)>>,
 }
@@ -45,31 +47,45 @@ pub fn builtins() -> Vec<Builtin> {
             name: "import",
             about: "import HH-RLHF, Open-Assistant, TRL-style JSONL/Parquet or prompt files",
             inputs: &[("source", &[])],
+            optional: &[],
             outputs: import_outputs,
         },
         Builtin {
             name: "unpair",
             about: "paired -> binary: one desirable and one undesirable example per pair",
             inputs: &[("pairs", &[schema::PAIRED])],
+            optional: &[],
             outputs: |_| Ok(out(&[("binary", schema::BINARY), ("summary", schema::JSON)])),
         },
         Builtin {
             name: "resample",
             about: "subsample classes, set lambda_D/lambda_U, write the stratified batch plan",
             inputs: &[("data", &[schema::BINARY])],
+            optional: &[],
             outputs: |_| Ok(out(&[("plan", schema::PLAN), ("summary", schema::JSON)])),
         },
         Builtin {
             name: "init",
             about: "a randomly initialised model of a given shape (for CI on a tiny model)",
             inputs: &[("tokenizer", &[schema::DIR])],
+            optional: &[],
             outputs: |_| Ok(out(&[("out", schema::DIR)])),
         },
         Builtin {
             name: "refcache",
             about: "precompute the reference model's completion log-probs to Parquet",
             inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR])],
+            optional: &[],
             outputs: |_| Ok(out(&[("logps", schema::REF_LOGPS), ("summary", schema::JSON)])),
+        },
+        Builtin {
+            name: "train",
+            about: "align a policy with a HALO (KTO, DPO, ...) and report its training curves",
+            inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR]), ("ref_logps", &[schema::REF_LOGPS])],
+            optional: &["ref_logps"],
+            outputs: |_| {
+                Ok(out(&[("policy", schema::DIR), ("metrics", schema::METRICS), ("report", schema::DIR), ("summary", schema::JSON)]))
+            },
         },
     ]
 }

@@ -92,10 +92,7 @@ pub fn run(args: &Args) -> Result<()> {
         for (i, r) in chunk_results {
             results[i] = Some(r);
         }
-        if fault_after_chunks() == Some(c + 1 - resumed) {
-            // Test hook: die like a killed process (no unwinding, no cleanup).
-            std::process::abort();
-        }
+        haloflow::stage_cli::fault_point("after_chunks", c + 1 - resumed);
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -131,12 +128,6 @@ pub fn run(args: &Args) -> Result<()> {
     tracing::info!(rows = encoded.len(), skipped = stats.skipped, tokens_per_s = %format!("{:.0}", summary["tokens_per_s"].as_f64().unwrap_or(0.0)), resumed, "reference log-probs written");
     haloflow::io::write_json(&args.summary, &summary)?;
     scratch.remove()
-}
-
-/// `HALO_FAULT_AFTER_CHUNKS=N` makes a run abort after computing N chunks, so tests can check
-/// resumption deterministically.
-fn fault_after_chunks() -> Option<usize> {
-    std::env::var("HALO_FAULT_AFTER_CHUNKS").ok()?.parse().ok()
 }
 
 /// Scores one batch: summed completion log-probs (accumulated in f64) and, optionally, the

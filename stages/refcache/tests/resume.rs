@@ -65,7 +65,8 @@ fn a_killed_run_resumes_to_the_identical_result() {
     assert!(refcache(dir.path(), &data, &model, "whole", None).status.success());
 
     let killed = refcache(dir.path(), &data, &model, "resumed", Some(4));
-    assert!(!killed.status.success(), "the fault hook aborts the run");
+    assert!(!killed.status.success(), "the fault hook kills the run");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "killed by SIGKILL");
     assert!(!dir.path().join("resumed.parquet").exists(), "no output from a killed run");
     assert!(dir.path().join("resumed.partial").is_dir(), "finished chunks are kept");
     let out = refcache(dir.path(), &data, &model, "resumed", None);

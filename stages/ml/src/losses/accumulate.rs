@@ -1,0 +1,63 @@
+//! Gradient accumulation: the microbatch means of one optimizer step combined as a mean of
+//! means weighted by example count, so that the step equals the same examples in one batch.
+
+use anyhow::Result;
+use tch::Tensor;
+
+use super::LossOutput;
+
+/// Accumulates the microbatches of one optimizer step.
+///
+/// For each microbatch call [`Accumulator::backward`], which backpropagates `count_k · loss_k`;
+/// then [`Accumulator::finish`] divides the accumulated gradients by `Σ count_k`. The gradients
+/// are then those of `Σ_k count_k·loss_k / Σ_k count_k`, the loss of one big batch (summing the
+/// microbatch losses instead would scale the learning rate by their number). The step's
+/// example count need not be known in advance.
+#[derive(Debug, Default)]
+pub struct Accumulator {
+    examples: usize,
+    weighted_loss: f64,
+}
+
+impl Accumulator {
+    /// An empty step.
+    pub fn new() -> Accumulator {
+        Accumulator::default()
+    }
+
+    /// Backpropagates one microbatch's loss, weighted by its example count (a microbatch of no
+    /// examples contributes nothing).
+    pub fn backward(&mut self, out: &LossOutput) -> Result<()> {
+        if out.count == 0 {
+            return Ok(());
+        }
+        let weighted = &out.loss * out.count as f64;
+        self.weighted_loss += weighted.double_value(&[]);
+        self.examples += out.count;
+        weighted.f_backward()?;
+        Ok(())
+    }
+
+    /// The examples accumulated so far.
+    pub fn examples(&self) -> usize {
+        self.examples
+    }
+
+    /// Divides the gradients of `params` by the step's example count and returns the step's
+    /// loss (0 for a step without examples, whose gradients stay untouched).
+    pub fn finish(self, params: &[Tensor]) -> f64 {
+        if self.examples == 0 {
+            return 0.0;
+        }
+        let scale = 1.0 / self.examples as f64;
+        tch::no_grad(|| {
+            for p in params {
+                let mut grad = p.grad();
+                if grad.defined() {
+                    grad *= scale;
+                }
+            }
+        });
+        self.weighted_loss * scale
+    }
+}

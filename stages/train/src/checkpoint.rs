@@ -1,0 +1,89 @@
+//! Checkpoints: the policy in Hugging Face format, the optimizer state, the step and the
+//! metrics so far, written atomically into `ROOT/step-N/`; only the newest is kept.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use haloflow_ml::model::CausalLm;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::metrics::Row;
+use crate::optim::AdamW;
+use crate::Args;
+
+/// Where training stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Identifies the run a checkpoint belongs to (data, model and every setting).
+    pub run_id: String,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Metrics of the steps done (the data position and RNG follow from `step` and the seed).
+    pub metrics: Vec<Row>,
+}
+
+/// The id of a run: what its results depend on (not the output paths).
+pub fn run_id(args: &Args, model: &Path, data: &Path) -> Result<String> {
+    let mut settings = format!("{args:?}");
+    for path in [&args.policy, &args.metrics, &args.report, &args.summary] {
+        settings = settings.replace(&path.display().to_string(), "");
+    }
+    if let Some(dir) = &args.checkpoint_dir {
+        settings = settings.replace(&dir.display().to_string(), "");
+    }
+    let weights: Vec<String> = haloflow_ml::weights::weight_files(model)?
+        .iter()
+        .map(|f| haloflow::hashing::hash_path(f))
+        .collect::<Result<_>>()?;
+    Ok(haloflow::hashing::hash_json(&json!({
+        "settings": settings, "weights": weights, "data": haloflow::hashing::hash_path(data)?,
+    })))
+}
+
+/// The newest complete checkpoint of run `run_id` under `root`, if any.
+pub fn latest(root: &Path, run_id: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(None) };
+    let mut best: Option<(usize, PathBuf)> = None;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(step) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(state) = read_state(&path) else { continue };
+        if state.run_id == run_id && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, path));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+/// Reads `state.json` of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join("state.json");
+    serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+        .with_context(|| format!("{}: unreadable", path.display()))
+}
+
+/// Writes a checkpoint atomically (a temporary directory renamed into place, `state.json`
+/// last) and deletes older ones.
+pub fn save(root: &Path, policy: &CausalLm, opt: &AdamW, state: &TrainState) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let target = root.join(format!("step-{}", state.step));
+    let tmp = root.join(format!(".step-{}.tmp", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    policy.save(&tmp.join("model"))?;
+    opt.save(&tmp)?;
+    haloflow::io::write_json(&tmp.join("state.json"), state)?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+    for entry in std::fs::read_dir(root)? {
+        let path = entry?.path();
+        if path != target && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) {
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! `halo-train`: align a model with a human-aware loss (KTO, DPO and family) on libtorch.
+//! See `halo-train --help`.
+
+mod checkpoint;
+mod data;
+mod metrics;
+mod optim;
+mod refs;
+mod report;
+mod train;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+const EXAMPLE: &str = "Example:
+  halo-train --data plan.arrow --model ../shared/models/stories260K --ref-logps ref.parquet \\
+      --loss kto --beta 0.1 --lr 1e-4 --warmup-steps 2 --max-steps 50 \\
+      --policy out-model --metrics metrics.parquet --report report --summary summary.json
+
+Losses: kto, apo_zero, ppo (binary data: a plan from halo-resample); dpo, cdpo, ipo, simpo,
+slic, orpo (paired data); sft, csft (either). Reference log-probs come from --ref-logps
+(halo-refcache; its fingerprint must match --model and --data) or, with --reference live,
+from a second copy of --model. λ_D/λ_U default to the values resample recorded in the plan.
+With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --checkpoint-dir
+(default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.";
+
+/// Train a policy with a HALO.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-train", version, after_help = EXAMPLE)]
+pub struct Args {
+    /// Training data: a `plan` (binary feedback) or a `paired` table.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Initial policy (and reference) model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Reference log-probs from halo-refcache.
+    #[arg(long)]
+    pub ref_logps: Option<PathBuf>,
+    /// Output: the trained policy (Hugging Face directory).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Output: per-step metrics (Parquet).
+    #[arg(long)]
+    pub metrics: PathBuf,
+    /// Output: report directory (report.md and SVG curves).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Output: summary (JSON).
+    #[arg(long)]
+    pub summary: PathBuf,
+    /// The loss.
+    #[arg(long, default_value = "kto")]
+    pub loss: String,
+    /// β of the loss (its default when not given).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// KTO's λ_D (default: from the plan).
+    #[arg(long)]
+    pub lambda_d: Option<f64>,
+    /// KTO's λ_U (default: from the plan).
+    #[arg(long)]
+    pub lambda_u: Option<f64>,
+    /// Other loss params as a JSON object, e.g. '{"epsilon": 0.2}'.
+    #[arg(long)]
+    pub loss_params: Option<String>,
+    /// Where reference log-probs come from: cache (--ref-logps) or live (a second model).
+    #[arg(long, value_parser = ["cache", "live"])]
+    pub reference: Option<String>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-6)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Decay after warmup.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub decay: optim::Decay,
+    /// Clip gradients to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 10.0)]
+    pub max_grad_norm: f64,
+    /// Microbatches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Pairs per microbatch (paired data; a plan brings its own batches).
+    #[arg(long, default_value_t = 8)]
+    pub microbatch_size: usize,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Seed (epoch orders after the first).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompt tokens kept (from the end).
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_length: usize,
+    /// Prompt + completion tokens kept.
+    #[arg(long, default_value_t = 512)]
+    pub max_length: usize,
+    /// Microbatches at the end of the data held out for evaluation.
+    #[arg(long, default_value_t = 0)]
+    pub eval_batches: usize,
+    /// Evaluate every N steps (and at the start and the end); 0: start and end only.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Where checkpoints go.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// CPU threads for libtorch.
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+fn main() {
+    haloflow::stage_cli::main(|| train::run(&Args::parse()));
+}

@@ -1,0 +1,331 @@
+//! The training loop: microbatch losses, gradient accumulation, AdamW steps, evaluation,
+//! checkpoints and the final outputs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use haloflow::records;
+use haloflow::schema::plan_meta;
+use haloflow_ml::dataset::{self, DataKind, EncodedRow, ScoredRow};
+use haloflow_ml::device::{parse_device, parse_dtype};
+use haloflow_ml::fingerprint::Fingerprint;
+use haloflow_ml::logprobs::{sequence_logps, Batch, Sequence};
+use haloflow_ml::losses::{self, Accumulator, DataNeed, Halo, KlPartners, LossInputs, LossOutput, Sums};
+use haloflow_ml::model::CausalLm;
+use haloflow_ml::tokenize::Tokenizer;
+use serde_json::{json, Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{self, Split};
+use crate::metrics::{self, Row};
+use crate::optim::{self, AdamW, AdamWConfig};
+use crate::refs::{self, RefPair};
+use crate::{report, Args};
+
+/// Where reference log-probs come from.
+enum Reference {
+    /// The refcache Parquet, by row id.
+    Cache(HashMap<String, RefPair>),
+    /// A frozen second copy of the initial model.
+    Live(Box<CausalLm>),
+    /// The loss needs none.
+    Free,
+}
+
+/// Per-row facts of binary feedback (from the plan).
+struct Label {
+    desirable: bool,
+    weight: f64,
+}
+
+/// Everything one microbatch's loss needs, fixed for the run.
+struct Job<'a> {
+    halo: &'a dyn Halo,
+    kind: DataKind,
+    rows: &'a [EncodedRow],
+    labels: &'a HashMap<String, Label>,
+    reference: &'a Reference,
+    lambdas: Option<(f64, f64)>,
+    device: Device,
+}
+
+fn loss_params(args: &Args) -> Result<Map<String, Value>> {
+    let mut params: Map<String, Value> = match &args.loss_params {
+        Some(text) => serde_json::from_str(text).with_context(|| format!("--loss-params {text}: not a JSON object"))?,
+        None => Map::new(),
+    };
+    for (name, value) in [("beta", args.beta), ("lambda_d", args.lambda_d), ("lambda_u", args.lambda_u)] {
+        if let Some(v) = value {
+            params.insert(name.into(), json!(v));
+        }
+    }
+    Ok(params)
+}
+
+/// Reads the data; CSFT puts its control token before every completion.
+fn read_data(args: &Args, halo: &dyn Halo) -> Result<(DataKind, Vec<ScoredRow>, HashMap<String, Label>, BTreeMap<String, i64>, Option<(f64, f64)>)> {
+    let (kind, mut rows) = dataset::read_rows(&args.data)?;
+    match (halo.data(), kind) {
+        (DataNeed::Binary, DataKind::Paired) => bail!("loss `{}` learns from binary feedback: give it a plan from halo-resample, not a paired table", halo.name()),
+        (DataNeed::Paired, DataKind::Plan) => bail!("loss `{}` learns from preference pairs: give it a paired table, not a plan", halo.name()),
+        _ => {}
+    }
+    let (mut labels, mut batch_of, mut lambdas) = (HashMap::new(), BTreeMap::new(), None);
+    if kind == DataKind::Plan {
+        for r in records::read_plan(&args.data)? {
+            batch_of.insert(r.example.example_id.clone(), r.batch);
+            labels.insert(r.example.example_id, Label { desirable: r.example.label, weight: r.example.weight });
+        }
+        let table = haloflow::io::read_table(&args.data)?;
+        let meta = |k: &str| table.metadata(k).and_then(|v| v.parse::<f64>().ok());
+        lambdas = meta(plan_meta::LAMBDA_D).zip(meta(plan_meta::LAMBDA_U));
+    }
+    if halo.name() == "csft" {
+        for row in &mut rows {
+            let first_desirable = labels.get(&row.id).map(|l| l.desirable).unwrap_or(true);
+            row.first = losses::sft::with_control_token(&row.first, first_desirable);
+            row.second = losses::sft::with_control_token(&row.second, kind == DataKind::Plan && first_desirable);
+        }
+    }
+    Ok((kind, rows, labels, batch_of, lambdas))
+}
+
+/// Runs the stage.
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(&args.dtype, device)?;
+    let adam = AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_eps, weight_decay: args.weight_decay };
+    optim::validate(args.lr, &adam)?;
+    ensure!(args.grad_accum >= 1, "grad_accum must be at least 1");
+    if args.loss == "ppo" {
+        bail!("loss `ppo` is implemented in haloflow_ml::losses but not wired into halo-train yet (it needs per-token reference log-probs and a value head in the loop)");
+    }
+    let halo = losses::by_name(&args.loss, &loss_params(args)?)?;
+    let (data_kind, rows, labels, batch_of, lambdas) = read_data(args, halo.as_ref())?;
+    let tok = Tokenizer::from_dir(&args.model)?;
+    let (encoded, stats) = dataset::encode_rows(&tok, &rows, args.max_prompt_length, args.max_length)?;
+    if stats.skipped > 0 {
+        tracing::warn!(skipped = stats.skipped, "rows skipped: a completion is empty after truncation");
+    }
+    let split = data::split(data_kind, &encoded, &batch_of, args.microbatch_size, args.eval_batches)?;
+    if halo.name() == "kto" {
+        if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < 2) {
+            bail!("KTO needs microbatches of at least 2 rows for its mismatched KL pairs; microbatch of row `{}` has {}", encoded[small[0]].id, small.len());
+        }
+    }
+    let reference = reference(args, halo.as_ref(), device, kind)?;
+    let mut policy = CausalLm::load(&args.model, device, kind)?;
+    let params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
+    let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
+    let mut opt = AdamW::new(params, adam);
+
+    let steps_per_epoch = split.train.len() / args.grad_accum;
+    ensure!(steps_per_epoch > 0, "{} training microbatches are fewer than grad_accum = {}", split.train.len(), args.grad_accum);
+    let total = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));
+    ensure!(total > 0, "no optimizer step to take (epochs = {}, max_steps = {:?})", args.epochs, args.max_steps);
+
+    let job = Job { halo: halo.as_ref(), kind: data_kind, rows: &encoded, labels: &labels, reference: &reference, lambdas, device };
+    let ckpt_root = args
+        .checkpoint_dir
+        .clone()
+        .or_else(|| std::env::var_os("HALO_SCRATCH_DIR").map(|d| PathBuf::from(d).join("checkpoints")))
+        .unwrap_or_else(|| args.policy.with_extension("checkpoints"));
+    let run_id = checkpoint::run_id(args, &policy.dir, &args.data)?;
+    let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
+    if let Some(found) = checkpoint::latest(&ckpt_root, &run_id)? {
+        haloflow_ml::weights::load(&policy.vs, &found.join("model"))?;
+        opt.load(&found)?;
+        state = checkpoint::read_state(&found)?;
+        tracing::info!(step = state.step, checkpoint = %found.display(), "resuming");
+    } else if !split.eval.is_empty() {
+        let mut row = Row::new(0, 0);
+        evaluate(&job, &policy, &split, &mut row)?;
+        state.metrics.push(row);
+    }
+
+    let bar = haloflow::stage_cli::progress(total as u64, "training steps");
+    bar.set_position(state.step as u64);
+    let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
+    for step in state.step..total {
+        let started = Instant::now();
+        let epoch = step / steps_per_epoch;
+        let order = orders.entry(epoch).or_insert_with(|| data::epoch_order(split.train.len(), epoch, args.seed));
+        let at = (step % steps_per_epoch) * args.grad_accum;
+        let lr = optim::learning_rate(args.lr, step, args.warmup_steps, total, args.decay);
+        opt.zero_grad();
+        let mut acc = Accumulator::new();
+        let mut row = Row::new(step + 1, epoch);
+        let mut tokens = 0usize;
+        for &mb in &order[at..at + args.grad_accum] {
+            let members = &split.train[mb];
+            let (out, policy_logps) = microbatch_loss(&job, &policy, members, true)?;
+            let loss = out.loss.double_value(&[]);
+            if !loss.is_finite() {
+                let ids: Vec<&str> = members.iter().map(|&i| encoded[i].id.as_str()).collect();
+                bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
+            }
+            acc.backward(&out)?;
+            row.add_microbatch(&out, policy_logps);
+            tokens += members.iter().map(|&i| encoded[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
+        }
+        let examples = acc.examples();
+        let loss = acc.finish(&param_list);
+        let grad_norm = opt.clip_grad_norm(args.max_grad_norm);
+        if !grad_norm.is_finite() {
+            bail!("gradient norm is {grad_norm} at step {}; the last good checkpoint is kept", step + 1);
+        }
+        opt.step(lr);
+        let seconds = started.elapsed().as_secs_f64();
+        row.finish(loss, lr, grad_norm, examples, tokens, seconds);
+        let last = step + 1 == total;
+        if !split.eval.is_empty() && (last || (args.eval_every > 0 && (step + 1) % args.eval_every == 0)) {
+            evaluate(&job, &policy, &split, &mut row)?;
+        }
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+        state.metrics.push(row);
+        state.step = step + 1;
+        if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
+            checkpoint::save(&ckpt_root, &policy, &opt, &state)?;
+        }
+        haloflow::stage_cli::fault_point("after_steps", step + 1);
+    }
+    bar.finish_and_clear();
+
+    policy.dir = args.model.clone();
+    policy.save(&args.policy)?;
+    metrics::write(&args.metrics, &state.metrics)?;
+    report::write(&args.report, &args.loss, &state.metrics)?;
+    let summary = json!({
+        "loss": args.loss,
+        "data_kind": data_kind,
+        "steps": total,
+        "rows": stats.rows,
+        "rows_skipped": stats.skipped,
+        "truncated_prompts": stats.truncated_prompts,
+        "truncated_completions": stats.truncated_completions,
+        "train_microbatches": split.train.len(),
+        "eval_microbatches": split.eval.len(),
+        "lambdas_from_plan": lambdas,
+        "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
+        "first": state.metrics.first().map(Row::to_json),
+        "last": state.metrics.last().map(Row::to_json),
+        "device": format!("{device:?}"),
+        "dtype": format!("{kind:?}"),
+    });
+    tracing::info!(steps = total, final_loss = ?state.metrics.last().and_then(|r| r.get("loss")), "training finished");
+    haloflow::io::write_json(&args.summary, &summary)?;
+    if ckpt_root.exists() {
+        std::fs::remove_dir_all(&ckpt_root).with_context(|| format!("removing {}", ckpt_root.display()))?;
+    }
+    Ok(())
+}
+
+fn reference(args: &Args, halo: &dyn Halo, device: Device, kind: Kind) -> Result<Reference> {
+    if !halo.needs_reference() {
+        return Ok(Reference::Free);
+    }
+    let mode = args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" });
+    match (mode, &args.ref_logps) {
+        ("cache", Some(path)) => {
+            let expected = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
+            Ok(Reference::Cache(refs::load(path, &expected)?))
+        }
+        ("cache", None) => bail!("--reference cache needs --ref-logps (the output of halo-refcache)"),
+        _ => Ok(Reference::Live(Box::new(CausalLm::load(&args.model, device, kind)?))),
+    }
+}
+
+/// Summed log-probs of sequences (with or without gradient) and their token counts.
+fn logps(model: &CausalLm, seqs: &[&Sequence], device: Device, grad: bool) -> (Tensor, Tensor) {
+    let batch = Batch::new(seqs, 0, device);
+    if grad {
+        sequence_logps(&model.net, &batch)
+    } else {
+        tch::no_grad(|| sequence_logps(&model.net, &batch))
+    }
+}
+
+/// Reference sums of the rows' first and second sequences.
+fn reference_sums(job: &Job, members: &[usize]) -> Result<Option<(Tensor, Tensor)>> {
+    let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
+    Ok(match job.reference {
+        Reference::Free => None,
+        Reference::Cache(map) => {
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            let pairs = refs::lookup(map, &ids)?;
+            let first: Vec<f64> = pairs.iter().map(|p| p[0]).collect();
+            let second: Vec<f64> = pairs.iter().map(|p| p[1]).collect();
+            Some((Tensor::from_slice(&first).to_device(job.device), Tensor::from_slice(&second).to_device(job.device)))
+        }
+        Reference::Live(model) => {
+            let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
+            let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
+            let (a, _) = logps(model, &first, job.device, false);
+            let (b, _) = logps(model, &second, job.device, false);
+            Some((a.to_kind(Kind::Double), b.to_kind(Kind::Double)))
+        }
+    })
+}
+
+/// The loss of one microbatch and the mean policy log-probs of its (first, second) sequences.
+fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) -> Result<(LossOutput, (f64, f64))> {
+    let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
+    let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
+    let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
+    let refs = reference_sums(job, members)?;
+    let m = rows.len() as i64;
+    let (inputs, means) = match job.kind {
+        DataKind::Plan => {
+            let (s_pol, n) = logps(policy, &first, job.device, grad);
+            let desirable: Vec<bool> = rows.iter().map(|r| job.labels[&r.id].desirable).collect();
+            let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
+            let means = (s_pol.mean(Kind::Double).double_value(&[]), f64::NAN);
+            let (ref_first, ref_second) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
+            let mut inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), Tensor::from_slice(&desirable).to_device(job.device));
+            if job.halo.name() == "kto" {
+                let (kl_pol, _) = logps(policy, &second, job.device, false);
+                let kl_ref = ref_second.context("KTO needs reference log-probs of the KL partners")?;
+                inputs = inputs.with_kl(KlPartners { policy: kl_pol, reference: kl_ref });
+            }
+            if weights.iter().any(|&w| w != 1.0) {
+                inputs = inputs.with_weights(Tensor::from_slice(&weights).to_device(job.device));
+            }
+            if let Some((d, u)) = job.lambdas {
+                inputs = inputs.with_lambdas(d, u);
+            }
+            (inputs, means)
+        }
+        DataKind::Paired => {
+            let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
+            let (s_pol, n) = logps(policy, &both, job.device, grad);
+            let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
+            let means = (c.mean(Kind::Double).double_value(&[]), r.mean(Kind::Double).double_value(&[]));
+            let (rc, rr) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
+            let chosen = Sums::new(c, rc, n.narrow(0, 0, m));
+            let rejected = Sums::new(r, rr, n.narrow(0, m, m));
+            (LossInputs::paired(chosen, rejected), means)
+        }
+    };
+    Ok((job.halo.loss(&inputs)?, means))
+}
+
+/// Loss and reward metrics on the held-out microbatches, without gradient.
+fn evaluate(job: &Job, policy: &CausalLm, split: &Split, row: &mut Row) -> Result<()> {
+    let mut eval = Row::new(row.step, row.epoch);
+    let mut total = (0.0, 0usize);
+    for members in &split.eval {
+        let (out, means) = tch::no_grad(|| microbatch_loss(job, policy, members, false))?;
+        total.0 += out.loss.double_value(&[]) * out.count as f64;
+        total.1 += out.count;
+        eval.add_microbatch(&out, means);
+    }
+    row.set_eval(total.0 / total.1.max(1) as f64, &eval);
+    Ok(())
+}
