@@ -87,19 +87,20 @@ fn no_data(title: &str) -> Result<String> {
 /// Points with a NaN or infinite coordinate are ignored and a series with no finite point
 /// is left out; when nothing is left the chart just says "no data".
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<String> {
-    let kept: Vec<(usize, &str, Vec<(f64, f64)>)> = series
+    // (palette index, name, finite points) of the series that have any finite point.
+    let finite = |s: &Series| -> Vec<(f64, f64)> {
+        s.points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect()
+    };
+    let kept = series
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let pts = s
-                .points
-                .iter()
-                .copied()
-                .filter(|(x, y)| x.is_finite() && y.is_finite());
-            (i, s.name.as_str(), pts.collect::<Vec<_>>())
-        })
+        .map(|(i, s)| (i, s.name.as_str(), finite(s)))
         .filter(|(_, _, pts)| !pts.is_empty())
-        .collect();
+        .collect::<Vec<_>>();
     let all = || kept.iter().flat_map(|(_, _, pts)| pts.iter().copied());
     let (Some((x0, x1)), Some((y0, y1))) = (bounds(all().map(|p| p.0)), bounds(all().map(|p| p.1)))
     else {
@@ -275,47 +276,47 @@ mod tests {
         }
     }
 
-    fn bar(label: &str, value: f64, ci: Option<(f64, f64)>) -> Bar {
-        Bar {
-            label: label.into(),
-            value,
-            low: ci.map(|c| c.0),
-            high: ci.map(|c| c.1),
-        }
+    fn bars(ci: bool) -> Vec<Bar> {
+        let rows = [
+            ("kto", 0.62, 0.55, 0.69),
+            ("dpo", 0.55, 0.48, 0.62),
+            ("sft", 0.41, 0.34, 0.48),
+        ];
+        let b = |(l, v, lo, hi): (&str, f64, f64, f64)| Bar {
+            label: l.into(),
+            value: v,
+            low: ci.then_some(lo),
+            high: ci.then_some(hi),
+        };
+        rows.into_iter().map(b).collect()
     }
 
-    fn assert_svg(svg: &str) {
+    /// Asserts `svg` is one `<svg>` document that contains every one of `texts`.
+    fn assert_svg(svg: &str, texts: &[&str]) {
         assert!(
-            svg.trim_start().starts_with("<svg"),
-            "{}",
-            &svg[..svg.len().min(200)]
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{svg}"
         );
-        assert!(svg.trim_end().ends_with("</svg>"));
-    }
-
-    fn count(svg: &str, pat: &str) -> usize {
-        svg.matches(pat).count()
+        for text in texts {
+            assert!(svg.contains(text), "missing {text}");
+        }
     }
 
     #[test]
     fn plot_line_chart_has_title_legend_and_labels() {
+        let nan = f64::NAN;
         let s = [
             series("kto_loss", &[(0.0, 1.0), (1.0, 0.7), (2.0, 0.5)]),
             series(
                 "dpo_loss",
-                &[
-                    (0.0, 0.9),
-                    (1.0, f64::NAN),
-                    (2.0, 0.4),
-                    (f64::INFINITY, 1.0),
-                ],
+                &[(0.0, 0.9), (1.0, nan), (2.0, 0.4), (f64::INFINITY, 1.0)],
             ),
         ];
         let svg = line_chart("Training loss", "step", "loss", &s).unwrap();
-        assert_svg(&svg);
-        for text in ["Training loss", "kto_loss", "dpo_loss", "step", "loss"] {
-            assert!(svg.contains(text), "missing {text}");
-        }
+        assert_svg(
+            &svg,
+            &["Training loss", "kto_loss", "dpo_loss", "step", "loss"],
+        );
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
         assert_eq!(
             svg,
@@ -330,88 +331,63 @@ mod tests {
             series("all_nan", &[(f64::NAN, 1.0), (2.0, f64::NAN)]),
         ];
         let svg = line_chart("t", "x", "y", &s).unwrap();
-        assert_svg(&svg);
-        assert!(svg.contains("ok") && !svg.contains("all_nan"));
+        assert_svg(&svg, &["ok"]);
+        assert!(!svg.contains("all_nan"));
         for empty in [&[][..], &[series("e", &[])][..], &s[1..]] {
-            let svg = line_chart("Empty", "x", "y", empty).unwrap();
-            assert_svg(&svg);
-            assert!(svg.contains("no data") && svg.contains("Empty"));
+            assert_svg(
+                &line_chart("Empty", "x", "y", empty).unwrap(),
+                &["Empty", "no data"],
+            );
         }
     }
 
     #[test]
     fn plot_bar_chart_labels_error_bars_and_reference() {
-        let plain = [
-            bar("kto", 0.62, None),
-            bar("dpo", 0.55, None),
-            bar("sft", 0.41, None),
-        ];
-        let with_ci = [
-            bar("kto", 0.62, Some((0.55, 0.69))),
-            bar("dpo", 0.55, Some((0.48, 0.62))),
-            bar("sft", 0.41, Some((0.34, 0.48))),
-        ];
-        let a = bar_chart(
-            "Win rate vs SFT",
-            "win rate",
-            &plain,
-            Some((0.0, 1.0)),
-            None,
-        )
-        .unwrap();
-        let b = bar_chart(
-            "Win rate vs SFT",
-            "win rate",
-            &with_ci,
-            Some((0.0, 1.0)),
-            None,
-        )
-        .unwrap();
-        let c = bar_chart(
-            "Win rate vs SFT",
-            "win rate",
-            &with_ci,
-            Some((0.0, 1.0)),
-            Some(0.5),
-        )
-        .unwrap();
-        for svg in [&a, &b, &c] {
-            assert_svg(svg);
-            for text in ["Win rate vs SFT", "win rate", "kto", "dpo", "sft"] {
-                assert!(svg.contains(text), "missing {text}");
-            }
-        }
-        let lines = |s: &str| count(s, "<line") + count(s, "<polyline") + count(s, "<path");
-        assert!(lines(&b) > lines(&a), "error bars add line elements");
-        assert!(lines(&c) > lines(&b), "reference line adds an element");
-        assert_eq!(count(&a, "<rect"), count(&b, "<rect"));
-        assert_eq!(
-            c,
+        let chart = |ci, r| {
             bar_chart(
                 "Win rate vs SFT",
                 "win rate",
-                &with_ci,
+                &bars(ci),
                 Some((0.0, 1.0)),
-                Some(0.5)
+                r,
             )
-            .unwrap()
+        };
+        let (a, b, c) = (
+            chart(false, None).unwrap(),
+            chart(true, None).unwrap(),
+            chart(true, Some(0.5)).unwrap(),
         );
+        for svg in [&a, &b, &c] {
+            assert_svg(svg, &["Win rate vs SFT", "win rate", "kto", "dpo", "sft"]);
+        }
+        let lines = |s: &str| {
+            ["<line", "<polyline", "<path"]
+                .iter()
+                .map(|p| s.matches(p).count())
+                .sum::<usize>()
+        };
+        assert!(lines(&b) > lines(&a), "error bars add line elements");
+        assert!(lines(&c) > lines(&b), "reference line adds an element");
+        assert_eq!(a.matches("<rect").count(), b.matches("<rect").count());
+        assert_eq!(c, chart(true, Some(0.5)).unwrap());
     }
 
     #[test]
     fn plot_bar_chart_edge_cases() {
-        let svg = bar_chart("None", "y", &[], None, Some(0.5)).unwrap();
-        assert_svg(&svg);
-        assert!(svg.contains("no data"));
-        let odd = [
-            bar("nan", f64::NAN, Some((0.1, 0.3))),
-            bar("neg", -2.0, Some((-3.0, f64::INFINITY))),
-        ];
-        let svg = bar_chart("Odd", "delta", &odd, None, None).unwrap();
-        assert_svg(&svg);
-        assert!(svg.contains("nan") && svg.contains("neg"));
-        let one = bar_chart("One", "y", &[bar("only", 3.0, None)], None, None).unwrap();
-        assert_svg(&one);
+        assert_svg(
+            &bar_chart("None", "y", &[], None, Some(0.5)).unwrap(),
+            &["no data"],
+        );
+        let mut odd = bars(true);
+        (odd[0].value, odd[1].value, odd[1].high) = (f64::NAN, -2.0, Some(f64::INFINITY));
+        assert_svg(
+            &bar_chart("Odd", "delta", &odd, None, None).unwrap(),
+            &["kto", "dpo"],
+        );
+        assert_svg(
+            &bar_chart("One", "y", &odd[2..], None, None).unwrap(),
+            &["sft"],
+        );
         assert!(bar_chart("Bad", "y", &odd, Some((1.0, 0.0)), None).is_err());
     }
 
@@ -427,7 +403,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            !svg.contains("A < B & C") && !svg.contains("s<1>"),
+            !svg.contains("A < B") && !svg.contains("s<1>"),
             "text must be XML-escaped"
         );
         write_svg(&path, &svg).unwrap();

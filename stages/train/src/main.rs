@@ -27,7 +27,7 @@ With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --che
 
 /// Train a policy with a HALO.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "halo-train", version, after_help = EXAMPLE)]
+#[command(name = "halo-train", version, after_help = EXAMPLE, args_override_self = true)]
 pub struct Args {
     /// Training data: a `plan` (binary feedback) or a `paired` table.
     #[arg(long)]

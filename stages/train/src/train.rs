@@ -178,7 +178,8 @@ pub fn run(args: &Args) -> Result<()> {
         let loss = acc.finish(&param_list);
         let grad_norm = opt.clip_grad_norm(args.max_grad_norm);
         if !grad_norm.is_finite() {
-            bail!("gradient norm is {grad_norm} at step {}; the last good checkpoint is kept", step + 1);
+            let ids: Vec<&str> = order[at..at + args.grad_accum].iter().flat_map(|&mb| &split.train[mb]).map(|&i| encoded[i].id.as_str()).collect();
+            bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
         }
         opt.step(lr);
         let seconds = started.elapsed().as_secs_f64();
