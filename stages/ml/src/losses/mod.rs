@@ -364,3 +364,28 @@ fn finish(loss: &str, per_example: Tensor, counted: Option<&Tensor>, inputs: &Lo
         metrics,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_microbatch_without_counted_examples_has_zero_loss() {
+        let inputs = LossInputs::binary(
+            Sums::new(Tensor::from_slice(&[-1.0, -2.0]), None, Tensor::from_slice(&[1i64, 2])),
+            Tensor::from_slice(&[false, false]),
+        );
+        let (_, desirable) = inputs.binary_rows("sft").unwrap();
+        let out = finish("sft", Tensor::from_slice(&[1.0, 2.0]), Some(desirable), &inputs, Metrics::default()).unwrap();
+        assert_eq!((out.loss.double_value(&[]), out.count), (0.0, 0));
+        assert_eq!(Vec::<f64>::try_from(&out.per_example).unwrap(), [0.0, 0.0]);
+    }
+
+    #[test]
+    fn empty_classes_have_no_mean() {
+        let empty = Tensor::from_slice::<f64>(&[]);
+        assert_eq!(mean_of(&empty), None);
+        let m = Metrics::binary(&Tensor::from_slice(&[0.5, 1.5]), &Tensor::from_slice(&[true, true]));
+        assert_eq!((m.rewards_chosen, m.rewards_rejected, m.margins), (Some(1.0), None, None));
+    }
+}

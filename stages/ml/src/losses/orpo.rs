@@ -52,3 +52,17 @@ impl Halo for Orpo {
         finish(self.name(), per_pair, None, inputs, Metrics::paired(&(&a_c * self.lambda), &(&a_r * self.lambda)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_odds_of_a_probability() {
+        let p = [0.25f64, 0.5, 0.9];
+        let lo = Vec::<f64>::try_from(log_odds(&Tensor::from_slice(&p.map(f64::ln)))).unwrap();
+        for (p, lo) in p.iter().zip(lo) {
+            assert!((lo - (p / (1.0 - p)).ln()).abs() < 1e-12);
+        }
+    }
+}

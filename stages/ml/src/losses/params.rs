@@ -79,3 +79,33 @@ impl<'a> Params<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn bounds_include_and_exclude_their_edges() {
+        assert!(Bound::NonNegative.admits(0.0) && !Bound::Positive.admits(0.0));
+        assert!(Bound::Unit.admits(0.0) && Bound::Unit.admits(1.0) && !Bound::Unit.admits(1.01));
+        assert!(!Bound::OpenUnit.admits(0.0) && !Bound::OpenUnit.admits(1.0) && Bound::OpenUnit.admits(0.5));
+    }
+
+    #[test]
+    fn a_loss_without_params_says_so() {
+        let map = json!({"beta": 0.1}).as_object().unwrap().clone();
+        let err = Params::new("sft", &map).finish().unwrap_err().to_string();
+        assert_eq!(err, "unknown param `beta` for loss `sft` (it takes: none)");
+    }
+
+    #[test]
+    fn out_of_range_and_absent_values() {
+        let map = json!({"beta": -1}).as_object().unwrap().clone();
+        let p = Params::new("dpo", &map);
+        assert!(p.number("beta", 0.1, Bound::Positive).is_err());
+        assert_eq!(p.optional("gamma", Bound::Positive).unwrap(), None);
+        assert_eq!(p.number("tau", 0.3, Bound::Positive).unwrap(), 0.3);
+    }
+}

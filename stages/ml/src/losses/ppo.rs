@@ -143,7 +143,8 @@ impl Halo for Ppo {
 
     fn loss(&self, inputs: &LossInputs) -> Result<LossOutput> {
         let (_, desirable) = inputs.binary_rows(self.name())?;
-        let tokens = inputs.tokens.as_ref().context("`ppo` needs per-token policy and reference log-probs, a mask and values; none were given")?;
+        let tokens =
+            inputs.tokens.as_ref().context("`ppo` needs per-token policy and reference log-probs, a mask and values; none were given")?;
         let shape = tokens.policy.size();
         ensure!(
             shape.len() == 2 && shape[0] == desirable.numel() as i64 && shape[1] >= 1,
