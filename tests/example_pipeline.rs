@@ -111,3 +111,35 @@ fn a_corrupted_entry_is_detected_and_rebuilt() {
     let gc = text(&halo_example("gc", &work, &data, &[]));
     assert!(gc.contains("removed 3 cache entries"), "{gc}");
 }
+
+#[test]
+fn the_ci_tiny_pipeline_trains_kto_end_to_end() {
+    let Some(data) = shared_data() else { return };
+    for stage in ["halo-init", "halo-refcache", "halo-train"] {
+        binary(stage);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let pipeline = repo_root().join("pipelines/ci-tiny.toml");
+    let tokenizer = data.join("../models/stories260K");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec!["run".into(), pipeline.to_string_lossy().into(), "--work-dir".into(), work.to_string_lossy().into()];
+        a.extend(["--set".into(), format!("data={}", data.display()), "--set".into(), format!("tokenizer={}", tokenizer.display())]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run_args = args(&[]);
+    run_ok(&run_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let all = ["import", "unpair", "resample", "init", "refcache", "train"];
+    assert_eq!(stages_with(&work, "ci-tiny", Status::Ran), set(&all));
+    let m = manifest(&work, "ci-tiny");
+    let train = m.stage("train").unwrap();
+    assert_eq!(train.outputs["metrics"].rows, Some(31), "step 0 evaluation + 30 steps");
+    assert!(train.outputs["report"].path.join("report.md").is_file());
+    assert!(train.outputs["policy"].path.join("model.safetensors").is_file());
+    // A second run reruns nothing.
+    run_ok(&run_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(stages_with(&work, "ci-tiny", Status::Ran), set(&[]));
+    let dry = text(&run(&args(&["--dry-run"]).iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    assert!(dry.contains("cached     train"), "{dry}");
+}

@@ -3,9 +3,7 @@
 Hugging Face transformers batched forward, padding each batch to its longest sequence (data
 order, fixed batch size), under torch.no_grad, on the same model, data and thread count.
 
-It follows haloflow's tokenization contract (prompt + completion + EOS tokenized together; the
-completion starts where the ids diverge from the prompt's; max_prompt_length keeps the prompt's
-end, max_length then cuts the completion), so both sides score the same tokens.
+It follows haloflow's tokenization contract (contract.py), so both sides score the same tokens.
 
     python refcache_transformers.py PLAN.arrow MODEL_DIR OUT.json --threads 2 --batch-size 8
 """
@@ -17,20 +15,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def encode(tok, prompt_msgs, completion, max_prompt_length, max_length):
-    prompt = "\n\n".join(m["content"] for m in prompt_msgs)
-    p_ids = tok(prompt)["input_ids"]
-    ids = tok(prompt + completion)["input_ids"]
-    if ids[-1] != tok.eos_token_id:
-        ids.append(tok.eos_token_id)
-    start = 0
-    while start < min(len(p_ids), len(ids)) and p_ids[start] == ids[start]:
-        start += 1
-    prompt_part, completion_part = ids[:start], ids[start:]
-    prompt_part = prompt_part[-max_prompt_length:]
-    completion_part = completion_part[: max(0, max_length - len(prompt_part))]
-    return prompt_part + completion_part, len(prompt_part)
+from contract import encode
 
 
 def main():

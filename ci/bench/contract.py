@@ -1,0 +1,19 @@
+"""haloflow's tokenization contract in Python, shared by the benchmark peers: prompt + completion
++ EOS tokenized together; the completion starts where the ids diverge from the prompt's ids;
+max_prompt_length keeps the prompt's end, then max_length cuts the completion. Plain-text
+prompts (no chat template) join the message contents with blank lines."""
+
+
+def encode(tok, prompt_msgs, completion, max_prompt_length, max_length):
+    prompt = "\n\n".join(m["content"] for m in prompt_msgs)
+    p_ids = tok(prompt)["input_ids"]
+    ids = tok(prompt + completion)["input_ids"]
+    if ids[-1] != tok.eos_token_id:
+        ids.append(tok.eos_token_id)
+    start = 0
+    while start < min(len(p_ids), len(ids)) and p_ids[start] == ids[start]:
+        start += 1
+    prompt_part, completion_part = ids[:start], ids[start:]
+    prompt_part = prompt_part[-max_prompt_length:]
+    completion_part = completion_part[: max(0, max_length - len(prompt_part))]
+    return prompt_part + completion_part, len(prompt_part)
