@@ -28,3 +28,19 @@ halo-import --source ../shared/data/prompts/vicuna_bench_question.jsonl --format
 halo-sample --prompts "$work/prompts.arrow" --model "$work/model" --samples "$work/samples.arrow" \
   --summary "$work/samples.json" --device cuda --dtype bf16 --max-new-tokens 128 --batch-size 80 --temperature 0.7
 python3 -c "import json;s=json.load(open('$work/samples.json'));print('sample:', {k: s[k] for k in s if k in ('samples','tokens_generated','tokens_per_s','device','dtype')})"
+
+echo "== train (KTO) on CUDA, bf16 weights with f32 master weights"
+halo-train --data "$plan" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
+  --max-steps 20 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 \
+  --policy "$work/policy" --metrics "$work/metrics.parquet" --report "$work/report" --summary "$work/train.json"
+.venv/bin/python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
+import os, statistics, sys, pyarrow.parquet as pq
+w, peak = sys.argv[1], float(sys.argv[2])
+m = pq.read_table(f"{w}/metrics.parquet").to_pydict()
+tps = statistics.median([t for t in m["tokens_per_s"] if t is not None][3:])
+params = os.path.getsize(f"{w}/model/model.safetensors") / 4  # halo-init writes f32
+# tokens/s counts the completions (forward + backward: ~6 x params FLOPs per token) and their KL
+# partners (no-grad forward: ~2 x params), about as many of each: ~4 x params per counted token.
+mfu = tps * 4 * params / (peak * 1e12)
+print(f"train: {tps:.0f} tokens/s (median after 3 steps), ~{params/1e6:.0f}M params, MFU ~{mfu:.1%} of {peak:.0f} TFLOP/s bf16 peak")
+PY
