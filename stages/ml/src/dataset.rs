@@ -86,6 +86,14 @@ pub fn encode_rows(tok: &Tokenizer, rows: &[ScoredRow], max_prompt_length: usize
         let mut seqs = Vec::with_capacity(2);
         for completion in [&row.first, &row.second] {
             match tok.encode_example(&row.prompt, completion, max_prompt_length, max_length) {
+                // The first token has no prediction: a completion needs at least one prompt token.
+                Ok(e) if e.completion_start == 0 => {
+                    stats.skipped += 1;
+                    if stats.skipped_examples.len() < 20 {
+                        stats.skipped_examples.push((row.id.clone(), "empty prompt: no token precedes the completion".into()));
+                    }
+                    continue 'rows;
+                }
                 Ok(e) => {
                     stats.truncated_prompts += e.truncated_prompt as usize;
                     stats.truncated_completions += e.truncated_completion as usize;

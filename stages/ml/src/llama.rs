@@ -111,6 +111,16 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// A cache holding the rows in `index` (rows may repeat), leaving this one as it is.
+    pub fn selected(&self, index: &Tensor) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| (k.index_select(0, index), v.index_select(0, index))))
+            .collect();
+        KvCache { layers }
+    }
+
     /// Keeps only the batch rows in `index` (for dropping finished sequences).
     pub fn select(&mut self, index: &Tensor) {
         for (k, v) in self.layers.iter_mut().flatten() {

@@ -84,3 +84,32 @@ fn completion_logps_match_transformers() {
         assert_eq!(counts.double_value(&[i as i64]) as u64, e["n_tokens"].as_u64().unwrap());
     }
 }
+
+#[test]
+fn shared_prefix_scoring_equals_separate_scoring() {
+    use haloflow_ml::logprobs::{shared_prefix_logps, token_logps};
+    let Some(dir) = model_dir() else { return };
+    let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let r = reference();
+    let seqs: Vec<Sequence> = r["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Sequence { ids: ids(&e["ids"]), completion_start: e["completion_start"].as_u64().unwrap() as usize })
+        .collect();
+    // Pairs with a shared prompt (examples 0 and 1), and pairs sharing only BOS.
+    let pairs: Vec<(&Sequence, &Sequence)> = vec![(&seqs[0], &seqs[1]), (&seqs[2], &seqs[3]), (&seqs[4], &seqs[0]), (&seqs[1], &seqs[1])];
+    for budget in [1, 40, 10_000] {
+    let (shared, _) = tch::no_grad(|| shared_prefix_logps(&model.net, &pairs, Device::Cpu, true, budget));
+    for (p, (a, b)) in pairs.iter().enumerate() {
+        for (k, s) in [a, b].into_iter().enumerate() {
+            let batch = Batch::new(&[s], 0, Device::Cpu);
+            let separate = tch::no_grad(|| token_logps(&model.net, &batch)).to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            let got = &shared[p][k];
+            assert!((got.logp - separate).abs() < 1e-4, "pair {p} side {k}: {} vs {separate}", got.logp);
+            assert_eq!(got.n_tokens, s.ids.len() - s.completion_start);
+            assert_eq!(got.tokens.as_ref().unwrap().len(), got.n_tokens);
+        }
+    }
+    }
+}

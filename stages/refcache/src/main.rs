@@ -44,7 +44,7 @@ pub struct Args {
     /// Padded tokens per forward batch.
     #[arg(long, default_value_t = 8192)]
     pub token_budget: usize,
-    /// Sequences per resumable chunk.
+    /// Rows (two sequences each) per resumable chunk.
     #[arg(long, default_value_t = 256)]
     pub chunk_size: usize,
     /// auto, cpu, cuda or cuda:N.

@@ -17,7 +17,7 @@ use haloflow_ml::logprobs::{self, Batch, Sequence};
 use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 use crate::buckets;
 use crate::scratch::{Scratch, SeqResult};
@@ -48,9 +48,16 @@ pub fn run(args: &Args) -> Result<()> {
     let fingerprint = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
     let model = CausalLm::load(&args.model, device, kind)?;
 
-    let seqs: Vec<&Sequence> = encoded.iter().flat_map(|r| r.seqs.iter()).collect();
-    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-    let order = buckets::by_length(&lengths);
+    // Rows are the unit of work: both sequences of a row share the prompt, which is computed
+    // once (see `logprobs::shared_prefix_logps`). Sequence 2r is row r's first, 2r+1 its second.
+    // Each row costs its shared prefix once and its two suffixes: sort by (prefix, suffix) so
+    // rows in a batch are alike in both, and pad each batch to (max prefix + 2 × max suffix).
+    let shape: Vec<(usize, usize)> = encoded.iter().map(|r| row_shape(&r.seqs)).collect();
+    let order = buckets::sorted_desc(encoded.len(), |r| shape[r]);
+    let cost = |batch: &[usize]| {
+        let (l, s) = batch.iter().fold((0, 0), |(l, s), &r| (l.max(shape[r].0), s.max(shape[r].1)));
+        batch.len() * (l + 2 * s)
+    };
     let run_id = haloflow::hashing::hash_json(&json!({
         "fingerprint": fingerprint, "chunk_size": args.chunk_size, "token_budget": args.token_budget,
         "per_token": args.per_token, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
@@ -62,15 +69,16 @@ pub fn run(args: &Args) -> Result<()> {
         .unwrap_or_else(|| args.logps.with_extension("partial"));
     let scratch = Scratch::open(&scratch_dir, &run_id)?;
 
-    let total_tokens: usize = lengths.iter().sum();
+    let row_tokens = |r: usize| encoded[r].seqs.iter().map(|s| s.ids.len()).sum::<usize>();
+    let total_tokens: usize = (0..encoded.len()).map(row_tokens).sum();
     let bar = haloflow::stage_cli::progress(total_tokens as u64, "refcache tokens");
     let started = Instant::now();
-    let mut results: Vec<Option<SeqResult>> = vec![None; seqs.len()];
-    let (mut resumed, mut computed_tokens, mut padded_tokens) = (0usize, 0usize, 0usize);
+    let mut results: Vec<Option<SeqResult>> = vec![None; 2 * encoded.len()];
+    let (mut resumed, mut computed_tokens, mut real_tokens, mut padded_tokens) = (0usize, 0usize, 0usize, 0usize);
     let _no_grad = tch::no_grad_guard();
     let chunks: Vec<&[usize]> = order.chunks(args.chunk_size.max(1)).collect();
     for (c, chunk) in chunks.iter().enumerate() {
-        let chunk_tokens: usize = chunk.iter().map(|&i| lengths[i]).sum();
+        let chunk_tokens: usize = chunk.iter().map(|&r| row_tokens(r)).sum();
         if let Some(done) = scratch.read(c)? {
             for (i, r) in done {
                 results[i] = Some(r);
@@ -79,12 +87,13 @@ pub fn run(args: &Args) -> Result<()> {
             bar.inc(chunk_tokens as u64);
             continue;
         }
-        let mut chunk_results = Vec::with_capacity(chunk.len());
-        for batch in buckets::batches(chunk, &lengths, args.token_budget) {
-            let members: Vec<&Sequence> = batch.iter().map(|&i| seqs[i]).collect();
-            padded_tokens += members.len() * members.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-            chunk_results.extend(score(&model, &members, device, args.per_token)?.into_iter().zip(batch.iter()).map(|(r, &i)| (i, r)));
-            let tokens: usize = members.iter().map(|s| s.ids.len()).sum();
+        let mut chunk_results = Vec::with_capacity(2 * chunk.len());
+        for batch in buckets::batches(chunk, args.token_budget, cost) {
+            let (scored, padded) = score_rows(&model, &encoded, &batch, device, args.per_token, args.token_budget)?;
+            padded_tokens += padded;
+            real_tokens += batch.iter().map(|&r| shape[r].0 + encoded[r].seqs.iter().map(|q| q.ids.len() - shape[r].0).sum::<usize>()).sum::<usize>();
+            chunk_results.extend(scored);
+            let tokens: usize = batch.iter().map(|&r| row_tokens(r)).sum();
             computed_tokens += tokens;
             bar.inc(tokens as u64);
         }
@@ -112,11 +121,13 @@ pub fn run(args: &Args) -> Result<()> {
         "skipped_examples": stats.skipped_examples,
         "truncated_prompts": stats.truncated_prompts,
         "truncated_completions": stats.truncated_completions,
-        "sequences": seqs.len(),
+        "sequences": 2 * encoded.len(),
         "tokens": total_tokens,
         "tokens_computed": computed_tokens,
+        "forward_tokens_computed": real_tokens,
         "padded_tokens_computed": padded_tokens,
-        "padding_waste": if padded_tokens > 0 { 1.0 - computed_tokens as f64 / padded_tokens as f64 } else { 0.0 },
+        "prefix_sharing_saving": if computed_tokens > 0 { 1.0 - real_tokens as f64 / computed_tokens as f64 } else { 0.0 },
+        "padding_waste": if padded_tokens > 0 { 1.0 - real_tokens as f64 / padded_tokens as f64 } else { 0.0 },
         "seconds": seconds,
         "tokens_per_s": computed_tokens as f64 / seconds.max(1e-9),
         "chunks": chunks.len(),
@@ -130,28 +141,53 @@ pub fn run(args: &Args) -> Result<()> {
     scratch.remove()
 }
 
-/// Scores one batch: summed completion log-probs (accumulated in f64) and, optionally, the
-/// per-token values.
-fn score(model: &CausalLm, members: &[&Sequence], device: Device, per_token: bool) -> Result<Vec<SeqResult>> {
-    let batch = Batch::new(members, 0, device);
-    let token_logps = logprobs::token_logps(&model.net, &batch).to_device(Device::Cpu);
-    let sums = token_logps.to_kind(Kind::Double).sum_dim_intlist([-1].as_slice(), false, Kind::Double);
-    let mut out = Vec::with_capacity(members.len());
-    for (row, s) in members.iter().enumerate() {
-        let n = s.ids.len() - s.completion_start;
-        let tokens = if per_token {
-            let t: Tensor = token_logps.get(row as i64).narrow(0, s.completion_start as i64 - 1, n as i64);
-            Some(Vec::<f32>::try_from(&t).context("per-token log-probs")?)
-        } else {
-            None
-        };
-        let logp = sums.double_value(&[row as i64]);
-        if !logp.is_finite() {
-            bail!("non-finite reference log-prob ({logp}) for a sequence of {} tokens", s.ids.len());
+/// Scores the rows of one batch: pairs sharing at least their first token through the shared
+/// prefix path, the others sequence by sequence. Returns (sequence index, result) pairs and the
+/// padded tokens the forward passes computed.
+fn score_rows(model: &CausalLm, rows: &[EncodedRow], batch: &[usize], device: Device, per_token: bool, suffix_budget: usize) -> Result<(Vec<(usize, SeqResult)>, usize)> {
+    let (shared, separate): (Vec<usize>, Vec<usize>) =
+        batch.iter().partition(|&&r| logprobs::shareable_prefix(&rows[r].seqs[0], &rows[r].seqs[1]) >= 1);
+    let mut out = Vec::with_capacity(2 * batch.len());
+    let mut padded = 0;
+    if !shared.is_empty() {
+        let pairs: Vec<(&Sequence, &Sequence)> = shared.iter().map(|&r| (&rows[r].seqs[0], &rows[r].seqs[1])).collect();
+        let (scored, computed) = logprobs::shared_prefix_logps(&model.net, &pairs, device, per_token, suffix_budget);
+        padded += computed;
+        for (&r, scored) in shared.iter().zip(scored) {
+            for (k, s) in scored.into_iter().enumerate() {
+                out.push((2 * r + k, SeqResult { logp: checked(s.logp, &rows[r].seqs[k])?, n_tokens: s.n_tokens as i64, tokens: s.tokens }));
+            }
         }
-        out.push(SeqResult { logp, n_tokens: n as i64, tokens });
     }
-    Ok(out)
+    if !separate.is_empty() {
+        let seqs: Vec<(usize, &Sequence)> = separate.iter().flat_map(|&r| [(2 * r, &rows[r].seqs[0]), (2 * r + 1, &rows[r].seqs[1])]).collect();
+        let members: Vec<&Sequence> = seqs.iter().map(|(_, s)| *s).collect();
+        let batch = Batch::new(&members, 0, device);
+        padded += batch.input_ids.numel();
+        let token_logps = logprobs::token_logps(&model.net, &batch).to_device(Device::Cpu).to_kind(Kind::Double);
+        for (row, (i, s)) in seqs.iter().enumerate() {
+            let n = s.ids.len() - s.completion_start;
+            let values = Vec::<f64>::try_from(&token_logps.get(row as i64).narrow(0, s.completion_start as i64 - 1, n as i64)).context("log-probs")?;
+            let tokens = per_token.then(|| values.iter().map(|&v| v as f32).collect());
+            out.push((*i, SeqResult { logp: checked(values.iter().sum(), s)?, n_tokens: n as i64, tokens }));
+        }
+    }
+    Ok((out, padded))
+}
+
+/// A row's (shared prefix, longest suffix) in tokens; the prefix is 0 when the two sequences
+/// cannot share one.
+fn row_shape(seqs: &[Sequence; 2]) -> (usize, usize) {
+    let l = logprobs::shareable_prefix(&seqs[0], &seqs[1]);
+    (l, seqs.iter().map(|s| s.ids.len() - l).max().unwrap_or(0))
+}
+
+/// A finite summed log-prob, or an error naming the sequence length.
+fn checked(logp: f64, s: &Sequence) -> Result<f64> {
+    if !logp.is_finite() {
+        bail!("non-finite reference log-prob ({logp}) for a sequence of {} tokens", s.ids.len());
+    }
+    Ok(logp)
 }
 
 fn token_lists<'a>(values: impl Iterator<Item = &'a SeqResult>) -> ArrayRef {
