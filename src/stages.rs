@@ -87,6 +87,32 @@ pub fn builtins() -> Vec<Builtin> {
                 Ok(out(&[("policy", schema::DIR), ("metrics", schema::METRICS), ("report", schema::DIR), ("summary", schema::JSON)]))
             },
         },
+        Builtin {
+            name: "sample",
+            about: "sample completions for prompts with a local model (batched, KV cache, seeded)",
+            inputs: &[("prompts", &[schema::PROMPTS]), ("model", &[schema::DIR])],
+            optional: &[],
+            outputs: |_| Ok(out(&[("samples", schema::SAMPLES), ("summary", schema::JSON)])),
+        },
+        Builtin {
+            name: "judge",
+            about: "pairwise judge (OpenAI-compatible API or rule) of a candidate vs a baseline: win rates, CIs, report",
+            inputs: &[
+                ("candidate", &[schema::SAMPLES]),
+                ("baseline", &[schema::SAMPLES, schema::PAIRED]),
+                ("prompts", &[schema::PROMPTS]),
+                ("template_file", &[]),
+            ],
+            optional: &["prompts", "template_file"],
+            outputs: |_| Ok(out(&[("judgments", schema::JUDGMENTS), ("summary", schema::JSON), ("report", schema::DIR)])),
+        },
+        Builtin {
+            name: "import-gguf",
+            about: "a GGUF file (llama.cpp) as a Hugging Face model directory, dequantized to f32",
+            inputs: &[("gguf", &[])],
+            optional: &[],
+            outputs: |_| Ok(out(&[("model", schema::DIR)])),
+        },
     ]
 }
 

@@ -218,10 +218,11 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    /// Runs `prompts` (none empty), left-padded into one batch on `device`, through `net`.
-    /// Returns the decoder and the f32 logits `(B, vocab)` that predict each prompt's next token.
+    /// Runs `prompts` (at least one, none empty), left-padded into one batch on `device`,
+    /// through `net`. Returns the decoder and the f32 logits `(B, vocab)` that predict each
+    /// prompt's next token.
     pub fn prefill(net: &'a Llama, prompts: &[&[i64]], device: Device) -> (Decoder<'a>, Tensor) {
-        assert!(prompts.iter().all(|p| !p.is_empty()), "prefill needs prompts with at least one token");
+        assert!(!prompts.is_empty() && prompts.iter().all(|p| !p.is_empty()), "prefill needs prompts with at least one token");
         let (b, t) = (prompts.len(), prompts.iter().map(|p| p.len()).max().unwrap_or(0));
         let (mut ids, mut real, mut positions) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
         for p in prompts {

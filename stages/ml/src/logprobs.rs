@@ -46,7 +46,12 @@ impl Batch {
 
 /// Per-token log-probs `(B, T-1)` of each next token (f32), zero outside the completion.
 pub fn token_logps(net: &Llama, batch: &Batch) -> Tensor {
-    let logits = net.forward(&batch.input_ids);
+    target_logps(&net.forward(&batch.input_ids), batch)
+}
+
+/// Per-token log-probs `(B, T-1)` of each next token given the batch's logits `(B, T, V)`,
+/// zero outside the completion.
+pub fn target_logps(logits: &Tensor, batch: &Batch) -> Tensor {
     let t = logits.size()[1];
     let logits = logits.narrow(1, 0, t - 1).to_kind(Kind::Float);
     let targets = batch.input_ids.narrow(1, 1, t - 1).unsqueeze(-1);

@@ -25,14 +25,23 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Copies the checkpoint's tensors into the variables of `vs` (converting dtype and device).
-/// Every variable must be found with the shape the config implies; `lm_head.weight` may be
-/// absent when embeddings are tied. Errors name the tensor and the file.
+/// Every variable must be found with the shape the config implies (with tied embeddings there
+/// is no `lm_head.weight` variable to find). Errors name the tensor and the file.
 pub fn load(vs: &VarStore, dir: &Path) -> Result<()> {
+    load_files(vs, &weight_files(dir)?).with_context(|| dir.display().to_string())
+}
+
+/// [`load`] from one safetensors file.
+pub fn load_file(vs: &VarStore, file: &Path) -> Result<()> {
+    load_files(vs, &[file.to_path_buf()])
+}
+
+fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
     let variables = vs.variables();
     let mut loaded = BTreeSet::new();
     let mut unused = Vec::new();
-    for file in weight_files(dir)? {
-        let tensors = Tensor::read_safetensors(&file)
+    for file in files {
+        let tensors = Tensor::read_safetensors(file)
             .with_context(|| format!("{}: cannot read safetensors (corrupt or truncated?)", file.display()))?;
         for (name, tensor) in tensors {
             let Some(var) = variables.get(&name) else {
@@ -53,7 +62,7 @@ pub fn load(vs: &VarStore, dir: &Path) -> Result<()> {
     }
     let missing: Vec<&String> = variables.keys().filter(|n| !loaded.contains(*n)).collect();
     if !missing.is_empty() {
-        bail!("{}: weights lack {} tensor(s) the config needs: {}", dir.display(), missing.len(),
+        bail!("weights lack {} tensor(s) the model needs: {}", missing.len(),
             missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
     }
     if !unused.is_empty() {
@@ -64,8 +73,12 @@ pub fn load(vs: &VarStore, dir: &Path) -> Result<()> {
 
 /// Writes the variables of `vs` as `DIR/model.safetensors` (sorted by name).
 pub fn save(vs: &VarStore, dir: &Path) -> Result<()> {
+    save_file(vs, &dir.join("model.safetensors"))
+}
+
+/// Writes the variables of `vs` to one safetensors file (sorted by name).
+pub fn save_file(vs: &VarStore, path: &Path) -> Result<()> {
     let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let tensors: Vec<(&str, Tensor)> = variables.iter().map(|(n, t)| (n.as_str(), t.detach().contiguous())).collect();
-    let path = dir.join("model.safetensors");
-    Tensor::write_safetensors(&tensors, &path).with_context(|| format!("writing {}", path.display()))
+    Tensor::write_safetensors(&tensors, path).with_context(|| format!("writing {}", path.display()))
 }

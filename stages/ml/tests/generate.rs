@@ -179,7 +179,7 @@ fn stop_strings_end_and_cut_the_text() {
     assert_eq!(sample.finish_reason, FinishReason::Stop);
     assert_eq!(sample.text, ", there was a little ");
     assert!(tok.decode(&sample.token_ids).unwrap().ends_with("girl named"), "decoding stops at the token that completes the stop string");
-    // A JSON-style list with a string the text never holds changes nothing.
+    // A stop string the text never holds changes nothing.
     let never = run(&model, &tok, &prompt, &GenerateOptions { stop: vec!["\n\nUser:".into()], ..greedy(40) });
     assert_eq!(never, run(&model, &tok, &prompt, &greedy(40)));
 }

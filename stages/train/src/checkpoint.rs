@@ -7,10 +7,14 @@ use anyhow::{Context, Result};
 use haloflow_ml::model::CausalLm;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tch::nn::VarStore;
 
 use crate::metrics::Row;
 use crate::optim::AdamW;
 use crate::Args;
+
+/// The file of PPO's value head in a checkpoint.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 /// Where training stands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,7 +71,7 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 
 /// Writes a checkpoint atomically (a temporary directory renamed into place, `state.json`
 /// last) and deletes older ones.
-pub fn save(root: &Path, policy: &CausalLm, opt: &AdamW, state: &TrainState) -> Result<()> {
+pub fn save(root: &Path, policy: &CausalLm, value_head: Option<&VarStore>, opt: &AdamW, state: &TrainState) -> Result<()> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let target = root.join(format!("step-{}", state.step));
     let tmp = root.join(format!(".step-{}.tmp", state.step));
@@ -76,6 +80,9 @@ pub fn save(root: &Path, policy: &CausalLm, opt: &AdamW, state: &TrainState) -> 
     }
     std::fs::create_dir_all(&tmp)?;
     policy.save(&tmp.join("model"))?;
+    if let Some(vs) = value_head {
+        haloflow_ml::weights::save_file(vs, &tmp.join(VALUE_HEAD_FILE))?;
+    }
     opt.save(&tmp)?;
     haloflow::io::write_json(&tmp.join("state.json"), state)?;
     std::fs::rename(&tmp, &target).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;

@@ -5,16 +5,22 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{Float64Array, StringArray};
+use arrow_array::{Array, Float32Array, Float64Array, ListArray, StringArray};
 use haloflow::schema::{self, REF_FINGERPRINT};
 use haloflow_ml::fingerprint::Fingerprint;
 
-/// Reference summed log-probs of a row's two sequences (completion and KL partner, or chosen
-/// and rejected).
-pub type RefPair = [f64; 2];
+/// A row's reference log-probs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefRow {
+    /// Summed log-probs of the row's two sequences (completion and KL partner, or chosen and
+    /// rejected).
+    pub sums: [f64; 2],
+    /// Per-token log-probs of the first sequence's completion, when the cache holds them.
+    pub tokens: Option<Vec<f32>>,
+}
 
 /// Reads a `ref_logps` Parquet file and checks that it was computed from `expected`.
-pub fn load(path: &Path, expected: &Fingerprint) -> Result<HashMap<String, RefPair>> {
+pub fn load(path: &Path, expected: &Fingerprint) -> Result<HashMap<String, RefRow>> {
     let table = haloflow::io::read_parquet(path)?;
     schema::by_name(schema::REF_LOGPS)?.check_schema(&table.schema).with_context(|| path.display().to_string())?;
     let stored: Fingerprint = table
@@ -31,18 +37,23 @@ pub fn load(path: &Path, expected: &Fingerprint) -> Result<HashMap<String, RefPa
             .or_else(|| col("rejected_logp"))
             .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
             .with_context(|| format!("{}: neither kl_logp nor rejected_logp", path.display()))?;
+        let tokens = col("token_logps").and_then(|c| c.as_any().downcast_ref::<ListArray>());
         for i in 0..batch.num_rows() {
-            out.insert(ids.value(i).to_string(), [first.value(i), second.value(i)]);
+            let tokens = tokens.filter(|t| t.is_valid(i)).map(|t| {
+                let values = t.value(i);
+                values.as_any().downcast_ref::<Float32Array>().map(|v| v.values().to_vec()).unwrap_or_default()
+            });
+            out.insert(ids.value(i).to_string(), RefRow { sums: [first.value(i), second.value(i)], tokens });
         }
     }
     Ok(out)
 }
 
-/// Looks up the reference pair of every row id, naming the first missing one.
-pub fn lookup(refs: &HashMap<String, RefPair>, ids: &[&str]) -> Result<Vec<RefPair>> {
+/// Looks up the reference row of every row id, naming the first missing one.
+pub fn lookup<'a>(refs: &'a HashMap<String, RefRow>, ids: &[&str]) -> Result<Vec<&'a RefRow>> {
     ids.iter()
         .map(|id| match refs.get(*id) {
-            Some(r) => Ok(*r),
+            Some(r) => Ok(r),
             None => bail!("the reference log-prob cache has no row `{id}`: recompute it for this data"),
         })
         .collect()

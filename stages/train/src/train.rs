@@ -11,24 +11,26 @@ use haloflow::schema::plan_meta;
 use haloflow_ml::dataset::{self, DataKind, EncodedRow, ScoredRow};
 use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::fingerprint::Fingerprint;
-use haloflow_ml::logprobs::{sequence_logps, Batch, Sequence};
+use haloflow_ml::logprobs::{sequence_logps, target_logps, token_logps, Batch, Sequence};
+use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{self, Accumulator, DataNeed, Halo, KlPartners, LossInputs, LossOutput, Sums};
 use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
 use serde_json::{json, Map, Value};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Split};
 use crate::metrics::{self, Row};
 use crate::optim::{self, AdamW, AdamWConfig};
-use crate::refs::{self, RefPair};
+use crate::refs::{self, RefRow};
 use crate::{report, Args};
 
 /// Where reference log-probs come from.
 enum Reference {
     /// The refcache Parquet, by row id.
-    Cache(HashMap<String, RefPair>),
+    Cache(HashMap<String, RefRow>),
     /// A frozen second copy of the initial model.
     Live(Box<CausalLm>),
     /// The loss needs none.
@@ -50,6 +52,8 @@ struct Job<'a> {
     reference: &'a Reference,
     lambdas: Option<(f64, f64)>,
     device: Device,
+    /// PPO's critic.
+    value_head: Option<&'a ValueHead>,
 }
 
 fn loss_params(args: &Args) -> Result<Map<String, Value>> {
@@ -103,9 +107,6 @@ pub fn run(args: &Args) -> Result<()> {
     let adam = AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_eps, weight_decay: args.weight_decay };
     optim::validate(args.lr, &adam)?;
     ensure!(args.grad_accum >= 1, "grad_accum must be at least 1");
-    if args.loss == "ppo" {
-        bail!("loss `ppo` is implemented in haloflow_ml::losses but not wired into halo-train yet (it needs per-token reference log-probs and a value head in the loop)");
-    }
     let halo = losses::by_name(&args.loss, &loss_params(args)?)?;
     let (data_kind, rows, labels, batch_of, lambdas) = read_data(args, halo.as_ref())?;
     let tok = Tokenizer::from_dir(&args.model)?;
@@ -121,7 +122,14 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let reference = reference(args, halo.as_ref(), device, kind)?;
     let mut policy = CausalLm::load(&args.model, device, kind)?;
-    let params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
+    let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
+    // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
+    let value_vs = VarStore::new(device);
+    let value_head = (halo.name() == "ppo").then(|| {
+        tch::manual_seed(args.seed as i64);
+        ValueHead::new(&(value_vs.root() / "value_head"), policy.config.hidden_size as i64, VALUE_HEAD_WIDTH)
+    });
+    params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
     let mut opt = AdamW::new(params, adam);
 
@@ -130,7 +138,7 @@ pub fn run(args: &Args) -> Result<()> {
     let total = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));
     ensure!(total > 0, "no optimizer step to take (epochs = {}, max_steps = {:?})", args.epochs, args.max_steps);
 
-    let job = Job { halo: halo.as_ref(), kind: data_kind, rows: &encoded, labels: &labels, reference: &reference, lambdas, device };
+    let job = Job { halo: halo.as_ref(), kind: data_kind, rows: &encoded, labels: &labels, reference: &reference, lambdas, device, value_head: value_head.as_ref() };
     let ckpt_root = args
         .checkpoint_dir
         .clone()
@@ -140,6 +148,9 @@ pub fn run(args: &Args) -> Result<()> {
     let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
     if let Some(found) = checkpoint::latest(&ckpt_root, &run_id)? {
         haloflow_ml::weights::load(&policy.vs, &found.join("model"))?;
+        if value_head.is_some() {
+            haloflow_ml::weights::load_file(&value_vs, &found.join(checkpoint::VALUE_HEAD_FILE))?;
+        }
         opt.load(&found)?;
         state = checkpoint::read_state(&found)?;
         tracing::info!(step = state.step, checkpoint = %found.display(), "resuming");
@@ -193,7 +204,7 @@ pub fn run(args: &Args) -> Result<()> {
         state.metrics.push(row);
         state.step = step + 1;
         if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
-            checkpoint::save(&ckpt_root, &policy, &opt, &state)?;
+            checkpoint::save(&ckpt_root, &policy, value_head.is_some().then_some(&value_vs), &opt, &state)?;
         }
         haloflow::stage_cli::fault_point("after_steps", step + 1);
     }
@@ -260,9 +271,9 @@ fn reference_sums(job: &Job, members: &[usize]) -> Result<Option<(Tensor, Tensor
         Reference::Free => None,
         Reference::Cache(map) => {
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-            let pairs = refs::lookup(map, &ids)?;
-            let first: Vec<f64> = pairs.iter().map(|p| p[0]).collect();
-            let second: Vec<f64> = pairs.iter().map(|p| p[1]).collect();
+            let found = refs::lookup(map, &ids)?;
+            let first: Vec<f64> = found.iter().map(|r| r.sums[0]).collect();
+            let second: Vec<f64> = found.iter().map(|r| r.sums[1]).collect();
             Some((Tensor::from_slice(&first).to_device(job.device), Tensor::from_slice(&second).to_device(job.device)))
         }
         Reference::Live(model) => {
@@ -289,7 +300,12 @@ fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) 
             let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
             let means = (s_pol.mean(Kind::Double).double_value(&[]), f64::NAN);
             let (ref_first, ref_second) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
-            let mut inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), Tensor::from_slice(&desirable).to_device(job.device));
+            let desirable = Tensor::from_slice(&desirable).to_device(job.device);
+            if let Some(head) = job.value_head {
+                let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
+                return Ok((job.halo.loss(&inputs)?, means));
+            }
+            let mut inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable);
             if job.halo.name() == "kto" {
                 let (kl_pol, _) = logps(policy, &second, job.device, false);
                 let kl_ref = ref_second.context("KTO needs reference log-probs of the KL partners")?;
@@ -315,6 +331,42 @@ fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) 
         }
     };
     Ok((job.halo.loss(&inputs)?, means))
+}
+
+/// Width of PPO's value head.
+const VALUE_HEAD_WIDTH: i64 = 128;
+
+/// PPO's per-token inputs: policy log-probs and values from one forward pass (the value head
+/// reads the detached hidden states), reference log-probs per token from the cache (refcache
+/// with `per_token = true`) or the live reference.
+fn ppo_inputs(job: &Job, policy: &CausalLm, head: &ValueHead, rows: &[&EncodedRow], seqs: &[&Sequence], desirable: Tensor, grad: bool) -> Result<LossInputs> {
+    let batch = Batch::new(seqs, 0, job.device);
+    let run = || {
+        let (b, t) = batch.input_ids.size2().expect("(B, T) ids");
+        let positions = Tensor::arange(t, (Kind::Int64, job.device)).unsqueeze(0).expand([b, t], false);
+        let hidden = policy.net.hidden_states(&batch.input_ids, &positions, None, None);
+        let logps = target_logps(&policy.net.logits(&hidden), &batch);
+        let values = head.forward(&hidden.narrow(1, 0, t - 1).detach().to_kind(Kind::Float));
+        (logps, values)
+    };
+    let (logps, values) = if grad { run() } else { tch::no_grad(run) };
+    let reference = match job.reference {
+        Reference::Live(model) => tch::no_grad(|| token_logps(&model.net, &batch)),
+        Reference::Cache(map) => {
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            let t = batch.target_mask.size()[1] as usize;
+            let mut dense = vec![0f32; rows.len() * t];
+            for (i, (found, s)) in refs::lookup(map, &ids)?.into_iter().zip(seqs).enumerate() {
+                let tokens = found.tokens.as_ref().context("PPO needs per-token reference log-probs: run refcache with per_token = true")?;
+                ensure!(tokens.len() == s.ids.len() - s.completion_start, "row `{}`: the cache has {} per-token log-probs for {} completion tokens", ids[i], tokens.len(), s.ids.len() - s.completion_start);
+                dense[i * t + s.completion_start - 1..i * t + s.ids.len() - 1].copy_from_slice(tokens);
+            }
+            Tensor::from_slice(&dense).view([rows.len() as i64, t as i64]).to_device(job.device)
+        }
+        Reference::Free => bail!("PPO needs reference log-probs"),
+    };
+    let sums = Sums::new(logps.sum_dim_intlist([-1].as_slice(), false, Kind::Float), None, batch.target_mask.sum_dim_intlist([-1].as_slice(), false, Kind::Float));
+    Ok(LossInputs::binary(sums, desirable).with_tokens(TokenLogps { policy: logps, reference: reference.to_kind(Kind::Float), mask: batch.target_mask.shallow_clone(), values }))
 }
 
 /// Loss and reward metrics on the held-out microbatches, without gradient.

@@ -225,3 +225,38 @@ fn bad_training_input_is_refused_clearly() {
     let kept: Vec<_> = std::fs::read_dir(run.dir.join("ckpt")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(kept.iter().any(|n| n.starts_with("step-")), "last good checkpoint kept: {kept:?}");
 }
+
+#[test]
+fn ppo_trains_with_per_token_references_from_the_cache_or_live() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 4, false);
+    let refcache = Path::new(env!("CARGO_BIN_EXE_halo-train")).with_file_name("halo-refcache");
+    let ref_logps = dir.path().join("ref.parquet");
+    let status = Command::new(&refcache)
+        .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", ref_logps.to_str().unwrap()])
+        .args(["--summary", dir.path().join("ref.json").to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64"])
+        .args(["--device", "cpu", "--per-token", "true", "--scratch", dir.path().join("scratch").to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let steps = ["--loss", "ppo", "--lr", "1e-3", "--max-steps", "3", "--save-every", "1"];
+    let (a, cached) = train(dir.path(), "cache", &plan, &model, &[&steps[..], &["--ref-logps", ref_logps.to_str().unwrap()]].concat(), &[]);
+    let (b, live) = train(dir.path(), "live", &plan, &model, &[&steps[..], &["--reference", "live"]].concat(), &[]);
+    assert!(a.status.success() && b.status.success());
+    let (x, y) = (cached.metrics()["loss"][0].unwrap(), live.metrics()["loss"][0].unwrap());
+    assert!((x - y).abs() < 1e-5, "first-step PPO loss: cache {x} vs live {y}");
+    assert!(cached.metrics().contains_key("ppo/critic"));
+    // A cache without per-token values is refused for PPO.
+    let sums_only = dir.path().join("sums.parquet");
+    assert!(Command::new(&refcache)
+        .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", sums_only.to_str().unwrap()])
+        .args(["--summary", dir.path().join("s.json").to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64", "--device", "cpu"])
+        .args(["--scratch", dir.path().join("scratch2").to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    let (c, _) = train(dir.path(), "no-tokens", &plan, &model, &[&steps[..], &["--ref-logps", sums_only.to_str().unwrap()]].concat(), &[]);
+    assert!(String::from_utf8_lossy(&c.stderr).contains("per_token = true"));
+}

@@ -1,0 +1,86 @@
+//! Judge backends: what answers one judge request.
+//!
+//! A backend implements [`Backend`]; the engine (`crate::judge`) calls [`Backend::judge`] from up
+//! to [`Backend::concurrency`] threads at once, caches every answer under a key that includes
+//! [`Backend::fingerprint`], and records an `Err` as an invalid judgment that is not cached (a
+//! rerun asks again). A new backend (the in-process `local` one, say) needs a type implementing
+//! the trait and a branch in [`build`].
+
+pub mod openai;
+pub mod rule;
+
+use anyhow::Result;
+use haloflow::records::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{BackendKind, JudgeArgs};
+use crate::templates::Template;
+use crate::verdict::Shown;
+
+/// One judge request: the two outputs in the order shown, and the rendered judge prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct JudgeRequest<'a> {
+    /// The template's messages, rendered for this pair and order (empty for a backend that
+    /// does not use templates).
+    pub messages: &'a [Message],
+    /// The template (its [`crate::verdict::VerdictSpec`] reads text answers).
+    pub template: &'a Template,
+    /// The output shown first (A).
+    pub answer_a: &'a str,
+    /// The output shown second (B).
+    pub answer_b: &'a str,
+    /// The prompt's reference answer, if any.
+    pub reference: Option<&'a str>,
+}
+
+/// A judge's answer to one request: what is cached and written to the judgments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeAnswer {
+    /// The judge's raw answer (free of secrets).
+    pub raw: String,
+    /// The verdict read from it, in positions.
+    pub verdict: Shown,
+    /// Time the judge took to answer, in milliseconds (the successful attempt only).
+    pub latency_ms: f64,
+    /// Tokens of the judge prompt, if the backend reports them.
+    pub prompt_tokens: Option<i64>,
+    /// Tokens of the judge's answer, if the backend reports them.
+    pub completion_tokens: Option<i64>,
+}
+
+/// A judge.
+pub trait Backend: Sync {
+    /// Identifies the judge and every setting that changes its answers (model, sampling); part
+    /// of the cache key. Never contains secrets.
+    fn fingerprint(&self) -> String;
+
+    /// The judge model's name for the summary, if the backend has one.
+    fn model(&self) -> Option<String>;
+
+    /// How many requests may be in flight at once.
+    fn concurrency(&self) -> usize;
+
+    /// Whether the verdict can depend on the order of the outputs; a backend that cannot (a
+    /// rule) is asked once per pair, with the candidate first.
+    fn position_sensitive(&self) -> bool {
+        true
+    }
+
+    /// Whether the backend reads the rendered template; one that does not (a rule) gets no
+    /// messages, and the template is left out of its cache keys and summary.
+    fn uses_template(&self) -> bool {
+        true
+    }
+
+    /// Judges one request. `Err` means no answer was obtained (after any retries); its message
+    /// is recorded with the judgment and must not contain secrets.
+    fn judge(&self, request: &JudgeRequest) -> Result<JudgeAnswer>;
+}
+
+/// The backend chosen by the command line.
+pub fn build(args: &JudgeArgs, template: &Template) -> Result<Box<dyn Backend>> {
+    Ok(match args.backend {
+        BackendKind::Openai => Box::new(openai::OpenAi::from_args(args, template)?),
+        BackendKind::Rule => Box::new(rule::Rule::from_args(args)?),
+    })
+}

@@ -1,0 +1,165 @@
+//! Command-line arguments: the judge stage (`halo-judge --candidate ... --summary ...`, what the
+//! runner calls) and the `halo-judge compare` subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// The command-line name of a value of a [`ValueEnum`] (e.g. `openai`, `both`).
+pub fn value_name(value: &impl ValueEnum) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+const EXAMPLE: &str = r#"Example (GPT-4 as a judge, both orders, the HALOs template):
+  export OPENAI_API_KEY=...
+  halo-judge --candidate kto.arrow --baseline sft.arrow --prompts prompts.arrow \
+      --judgments judgments.arrow --summary summary.json --report report \
+      --backend openai --model gpt-4-0613 --template halos --concurrency 8
+
+Example (a local OpenAI-compatible server, e.g. vLLM or llama.cpp's llama-server):
+  halo-judge ... --base-url http://127.0.0.1:8000/v1 --model Qwen2.5-7B-Instruct --template mt-bench
+
+Example (checkable answers, no model):
+  halo-judge ... --backend rule --rule regex --answer-regex '(-?\d+(?:\.\d+)?)\s*$'
+
+Several candidates against the same baseline, side by side:
+  halo-judge compare --summary kto/summary.json --summary dpo/summary.json \
+      --name KTO --name DPO --out compare/
+
+Every pair (a candidate sample and the baseline's reply to the same prompt) is judged in both
+orders by default; orders that disagree count as a tie, an invalid order makes the pair invalid.
+Answers are cached in --cache-dir (one JSON line per answer, appended as it arrives): a rerun, or
+a run resumed after being killed, asks the judge only what it has not answered yet. Requests that
+still fail after the retries are recorded as invalid with the reason, are not cached, and fail
+the stage when more than --max-failed-fraction of the requests failed. The API key is read from
+the environment variable named by --api-key-env and never written anywhere.
+
+The summary holds wins, losses, ties and invalid pairs, the win rate (ties as half) over valid
+pairs with its 95% Wilson interval, mean lengths, and a length-controlled win rate (see the
+crate's README)."#;
+
+/// Which judge answers the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp, ...).
+    Openai,
+    /// A verifier of checkable answers against the prompts' `reference` (no model).
+    Rule,
+}
+
+/// How the outputs of a pair are ordered for the judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Order {
+    /// Judge each pair twice, candidate first and baseline first.
+    Both,
+    /// Judge each pair once, in an order drawn from --seed and the pair.
+    Random,
+}
+
+/// How the `rule` backend decides whether an output is correct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuleMode {
+    /// The whole output equals the reference (whitespace collapsed, case folded).
+    Exact,
+    /// The last match of --answer-regex in the output equals the reference's (normalized).
+    Regex,
+}
+
+/// Judge a candidate's samples against a baseline, pairwise, and report win rates.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-judge", version, after_help = EXAMPLE)]
+pub struct JudgeArgs {
+    /// Input `samples` of the model under evaluation (Arrow IPC or Parquet).
+    #[arg(long)]
+    pub candidate: PathBuf,
+    /// Input baseline: another model's `samples`, or a `paired` table whose `chosen` replies are
+    /// the baseline.
+    #[arg(long)]
+    pub baseline: PathBuf,
+    /// Optional input `prompts`: adds each prompt's `reference` and `category`.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Optional input: a template file of your own (TOML; see the crate's README), instead of
+    /// --template.
+    #[arg(long)]
+    pub template_file: Option<PathBuf>,
+    /// Output `judgments` table (Arrow IPC): one row per judge request.
+    #[arg(long)]
+    pub judgments: PathBuf,
+    /// Output summary (JSON).
+    #[arg(long)]
+    pub summary: PathBuf,
+    /// Output report directory: report.md and win_rate.svg.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Judge backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Openai)]
+    pub backend: BackendKind,
+    /// Built-in template: halos, mt-bench or alpaca-eval.
+    #[arg(long, default_value = "halos")]
+    pub template: String,
+    /// Order of the outputs shown to the judge.
+    #[arg(long, value_enum, default_value_t = Order::Both)]
+    pub order: Order,
+    /// Seed of the random order and of the judge's sampling (sent as `seed`).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Base URL of the OpenAI-compatible API (requests go to BASE_URL/chat/completions).
+    #[arg(long, default_value = "https://api.openai.com/v1")]
+    pub base_url: String,
+    /// Judge model name (required with --backend openai).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Judge sampling temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Most tokens of a judge answer (default: the template's, else 1024).
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Name of the environment variable holding the API key (unset: no Authorization header).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Timeout of one request attempt, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout_s: f64,
+    /// Retries of a request after a 429, a 5xx, a timeout or a connection error.
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: u32,
+    /// First retry delay in seconds; doubles with each retry (with jitter), unless the server
+    /// sends Retry-After.
+    #[arg(long, default_value_t = 1.0)]
+    pub backoff_s: f64,
+    /// Fail the stage (after writing its outputs) when more than this fraction of the requests
+    /// failed.
+    #[arg(long, default_value_t = 0.1)]
+    pub max_failed_fraction: f64,
+    /// Rule backend: how an output is checked against the reference.
+    #[arg(long, value_enum, default_value_t = RuleMode::Exact)]
+    pub rule: RuleMode,
+    /// Rule backend with --rule regex: the answer is this regex's last match in an output
+    /// (its first capture group, if it has one).
+    #[arg(long)]
+    pub answer_regex: Option<String>,
+    /// Directory of the response cache (created if missing). The default, relative to the
+    /// working directory, is inside the runner's default work dir when run by `halo`.
+    #[arg(long, default_value = ".halo/judge-cache")]
+    pub cache_dir: PathBuf,
+}
+
+/// `halo-judge compare`: several candidates' summaries side by side.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-judge compare", bin_name = "halo-judge compare", version)]
+pub struct CompareArgs {
+    /// A summary.json written by halo-judge; repeat for each candidate, in display order.
+    #[arg(long, required = true)]
+    pub summary: Vec<PathBuf>,
+    /// Display name of each summary, in the same order (default: its candidate's model name).
+    #[arg(long)]
+    pub name: Vec<String>,
+    /// Output directory: compare.md and win_rates.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+}

@@ -1,0 +1,33 @@
+#![warn(missing_docs)]
+//! `halo-judge`: pairwise LLM-as-a-judge evaluation of a candidate against a baseline, through
+//! an OpenAI-compatible API or a rule verifier, with win rates, intervals and a report; and
+//! `halo-judge compare` for several candidates side by side. See `halo-judge --help`.
+
+pub mod backends;
+pub mod cache;
+pub mod cli;
+pub mod compare;
+pub mod inputs;
+pub mod judge;
+pub mod report;
+pub mod stage;
+pub mod stats;
+pub mod table;
+pub mod templates;
+pub mod verdict;
+
+use clap::Parser;
+
+fn main() {
+    haloflow::stage_cli::main(|| {
+        // ureq logs whole requests, headers included, at TRACE: never let them reach the log.
+        log::set_max_level(log::max_level().min(log::LevelFilter::Debug));
+        let mut argv: Vec<String> = std::env::args().collect();
+        if argv.get(1).map(String::as_str) == Some("compare") {
+            argv.remove(1);
+            compare::run(&cli::CompareArgs::parse_from(argv))
+        } else {
+            stage::run(&cli::JudgeArgs::parse_from(argv))
+        }
+    });
+}

@@ -1,0 +1,82 @@
+//! The judge stage: read the inputs, judge every pair, write the judgments, the summary and the
+//! report, and fail when too many requests got no answer.
+
+use anyhow::{bail, Result};
+
+use crate::backends;
+use crate::cache::Cache;
+use crate::cli::{self, JudgeArgs};
+use crate::inputs;
+use crate::judge;
+use crate::report;
+use crate::stats::{self, JudgeInfo, Summary, Tally};
+use crate::table;
+use crate::templates::Template;
+
+/// Runs the stage.
+pub fn run(args: &JudgeArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.max_failed_fraction) {
+        bail!("--max-failed-fraction must be within [0, 1], found {}", args.max_failed_fraction);
+    }
+    let template = match &args.template_file {
+        Some(path) => Template::from_file(path)?,
+        None => Template::builtin(&args.template)?,
+    };
+    tracing::info!(template = %template.name, "{}", template.description);
+    let backend = backends::build(args, &template)?;
+    let inputs = inputs::load(&args.candidate, &args.baseline, args.prompts.as_deref())?;
+    let mut cache = Cache::open(&args.cache_dir)?;
+    let (judgments, run) = judge::run(&inputs.pairs, &template, backend.as_ref(), &mut cache, args.order, args.seed)?;
+    tracing::info!(
+        requests = run.requests,
+        asked = run.asked,
+        failed = run.failed,
+        seconds = %format!("{:.2}", run.seconds),
+        per_s = %format!("{:.1}", run.asked as f64 / run.seconds.max(1e-9)),
+        "judged"
+    );
+    let verdicts = judge::pair_verdicts(inputs.pairs.len(), &judgments);
+    let summary = Summary {
+        candidate: inputs.candidate_name.clone(),
+        baseline: inputs.baseline_name.clone(),
+        judge: JudgeInfo {
+            backend: cli::value_name(&args.backend),
+            model: backend.model(),
+            template: backend.uses_template().then(|| template.name.clone()),
+            order: cli::value_name(&args.order),
+            seed: args.seed,
+        },
+        overall: Tally::of(verdicts.iter().copied()),
+        length_controlled: stats::length_controlled(&inputs.pairs, &verdicts),
+        lengths: stats::lengths(&inputs.pairs),
+        judgments: stats::judgment_stats(inputs.pairs.len(), &judgments),
+        by_category: stats::by_category(&inputs.pairs, &verdicts),
+        unmatched_candidates: inputs.unmatched,
+        methods: stats::methods(),
+    };
+    table::write(&args.judgments, &inputs.pairs, &judgments, &verdicts)?;
+    haloflow::io::write_json(&args.summary, &summary)?;
+    report::write(&args.report, &summary, &inputs.pairs, &judgments)?;
+    let t = &summary.overall;
+    tracing::info!(
+        pairs = t.n,
+        wins = t.wins,
+        losses = t.losses,
+        ties = t.ties,
+        invalid = t.invalid,
+        win_rate = %report::fmt_rate(t.win_rate, t.win_rate_ci95),
+        "summary"
+    );
+    let failed = summary.judgments.failed;
+    if failed as f64 > args.max_failed_fraction * run.requests as f64 {
+        let first = judgments.iter().find_map(|j| j.outcome.as_ref().err()).map_or("", |f| f.reason.as_str());
+        bail!(
+            "{failed} of {} judge requests got no answer (more than --max-failed-fraction {}); first error: {first}. \
+             The answers received are cached in {}: a rerun asks only for the rest",
+            run.requests,
+            args.max_failed_fraction,
+            args.cache_dir.display()
+        );
+    }
+    Ok(())
+}
