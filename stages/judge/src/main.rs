@@ -1,20 +1,19 @@
-#![warn(missing_docs)]
 //! `halo-judge`: pairwise LLM-as-a-judge evaluation of a candidate against a baseline, through
 //! an OpenAI-compatible API or a rule verifier, with win rates, intervals and a report; and
 //! `halo-judge compare` for several candidates side by side. See `halo-judge --help`.
 
-pub mod backends;
-pub mod cache;
-pub mod cli;
-pub mod compare;
-pub mod inputs;
-pub mod judge;
-pub mod report;
-pub mod stage;
-pub mod stats;
-pub mod table;
-pub mod templates;
-pub mod verdict;
+mod backends;
+mod cache;
+mod cli;
+mod compare;
+mod inputs;
+mod judge;
+mod report;
+mod stage;
+mod stats;
+mod table;
+mod templates;
+mod verdict;
 
 use clap::Parser;
 
