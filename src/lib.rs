@@ -8,6 +8,7 @@
 pub mod io;
 pub mod records;
 pub mod schema;
+pub mod shared;
 pub mod stage_cli;
 pub mod stages;
 pub mod cache;

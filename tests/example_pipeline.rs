@@ -113,9 +113,9 @@ fn a_corrupted_entry_is_detected_and_rebuilt() {
 }
 
 #[test]
-fn the_ci_tiny_pipeline_trains_kto_end_to_end() {
+fn the_ci_tiny_pipeline_trains_kto_and_judges_end_to_end() {
     let Some(data) = shared_data() else { return };
-    for stage in ["halo-init", "halo-refcache", "halo-train"] {
+    for stage in ["halo-init", "halo-refcache", "halo-train", "halo-sample", "halo-judge"] {
         binary(stage);
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -130,13 +130,16 @@ fn the_ci_tiny_pipeline_trains_kto_end_to_end() {
     };
     let run_args = args(&[]);
     run_ok(&run_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    let all = ["import", "unpair", "resample", "init", "refcache", "train"];
+    let all = ["import", "unpair", "resample", "init", "refcache", "train", "import_mt", "sample_policy", "sample_init", "judge"];
     assert_eq!(stages_with(&work, "ci-tiny", Status::Ran), set(&all));
     let m = manifest(&work, "ci-tiny");
     let train = m.stage("train").unwrap();
     assert_eq!(train.outputs["metrics"].rows, Some(31), "step 0 evaluation + 30 steps");
     assert!(train.outputs["report"].path.join("report.md").is_file());
     assert!(train.outputs["policy"].path.join("model.safetensors").is_file());
+    let judge: serde_json::Value = serde_json::from_slice(&std::fs::read(&m.stage("judge").unwrap().outputs["summary"].path).unwrap()).unwrap();
+    eprintln!("judge summary: {judge}");
+    assert_eq!(judge["n"].as_u64(), Some(80), "every MT-Bench prompt judged");
     // A second run reruns nothing.
     run_ok(&run_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert_eq!(stages_with(&work, "ci-tiny", Status::Ran), set(&[]));

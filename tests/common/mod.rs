@@ -12,18 +12,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/data` beside the repository. When it is missing the test is skipped with a
-/// visible message, or fails when `HALO_REQUIRE_SHARED=1` (as in CI).
+/// `../shared/data` beside the repository (see [`haloflow::shared::path`]).
 pub fn shared_data() -> Option<PathBuf> {
-    let dir = repo_root().join("../shared/data");
-    if dir.is_dir() {
-        return Some(dir.canonicalize().unwrap());
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", dir.display());
-    }
-    eprintln!("SKIPPED: {} is missing", dir.display());
-    None
+    haloflow::shared::path("data")
 }
 
 /// Path of a binary built next to `halo` (the workspace's stage binaries).

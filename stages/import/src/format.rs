@@ -128,6 +128,7 @@ mod tests {
             (VICUNA_BENCH, Format::MtBench),
         ] {
             let Some(path) = shared_file(path) else { continue };
+            let path = path.as_path();
             assert_eq!(Format::Auto.resolve(path).unwrap(), (expected, true), "{}", path.display());
         }
     }

@@ -208,6 +208,7 @@ mod tests {
     #[test]
     fn real_helpful_base_test() {
         let Some(path) = shared_file(HH_HELPFUL) else { return };
+        let path = path.as_path();
         let skipped = check_real_file(path, 2354);
         let expected = [
             (TEXT_BEFORE_FIRST_TURN, 0),
@@ -223,6 +224,7 @@ mod tests {
     #[test]
     fn real_harmless_base_test() {
         let Some(path) = shared_file(HH_HARMLESS) else { return };
+        let path = path.as_path();
         let skipped = check_real_file(path, 2312);
         assert_eq!(nonzero(&skipped), BTreeMap::from([(NON_ALTERNATING_TURNS, 9), (EMPTY_REPLY, 4)]));
     }

@@ -148,6 +148,7 @@ mod tests {
     fn real_question_files() {
         for (path, with_reference) in [(MT_BENCH, 39), (VICUNA_BENCH, 0)] {
             let Some(path) = shared_file(path) else { continue };
+            let path = path.as_path();
             let out = import(path, None).unwrap();
             assert_eq!((out.rows_read, out.rows.len()), (80, 80), "{}", path.display());
             assert_eq!(out.skipped, BTreeMap::from([(NO_TURNS, 0), (DUPLICATE_QUESTION_ID, 0)]));

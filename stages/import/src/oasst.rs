@@ -234,6 +234,7 @@ mod tests {
     #[test]
     fn real_trees() {
         let Some(path) = shared_file(OASST) else { return };
+        let path = path.as_path();
         let out = import(path, None).unwrap();
         assert_eq!(out.rows_read, 100);
         // Observed: 732 pairs; 17 synthetic and 46 unranked replies skipped; the 5 synthetic

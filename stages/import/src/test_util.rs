@@ -2,35 +2,26 @@
 //! data files in `../shared/data` and temporary input files.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// Anthropic HH-RLHF, helpful-base test split (2,354 pairs).
+/// Anthropic HH-RLHF, helpful-base test split (2,354 pairs), relative to `../shared`.
 pub const HH_HELPFUL: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/hh-rlhf/helpful-base-test.jsonl.gz");
+    "data/hh-rlhf/helpful-base-test.jsonl.gz";
 /// Anthropic HH-RLHF, harmless-base test split.
 pub const HH_HARMLESS: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    "data/hh-rlhf/harmless-base-test.jsonl.gz";
 /// 100 Open-Assistant message trees.
-pub const OASST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/oasst/en_100_tree.jsonl");
+pub const OASST: &str = "data/oasst/en_100_tree.jsonl";
 /// The 80 MT-Bench questions.
 pub const MT_BENCH: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/prompts/mt_bench_question.jsonl");
+    "data/prompts/mt_bench_question.jsonl";
 /// The 80 Vicuna-Bench questions.
 pub const VICUNA_BENCH: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/prompts/vicuna_bench_question.jsonl");
+    "data/prompts/vicuna_bench_question.jsonl";
 
-/// The real data file at `path`, or `None` after printing `SKIPPED: <path> missing`; with
-/// `HALO_REQUIRE_SHARED=1` a missing file panics instead.
-pub fn shared_file(path: &'static str) -> Option<&'static Path> {
-    let found = Path::new(path);
-    if found.exists() {
-        return Some(found);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{path} missing (HALO_REQUIRE_SHARED=1)");
-    }
-    println!("SKIPPED: {path} missing");
-    None
+/// The real data file at `../shared/RELATIVE`, or a visible skip (see [`haloflow::shared::path`]).
+pub fn shared_file(relative: &str) -> Option<PathBuf> {
+    haloflow::shared::path(relative)
 }
 
 /// Writes `contents` to `name` in a new temporary directory (kept alive by the returned guard).

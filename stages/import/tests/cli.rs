@@ -59,6 +59,7 @@ fn help_shows_a_usage_example() {
 #[test]
 fn real_hh_rlhf_end_to_end_with_detection() {
     let Some(source) = shared_file(HH_HELPFUL) else { return };
+    let source = source.as_path();
     let out = tempfile::tempdir().unwrap();
     let summary = succeeded(&import(source, out.path(), &[]), out.path(), schema::PAIRED);
     assert_eq!(summary["format"], "hh-rlhf");
@@ -72,6 +73,7 @@ fn real_hh_rlhf_end_to_end_with_detection() {
 #[test]
 fn real_oasst_with_limit() {
     let Some(source) = shared_file(OASST) else { return };
+    let source = source.as_path();
     let out = tempfile::tempdir().unwrap();
     let summary = succeeded(
         &import(source, out.path(), &["--format", "oasst", "--limit", "5"]),
@@ -85,6 +87,7 @@ fn real_oasst_with_limit() {
 #[test]
 fn real_mt_bench_needs_kind_prompts() {
     let Some(source) = shared_file(MT_BENCH) else { return };
+    let source = source.as_path();
     let out = tempfile::tempdir().unwrap();
     failed(
         &import(source, out.path(), &[]),

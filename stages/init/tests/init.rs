@@ -7,15 +7,7 @@ use haloflow_ml::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
 fn tokenizer_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/stories260K"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", dir.display());
-    }
-    eprintln!("SKIPPED: {} missing", dir.display());
-    None
+    haloflow::shared::path("models/stories260K")
 }
 
 #[test]

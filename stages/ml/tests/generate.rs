@@ -11,18 +11,8 @@ use haloflow_ml::tokenize::Tokenizer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-/// The stories260K directory; otherwise prints `SKIPPED: <path> missing` and returns `None`, or
-/// panics when `HALO_REQUIRE_SHARED=1`.
 fn model_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/stories260K"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", dir.display());
-    }
-    println!("SKIPPED: {} missing", dir.display());
-    None
+    haloflow::shared::path("models/stories260K")
 }
 
 /// The model (f32 on the CPU) and its tokenizer.

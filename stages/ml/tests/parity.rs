@@ -11,15 +11,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 fn model_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/stories260K"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", dir.display());
-    }
-    eprintln!("SKIPPED: {} missing", dir.display());
-    None
+    haloflow::shared::path("models/stories260K")
 }
 
 fn reference() -> Value {

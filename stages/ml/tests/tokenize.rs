@@ -10,20 +10,10 @@ use haloflow_ml::tokenize::{EmptyCompletion, Encoded, Tokenizer};
 use serde_json::Value;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
-const STORIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/stories260K");
 
-/// `path` if it exists; otherwise prints `SKIPPED: <path> missing` and returns `None`, or
-/// panics when `HALO_REQUIRE_SHARED=1`.
-fn shared(path: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(path);
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", path.display());
-    }
-    println!("SKIPPED: {} missing", path.display());
-    None
+/// The stories260K model directory, or a visible skip (see [`haloflow::shared::path`]).
+fn stories() -> Option<PathBuf> {
+    haloflow::shared::path("models/stories260K")
 }
 
 fn read_json(path: &Path) -> Value {
@@ -114,7 +104,7 @@ fn as_ids(value: &Value) -> Vec<i64> {
 
 #[test]
 fn stories260k_encodes_once_upon_a_time_with_bos() {
-    let Some(stories) = shared(STORIES) else { return };
+    let Some(stories) = stories() else { return };
     let tok = Tokenizer::from_dir(&stories).unwrap();
     let ids = tok.encode_prompt(&[Message::new("user", "Once upon a time")]).unwrap();
     assert_eq!(ids, [1, 403, 407, 261, 378]);
@@ -126,7 +116,7 @@ fn stories260k_encodes_once_upon_a_time_with_bos() {
 
 #[test]
 fn stories260k_examples_match_the_python_contract() {
-    let Some(stories) = shared(STORIES) else { return };
+    let Some(stories) = stories() else { return };
     let expected = read_json(&Path::new(DATA).join("stories260k_tokenization.json"));
     let plain = Tokenizer::from_dir(&stories).unwrap();
     let templated = Tokenizer::from_dir(templated_stories(
@@ -194,7 +184,7 @@ fn stories260k_examples_match_the_python_contract() {
 
 #[test]
 fn completion_tokenized_alone_differs_from_the_joint_contract() {
-    let Some(stories) = shared(STORIES) else { return };
+    let Some(stories) = stories() else { return };
     let tok = Tokenizer::from_dir(&stories).unwrap();
     let prompt = [Message::new("user", "Once upon a time")];
     let completion = " there was a little girl.";

@@ -10,18 +10,8 @@ use haloflow::records::{messages_array, messages_at, Columns, Message};
 use haloflow::schema;
 use serde_json::Value;
 
-/// The stories260K directory; otherwise prints `SKIPPED: <path> missing` and returns `None`, or
-/// panics when `HALO_REQUIRE_SHARED=1`.
 fn model_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/stories260K"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("HALO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("{} is missing and HALO_REQUIRE_SHARED=1", dir.display());
-    }
-    println!("SKIPPED: {} missing", dir.display());
-    None
+    haloflow::shared::path("models/stories260K")
 }
 
 /// Writes a `prompts` table: (prompt_id, user message) rows, no reference or category.
