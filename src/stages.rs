@@ -96,14 +96,15 @@ pub fn builtins() -> Vec<Builtin> {
         },
         Builtin {
             name: "judge",
-            about: "pairwise judge (OpenAI-compatible API or rule) of a candidate vs a baseline: win rates, CIs, report",
+            about: "pairwise judge (OpenAI-compatible API, local LLM or rule) of a candidate vs a baseline: win rates, CIs, report",
             inputs: &[
                 ("candidate", &[schema::SAMPLES]),
                 ("baseline", &[schema::SAMPLES, schema::PAIRED]),
                 ("prompts", &[schema::PROMPTS]),
                 ("template_file", &[]),
+                ("judge_model", &[schema::DIR]),
             ],
-            optional: &["prompts", "template_file"],
+            optional: &["prompts", "template_file", "judge_model"],
             outputs: |_| Ok(out(&[("judgments", schema::JUDGMENTS), ("summary", schema::JSON), ("report", schema::DIR)])),
         },
         Builtin {

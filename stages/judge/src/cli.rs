@@ -45,6 +45,9 @@ pub enum BackendKind {
     Openai,
     /// A verifier of checkable answers against the prompts' `reference` (no model).
     Rule,
+    /// An LLM judge run in-process (haloflow's model core on `--judge-model`): the verdict is
+    /// the most probable label, from the log-probs of the template's labels.
+    Local,
 }
 
 /// How the outputs of a pair are ordered for the judge.
@@ -145,6 +148,22 @@ pub struct JudgeArgs {
     pub answer_regex: Option<String>,
     /// Directory of the response cache (created if missing). The default, relative to the
     /// working directory, is inside the runner's default work dir when run by `halo`.
+    /// Local backend: the judge model (a Hugging Face directory haloflow can load).
+    #[arg(long)]
+    pub judge_model: Option<PathBuf>,
+
+    /// Local backend: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Local backend: auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// Local backend: CPU threads for libtorch.
+    #[arg(long)]
+    pub threads: Option<i32>,
+
     #[arg(long, default_value = ".halo/judge-cache")]
     pub cache_dir: PathBuf,
 }

@@ -6,6 +6,7 @@
 //! rerun asks again). A new backend (the in-process `local` one, say) needs a type implementing
 //! the trait and a branch in [`build`].
 
+pub mod local;
 pub mod openai;
 pub mod rule;
 
@@ -82,5 +83,6 @@ pub fn build(args: &JudgeArgs, template: &Template) -> Result<Box<dyn Backend>> 
     Ok(match args.backend {
         BackendKind::Openai => Box::new(openai::OpenAi::from_args(args, template)?),
         BackendKind::Rule => Box::new(rule::Rule::from_args(args)?),
+        BackendKind::Local => Box::new(local::Local::from_args(args)?),
     })
 }
