@@ -256,3 +256,17 @@ fn datasets_readme_documents_the_current_schemas() {
     let generated = String::from_utf8(out.stdout).unwrap();
     assert!(readme.contains(generated.trim()), "datasets/README.md is out of date: paste the output of `halo schema`");
 }
+
+#[test]
+fn every_shipped_pipeline_parses() {
+    let dir = repo_root().join("pipelines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            run_ok(&["dag", path.to_str().unwrap()]);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "pipelines found: {seen}");
+}

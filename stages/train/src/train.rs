@@ -200,6 +200,9 @@ pub fn run(args: &Args) -> Result<()> {
             evaluate(&job, &policy, &split, &mut row)?;
         }
         bar.set_message(format!("loss {loss:.4}"));
+        if (step + 1) % 10 == 0 || last {
+            tracing::info!(step = step + 1, total, loss = %format!("{loss:.4}"), grad_norm = %format!("{grad_norm:.3}"), lr, "step");
+        }
         bar.inc(1);
         state.metrics.push(row);
         state.step = step + 1;
