@@ -5,22 +5,11 @@
 # (installed here if missing) and ../shared/data (the example pipeline's plan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/bootstrap.sh
-source ci/env.sh
-.venv/bin/python -c "import transformers" 2>/dev/null || .venv/bin/pip install --quiet transformers
+source ci/bench/setup.sh
 ROWS=${ROWS:-256} THREADS=${THREADS:-2} HIDDEN=${HIDDEN:-256} LAYERS=${LAYERS:-4}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 
-halo run pipelines/example.toml >/dev/null 2>&1
-plan=$(python3 -c "import json;m=json.load(open('pipelines/.halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
-python3 - "$plan" "$work/plan.arrow" "$ROWS" <<'PY'
-import sys, pyarrow as pa
-t = pa.ipc.open_file(pa.memory_map(sys.argv[1])).read_all().slice(0, int(sys.argv[3]))
-with pa.ipc.new_file(pa.OSFile(sys.argv[2], "wb"), t.schema) as w: w.write_table(t)
-PY
-halo-init --hidden "$HIDDEN" --layers "$LAYERS" --heads 8 --kv-heads 4 \
-  --tokenizer ../shared/models/stories260K --out "$work/model" 2>/dev/null
+plan_rows "$ROWS" "$work/plan.arrow"
+random_model "$HIDDEN" "$LAYERS" "$work/model"
 
 halo-refcache --data "$work/plan.arrow" --model "$work/model" --logps "$work/ref.parquet" \
   --summary "$work/halo.json" --max-prompt-length 128 --max-length 256 --threads "$THREADS" \

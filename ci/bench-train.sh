@@ -5,20 +5,10 @@
 # halo-train with the Parquet reference against a live reference model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/bootstrap.sh
-source ci/env.sh
-.venv/bin/python -c "import transformers" 2>/dev/null || .venv/bin/pip install --quiet transformers
+source ci/bench/setup.sh
 STEPS=${STEPS:-12} THREADS=${THREADS:-2} HIDDEN=${HIDDEN:-256} LAYERS=${LAYERS:-4}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-halo run pipelines/example.toml >/dev/null 2>&1
-plan=$(python3 -c "import json;m=json.load(open('pipelines/.halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
-python3 - "$plan" "$work/plan.arrow" "$((STEPS * 8 + 8))" <<'PY'
-import sys, pyarrow as pa
-t = pa.ipc.open_file(pa.memory_map(sys.argv[1])).read_all().slice(0, int(sys.argv[3]))
-with pa.ipc.new_file(pa.OSFile(sys.argv[2], "wb"), t.schema) as w: w.write_table(t)
-PY
-halo-init --hidden "$HIDDEN" --layers "$LAYERS" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$work/model" 2>/dev/null
+plan_rows "$((STEPS * 8 + 8))" "$work/plan.arrow"
+random_model "$HIDDEN" "$LAYERS" "$work/model"
 lengths=(--max-prompt-length 128 --max-length 256)
 halo-refcache --data "$work/plan.arrow" --model "$work/model" --logps "$work/ref.parquet" --summary "$work/ref.json" \
   "${lengths[@]}" --device cpu --threads "$THREADS" --scratch "$work/s" 2>/dev/null

@@ -1,0 +1,24 @@
+# Shared setup of the ML benchmarks (sourced from the repository root): bootstrap, transformers
+# for the Python peers, a work dir removed on exit, and helpers for the inputs both sides use.
+bash ci/bootstrap.sh
+source ci/env.sh
+.venv/bin/python -c "import transformers" 2>/dev/null || .venv/bin/pip install --quiet transformers
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# plan_rows N OUT: the first N rows of the example pipeline's KTO batch plan (real HH-RLHF data).
+plan_rows() {
+    halo run pipelines/example.toml >/dev/null 2>&1
+    local plan
+    plan=$(python3 -c "import json;m=json.load(open('pipelines/.halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
+    python3 - "$plan" "$2" "$1" <<'PY'
+import sys, pyarrow as pa
+t = pa.ipc.open_file(pa.memory_map(sys.argv[1])).read_all().slice(0, int(sys.argv[3]))
+with pa.ipc.new_file(pa.OSFile(sys.argv[2], "wb"), t.schema) as w: w.write_table(t)
+PY
+}
+
+# random_model HIDDEN LAYERS OUT: a random Llama (8 heads, 4 KV heads) on the stories260K tokenizer.
+random_model() {
+    halo-init --hidden "$1" --layers "$2" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$3" 2>/dev/null
+}
