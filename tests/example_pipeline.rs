@@ -146,3 +146,38 @@ fn the_ci_tiny_pipeline_trains_kto_and_judges_end_to_end() {
     let dry = text(&run(&args(&["--dry-run"]).iter().map(|s| s.as_str()).collect::<Vec<_>>()));
     assert!(dry.contains("cached     train"), "{dry}");
 }
+
+/// The GGUF of the embedded default model (fetched by ci/fetch-smollm2.sh), or a visible skip;
+/// `HALO_REQUIRE_SMOLLM2=1` (as in CI) makes its absence a failure.
+fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    let path = repo_root().join(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("HALO_REQUIRE_SMOLLM2").as_deref() == Ok("1") {
+        panic!("{} is missing: run ci/fetch-smollm2.sh", path.display());
+    }
+    eprintln!("SKIPPED: {} missing (run ci/fetch-smollm2.sh)", path.display());
+    None
+}
+
+#[test]
+fn the_quickstart_pipeline_runs_on_a_small_slice() {
+    let Some(_) = smollm2_gguf() else { return };
+    for stage in ["halo-import-gguf", "halo-refcache", "halo-train", "halo-sample", "halo-judge"] {
+        binary(stage);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let pipeline = repo_root().join("pipelines/quickstart.toml");
+    let args = ["run", pipeline.to_str().unwrap(), "--work-dir", work.to_str().unwrap(), "--set", "pairs_limit=120", "--set", "steps=2"];
+    run_ok(&args);
+    let all = ["model", "pairs", "unpair", "resample", "refcache", "train", "prompts", "sample_base", "sample_kto", "judge"];
+    assert_eq!(stages_with(&work, "quickstart", Status::Ran), set(&all));
+    let m = manifest(&work, "quickstart");
+    assert_eq!(m.stage("train").unwrap().outputs["metrics"].rows, Some(3), "step 0 evaluation + 2 steps");
+    let judge: serde_json::Value = serde_json::from_slice(&std::fs::read(&m.stage("judge").unwrap().outputs["summary"].path).unwrap()).unwrap();
+    assert_eq!(judge["n"].as_u64(), Some(40), "every held-out question judged");
+    run_ok(&args);
+    assert_eq!(stages_with(&work, "quickstart", Status::Ran), set(&[]), "a rerun is instant");
+}
