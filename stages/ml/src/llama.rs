@@ -172,13 +172,9 @@ impl Attention {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let groups = self.heads / self.kv_heads;
-        if groups > 1 {
-            k = k.repeat_interleave_self_int(groups, 1, None);
-            v = v.repeat_interleave_self_int(groups, 1, None);
-        }
+        // Grouped-query attention: SDPA pairs each query head with its key/value group itself.
         let causal = mask.is_none() && !incremental && t > 1;
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, self.heads != self.kv_heads);
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
     }
 }

@@ -112,13 +112,17 @@ impl AdamW {
                     continue;
                 }
                 let grad = grad.to_kind(Kind::Float);
-                let target = slot.master.as_ref().unwrap_or(&slot.param).shallow_clone();
-                let _ = target.shallow_clone().g_mul_scalar_(1.0 - lr * c.weight_decay);
-                let _ = slot.m.g_mul_scalar_(c.beta1).g_add_(&(&grad * (1.0 - c.beta1)));
-                let _ = slot.v.g_mul_scalar_(c.beta2).g_add_(&(&grad * &grad * (1.0 - c.beta2)));
-                let denom = (&slot.v / bias2).sqrt() + c.eps;
-                let update = (&slot.m / bias1) / denom * lr;
-                let _ = target.shallow_clone().g_sub_(&update);
+                let mut target = slot.master.as_ref().unwrap_or(&slot.param).shallow_clone();
+                if c.weight_decay != 0.0 {
+                    let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                }
+                // m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²  (fewest kernels: lerp, addcmul)
+                let _ = slot.m.lerp_(&grad, 1.0 - c.beta1);
+                let _ = slot.v.g_mul_scalar_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
+                // θ ← θ − lr·m̂/(√v̂ + ε), with m̂ = m/bias1 and v̂ = v/bias2.
+                let mut denom = slot.v.sqrt();
+                let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
+                let _ = target.addcdiv_(&(&slot.m * (-lr / bias1)), &denom);
                 if let Some(master) = &slot.master {
                     let _ = slot.param.shallow_clone().copy_(master);
                 }
