@@ -151,7 +151,7 @@ mod tests {
     use crate::verdict::Shown;
 
     fn answer(raw: &str) -> JudgeAnswer {
-        JudgeAnswer { raw: raw.into(), verdict: Shown::A, latency_ms: 1.5, prompt_tokens: Some(3), completion_tokens: None }
+        JudgeAnswer { raw: raw.into(), verdict: Shown::A, latency_ms: 1.5, prompt_tokens: Some(3), completion_tokens: None, preference_first: None }
     }
 
     fn parts<'a>(prompt: &'a [Message], a: &'a str, first: Side) -> KeyParts<'a> {

@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn pair_verdicts_combine_orders() {
-        let answer = |v| Ok(JudgeAnswer { raw: String::new(), verdict: v, latency_ms: 0.0, prompt_tokens: None, completion_tokens: None });
+        let answer = |v| Ok(JudgeAnswer { raw: String::new(), verdict: v, latency_ms: 0.0, prompt_tokens: None, completion_tokens: None, preference_first: None });
         let j = |pair, first, outcome| Judgment { pair, first, outcome };
         let failed = Err(Failed { reason: "HTTP 500".into(), latency_ms: 1.0 });
         let judgments = [

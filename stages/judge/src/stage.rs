@@ -47,6 +47,7 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
             seed: args.seed,
         },
         overall: Tally::of(verdicts.iter().copied()),
+        weighted_win_rate: stats::weighted_win_rate(&judgments),
         length_controlled: stats::length_controlled(&inputs.pairs, &verdicts),
         lengths: stats::lengths(&inputs.pairs),
         judgments: stats::judgment_stats(inputs.pairs.len(), &judgments),

@@ -17,6 +17,11 @@ pub const Z95: f64 = 1.959_963_984_540_054;
 pub const METHODS: &[(&str, &str)] = &[
     ("win_rate", "(wins + ties/2) / (wins + losses + ties): invalid pairs are left out"),
     (
+        "weighted_win_rate",
+        "local judge only: mean over answered requests of the probability the judge gives the \
+         candidate (its label's probability plus half the tie label's), over both orders",
+    ),
+    (
         "win_rate_ci95",
         "Wilson score interval at z = 1.96 with n = wins + losses + ties and p = win_rate: \
          (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)",
@@ -142,6 +147,10 @@ pub struct Summary {
     /// Counts and win rate over all pairs.
     #[serde(flatten)]
     pub overall: Tally,
+    /// AlpacaEval-style weighted win rate: the mean probability the judge gives the candidate
+    /// over answered requests; null for judges that give no probabilities.
+    #[serde(default)]
+    pub weighted_win_rate: Option<f64>,
     /// The length-controlled win rate; null when it cannot be estimated (fewer than two valid
     /// pairs, or all outcomes equal).
     pub length_controlled: Option<LengthControlled>,
@@ -300,6 +309,20 @@ pub fn by_category(pairs: &[Pair], verdicts: &[Verdict]) -> BTreeMap<String, Tal
 }
 
 /// The methods table of a summary.
+/// The mean probability the judge gives the candidate, over the requests whose answers carry
+/// one; `None` when none does.
+pub fn weighted_win_rate(judgments: &[Judgment]) -> Option<f64> {
+    let prefs: Vec<f64> = judgments
+        .iter()
+        .filter_map(|j| {
+            let p = j.outcome.as_ref().ok()?.preference_first?;
+            Some(if j.first == crate::verdict::Side::Candidate { p } else { 1.0 - p })
+        })
+        .collect();
+    (!prefs.is_empty()).then(|| prefs.iter().sum::<f64>() / prefs.len() as f64)
+}
+
+/// The methods table as a map.
 pub fn methods() -> BTreeMap<String, String> {
     METHODS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }

@@ -49,6 +49,18 @@ fn local_judge_reads_label_probabilities_in_both_orders() {
     }
     let summary = run.summary("out");
     assert_eq!(summary["n"], 2);
+    // The weighted win rate is the mean probability of the candidate's label (+ half the tie's).
+    let expected: f64 = judgments
+        .iter()
+        .map(|j| {
+            let p = |label: &str| j.raw.split_whitespace().find_map(|x| x.strip_prefix(&format!("p({label})="))).unwrap().parse::<f64>().unwrap();
+            let first = p("[[A]]") + p("[[C]]") / 2.0;
+            if j.first == "candidate" { first } else { 1.0 - first }
+        })
+        .sum::<f64>()
+        / judgments.len() as f64;
+    let weighted = summary["weighted_win_rate"].as_f64().unwrap();
+    assert!((weighted - expected).abs() < 1e-3, "weighted win rate {weighted} vs {expected}");
     // A rerun answers from the cache with identical results.
     assert_ok(&run.judge(&args, &[]));
     assert_eq!(run.summary("out"), summary);

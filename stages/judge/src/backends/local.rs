@@ -4,7 +4,8 @@
 //! is continued by each verdict label of the template (`A`/`B`/tie labels such as `[[A]]`),
 //! scored as a completion under haloflow's tokenization contract; the label probabilities are
 //! the softmax of those summed log-probs, so they sum to one over the labels (AlpacaEval-style
-//! weighted preference reads them). The verdict is the most probable label; the raw answer
+//! weighted preference: the summary's `weighted_win_rate`). The verdict is the most probable
+//! label; the raw answer
 //! records every probability, e.g. `p([[A]])=0.6214 p([[B]])=0.3786`.
 
 use std::sync::Mutex;
@@ -19,6 +20,7 @@ use tch::Device;
 
 use super::{Backend, JudgeAnswer, JudgeRequest};
 use crate::cli::JudgeArgs;
+use crate::verdict::Shown;
 
 /// The in-process judge.
 pub struct Local {
@@ -86,8 +88,18 @@ impl Backend for Local {
         let probs = softmax(&logps);
         let best = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).context("a template has labels")?;
         let raw = labels.iter().zip(&probs).map(|((label, _), p)| format!("p({label})={p:.4}")).collect::<Vec<_>>().join(" ");
+        let preference_first = labels
+            .iter()
+            .zip(&probs)
+            .map(|((_, shown), p)| match shown {
+                Shown::A => *p,
+                Shown::Tie => p / 2.0,
+                _ => 0.0,
+            })
+            .sum();
         Ok(JudgeAnswer {
             raw,
+            preference_first: Some(preference_first),
             verdict: labels[best].1,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             prompt_tokens: Some(seqs[0].completion_start as i64),

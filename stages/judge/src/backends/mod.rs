@@ -47,6 +47,10 @@ pub struct JudgeAnswer {
     pub prompt_tokens: Option<i64>,
     /// Tokens of the judge's answer, if the backend reports them.
     pub completion_tokens: Option<i64>,
+    /// The judge's probability that the output shown first is better (ties counted half), for
+    /// backends that read label probabilities (`local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference_first: Option<f64>,
 }
 
 /// A judge.

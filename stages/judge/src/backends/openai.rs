@@ -182,6 +182,7 @@ impl Backend for OpenAi {
                         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
                         prompt_tokens: completion.prompt_tokens,
                         completion_tokens: completion.completion_tokens,
+                        preference_first: None,
                     });
                 }
                 Err(failure) if failure.retryable && k < self.max_retries => {

@@ -101,6 +101,7 @@ impl Backend for Rule {
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             prompt_tokens: None,
             completion_tokens: None,
+            preference_first: None,
         })
     }
 }
