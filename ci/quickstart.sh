@@ -20,5 +20,9 @@ if "judge" in out and "train" in out:
     print(f"judge report:    {out['judge']['report']['path']}")
     print(f"held-out reward margin (desirable - undesirable): {first.get('eval/rewards/margins', float('nan')):.4f} -> {last.get('eval/rewards/margins', float('nan')):.4f}")
     print(f"win rate of the KTO model against SmolLM2-135M-Instruct: {s['win_rate']:.3f} "
-          f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}; {s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']})")
+          f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}; {s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']}; rule judge)")
+if "judge_local" in out:
+    s = json.load(open(out["judge_local"]["summary"]["path"]))
+    print(f"local judge (SmolLM2-135M itself): win rate {s['win_rate']:.3f}, weighted win rate {s['weighted_win_rate']:.3f} "
+          f"({s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']})")
 PY

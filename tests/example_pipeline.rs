@@ -176,7 +176,7 @@ fn the_quickstart_pipeline_runs_on_a_small_slice() {
     let pipeline = repo_root().join("pipelines/quickstart.toml");
     let args = ["run", pipeline.to_str().unwrap(), "--work-dir", work.to_str().unwrap(), "--set", "pairs_limit=120", "--set", "steps=2"];
     run_ok(&args);
-    let all = ["model", "pairs", "unpair", "resample", "refcache", "train", "prompts", "sample_base", "sample_kto", "judge"];
+    let all = ["model", "pairs", "unpair", "resample", "refcache", "train", "prompts", "sample_base", "sample_kto", "judge", "judge_local"];
     assert_eq!(stages_with(&work, "quickstart", Status::Ran), set(&all));
     let m = manifest(&work, "quickstart");
     assert_eq!(m.stage("train").unwrap().outputs["metrics"].rows, Some(3), "step 0 evaluation + 2 steps");
