@@ -36,6 +36,7 @@ pub fn run(args: &RunArgs) -> Result<bool> {
         return dry_run(Workspace::open(pipeline)?, &options);
     }
     let _lock = WorkLock::acquire(&pipeline.work_dir)?;
+    let lock_file = haloflow::manifest::Manifest::lock_path(&pipeline.work_dir, &pipeline.name);
     let workspace = Workspace::open(pipeline)?;
     workspace.cache.clean_temp()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -45,7 +46,7 @@ pub fn run(args: &RunArgs) -> Result<bool> {
         eprintln!("\nerror: stage `{}`: {}", failed.name, failed.reason.as_deref().unwrap_or("failed"));
     }
     let ran = manifest.stages.iter().filter(|s| s.status == Status::Ran).count();
-    println!("{ran} ran, manifest {}", haloflow::manifest::Manifest::lock_path(&args.pipeline.load()?.work_dir, &manifest.pipeline).display());
+    println!("{ran} ran, manifest {}", lock_file.display());
     Ok(manifest.ok)
 }
 

@@ -121,7 +121,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let reference = reference(args, halo.as_ref(), device, kind)?;
-    let mut policy = CausalLm::load(&args.model, device, kind)?;
+    let policy = CausalLm::load(&args.model, device, kind)?;
     let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
     let value_vs = VarStore::new(device);
@@ -213,7 +213,6 @@ pub fn run(args: &Args) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    policy.dir = args.model.clone();
     policy.save(&args.policy)?;
     metrics::write(&args.metrics, &state.metrics)?;
     report::write(&args.report, &args.loss, &state.metrics)?;
