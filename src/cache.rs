@@ -59,6 +59,13 @@ pub enum Lookup {
     Corrupt(String),
 }
 
+/// Whether `file` names a file directly inside an entry (one normal path component): an
+/// entry record naming `../x` or `/x` must not make the runner read or trust files elsewhere.
+fn is_plain_file_name(file: &str) -> bool {
+    let mut parts = Path::new(file).components();
+    matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))
+}
+
 /// The cache directory of one work dir.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -79,7 +86,7 @@ impl Cache {
 
     /// Path of output `name` of a valid entry.
     pub fn output_path(&self, entry: &Entry, name: &str) -> Option<PathBuf> {
-        entry.outputs.get(name).map(|o| self.entry_dir(&entry.key).join(&o.file))
+        entry.outputs.get(name).filter(|o| is_plain_file_name(&o.file)).map(|o| self.entry_dir(&entry.key).join(&o.file))
     }
 
     fn read_entry(&self, key: &str) -> Result<Option<Entry>> {
@@ -101,6 +108,9 @@ impl Cache {
         };
         let dir = self.entry_dir(key);
         for (name, out) in &entry.outputs {
+            if !is_plain_file_name(&out.file) {
+                return Lookup::Corrupt(format!("output `{name}`: file name \"{}\" leaves the cache entry", out.file));
+            }
             let path = dir.join(&out.file);
             let now = match hashing::stamp(&path) {
                 Ok(s) => s,

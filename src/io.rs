@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
@@ -139,11 +139,24 @@ pub fn write_parquet(
 
 /// Reads a table from an Arrow IPC or Parquet file, chosen by extension (`.parquet` or not).
 pub fn read_table(path: &Path) -> Result<Table> {
+    if is_lfs_pointer(path) {
+        bail!("{}: a Git LFS pointer, not the data: fetch the file (`git lfs pull`) and rerun", path.display());
+    }
     if path.extension().is_some_and(|e| e == "parquet") {
         read_parquet(path)
     } else {
         read_arrow(path)
     }
+}
+
+/// How a Git LFS pointer file begins (what a clone without `git lfs` holds instead of the data).
+pub const LFS_POINTER_START: &str = "version https://git-lfs.github.com/spec/";
+
+/// Whether `path` is a small file holding a Git LFS pointer.
+pub fn is_lfs_pointer(path: &Path) -> bool {
+    let mut start = [0u8; LFS_POINTER_START.len()];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut start)).is_ok()
+        && start == LFS_POINTER_START.as_bytes()
 }
 
 #[cfg(test)]
@@ -186,5 +199,14 @@ mod tests {
         });
         assert!(err.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn lfs_pointers_are_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.arrow");
+        std::fs::write(&path, format!("{LFS_POINTER_START}v1\noid sha256:0123\nsize 99\n")).unwrap();
+        let err = format!("{:#}", read_table(&path).err().expect("refused"));
+        assert!(err.contains("data.arrow") && err.contains("Git LFS pointer"), "{err}");
     }
 }

@@ -161,13 +161,26 @@ impl Pipeline {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
         let mut vars: BTreeMap<String, Value> = raw.vars.into_iter().collect();
+        let mut stage_params: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         for o in overrides {
-            let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected NAME=VALUE"))?;
-            vars.insert(k.to_string(), parse_override(v));
+            let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected NAME=VALUE or STAGE.PARAM=VALUE"))?;
+            if vars.contains_key(k) {
+                vars.insert(k.to_string(), parse_override(v));
+            } else if let Some((stage, param)) = k.split_once('.').filter(|(s, _)| raw.stages.contains_key(*s)) {
+                stage_params.entry(stage.to_string()).or_default().insert(param.to_string(), parse_override(v));
+            } else {
+                let known: Vec<&str> = vars.keys().map(String::as_str).collect();
+                let hint = closest(k, &known).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+                bail!(
+                    "--set {k}: no variable `{k}` in [vars] (variables: {}){hint} — a stage's param is set with --set STAGE.PARAM=VALUE",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                );
+            }
         }
         let name = raw.pipeline.name.unwrap_or_else(|| {
             path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
         });
+        check_name("pipeline", &name)?;
         let work_dir = dir.join(raw.pipeline.work_dir.as_deref().unwrap_or(".halo"));
         if raw.stages.is_empty() {
             bail!("no stages: add a [stages.NAME] table");
@@ -175,7 +188,8 @@ impl Pipeline {
         let names: Vec<String> = raw.stages.keys().cloned().collect();
         let mut stages = Vec::new();
         for (stage_name, value) in raw.stages {
-            let raw_stage: RawStage = serde_json::from_value(value).map_err(|e| anyhow!("stage `{stage_name}`: {e}"))?;
+            let mut raw_stage: RawStage = serde_json::from_value(value).map_err(|e| anyhow!("stage `{stage_name}`: {e}"))?;
+            raw_stage.params.extend(stage_params.remove(&stage_name).unwrap_or_default());
             stages.push(
                 resolve_stage(&stage_name, raw_stage, &vars, &dir, &names)
                     .with_context(|| format!("stage `{stage_name}`"))?,
@@ -210,6 +224,39 @@ impl Pipeline {
         }
         Ok(set)
     }
+}
+
+/// Refuses a stage, output or pipeline name that could not serve as a plain file name inside
+/// the work dir (`../x`, `a/b`, empty): such names become paths of outputs, logs and lock files.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        bail!("{what} name \"{name}\": {what} names may hold only letters, digits, `_` and `-`");
+    }
+    Ok(())
+}
+
+/// The candidate nearest to `name` by edit distance, if it is close enough to be a typo.
+fn closest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let next = (prev + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+                prev = row[j + 1];
+                row[j + 1] = next;
+            }
+        }
+        row[b.len()]
+    };
+    candidates
+        .iter()
+        .map(|c| (distance(name, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
 }
 
 fn parse_override(v: &str) -> Value {
@@ -266,9 +313,7 @@ fn resolve_stage(
     dir: &Path,
     stage_names: &[String],
 ) -> Result<Stage> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        bail!("stage names may hold only letters, digits, `_` and `-`");
-    }
+    check_name("stage", name)?;
     let params = match expand_value(Value::Object(raw.params), vars)? {
         Value::Object(m) => m,
         _ => unreachable!("an object expands to an object"),
@@ -319,11 +364,18 @@ fn resolve_stage(
             let outputs = raw
                 .outputs
                 .into_iter()
-                .map(|(n, s)| Ok((n.clone(), schema::by_name(&s).with_context(|| format!("output `{n}`"))?)))
+                .map(|(n, s)| {
+                    check_name("output", &n)?;
+                    Ok((n.clone(), schema::by_name(&s).with_context(|| format!("output `{n}`"))?))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let argv = argv.iter().map(|a| expand_vars(a, vars)).collect::<Result<Vec<_>>>()?;
             for arg in &argv {
                 check_placeholders(arg, &inputs, &outputs, &params)?;
+            }
+            let used: BTreeSet<&str> = argv.iter().flat_map(|a| placeholders(a)).filter_map(|p| p.strip_prefix("params.")).collect();
+            if let Some(unused) = params.keys().find(|k| !used.contains(k.as_str())) {
+                bail!("param `{unused}` is not passed to the command: no `{{params.{unused}}}` in `run` (remove it or pass it)");
             }
             (StageKind::Command(argv), outputs)
         }
@@ -485,6 +537,7 @@ params = { seed = "{vars.seed}", note = "s{vars.seed}" }
             (BASE.replace("{vars.seed}\"", "{vars.sed}\""), "unknown variable `sed`"),
             (format!("{BASE}\n[stages.unpair]\nuses = \"unpair\"\n"), "duplicate key"),
             (BASE.replace("inputs = { source", "inputz = { source"), "unknown field `inputz`"),
+            (format!("[pipeline]\nname = \"../../escaped\"\n{BASE}"), "pipeline name \"../../escaped\""),
         ];
         for (text, expected) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());
@@ -517,5 +570,40 @@ outputs = { o = "json" }
 "#;
         let err = format!("{:#}", parse(text).unwrap_err());
         assert!(err.contains("{in.missing}"), "{err}");
+    }
+
+    #[test]
+    fn output_names_cannot_leave_the_work_dir() {
+        let text = r#"
+[stages.a]
+run = ["x", "{out.o}"]
+outputs = { "../../escaped" = "json" }
+"#;
+        let err = format!("{:#}", parse(text).unwrap_err());
+        assert!(err.contains("output name \"../../escaped\""), "{err}");
+    }
+
+    #[test]
+    fn set_names_a_var_or_a_stage_param_and_nothing_else() {
+        let path = Path::new("/tmp/p/pipe.toml");
+        let p = Pipeline::parse(BASE, path, &["resample.seed=-5".into(), "resample.regex=-?\\d+".into()]).unwrap();
+        assert_eq!(p.stage("resample").unwrap().params["seed"], serde_json::json!(-5));
+        assert_eq!(p.stage("resample").unwrap().params["regex"], serde_json::json!("-?\\d+"));
+        let err = format!("{:#}", Pipeline::parse(BASE, path, &["sed=4".into()]).unwrap_err());
+        assert!(err.contains("no variable `sed`") && err.contains("did you mean `seed`"), "{err}");
+        let err = format!("{:#}", Pipeline::parse(BASE, path, &["nosuch.seed=4".into()]).unwrap_err());
+        assert!(err.contains("no variable `nosuch.seed`"), "{err}");
+    }
+
+    #[test]
+    fn command_params_must_be_used() {
+        let text = r#"
+[stages.a]
+run = ["x", "{out.o}", "{params.used}"]
+outputs = { o = "json" }
+params = { used = 1, forgotten = 2 }
+"#;
+        let err = format!("{:#}", parse(text).unwrap_err());
+        assert!(err.contains("param `forgotten`"), "{err}");
     }
 }

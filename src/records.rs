@@ -238,6 +238,20 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The roles a message may have (`tool` for tool results, as chat templates know them).
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Refuses a prompt that holds no text or a message whose role no chat template knows.
+fn check_prompt(prompt: &[Message]) -> Result<()> {
+    if prompt.iter().all(|m| m.content.trim().is_empty()) {
+        bail!("field `prompt`: empty (no message with text)");
+    }
+    if let Some((i, m)) = prompt.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
+        bail!("field `prompt`: message {i}: unknown role `{}` (roles: {})", m.role, ROLES.join(", "));
+    }
+    Ok(())
+}
+
 /// Decodes row `i` of a messages column.
 pub fn messages_at(list: &ListArray, i: usize) -> Result<Vec<Message>> {
     let value = list.value(i);
@@ -289,29 +303,55 @@ fn read_rows<T>(
     Ok(out)
 }
 
-/// Reads a `paired` table (Arrow IPC or Parquet).
+/// Refuses a table in which two rows share an id: every stage that keys rows by id (labels,
+/// reference log-probs, KL partners) would silently mix them up. Names the file, the id and
+/// both rows.
+pub fn check_unique_ids<'a>(path: &Path, field: &str, ids: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (row, id) in ids.enumerate() {
+        if let Some(first) = seen.insert(id, row) {
+            bail!(
+                "{}: rows {first} and {row}: field `{field}`: duplicate id \"{id}\" (ids must be unique; \
+                 two imports of the same format concatenated? give each source its own ids)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `paired` table (Arrow IPC or Parquet); pair ids must be unique.
 pub fn read_paired(path: &Path) -> Result<Vec<PairedRow>> {
-    read_rows(path, schema::PAIRED, |c, i, row| {
+    let rows = read_rows(path, schema::PAIRED, |c, i, row| {
         let prompt_id = c.str("prompt_id")?.value(i).to_string();
         Ok(PairedRow {
             pair_id: opt_string(c.opt_str("pair_id")?, i)
                 .unwrap_or_else(|| format!("{prompt_id}#{row}")),
             prompt_id,
-            prompt: messages_at(c.messages("prompt")?, i)?,
+            prompt: prompt_at(c, i)?,
             chosen: c.str("chosen")?.value(i).to_string(),
             rejected: c.str("rejected")?.value(i).to_string(),
             score_chosen: opt_f64(c.opt_f64("score_chosen")?, i),
             score_rejected: opt_f64(c.opt_f64("score_rejected")?, i),
             source: opt_string(c.opt_str("source")?, i),
         })
-    })
+    })?;
+    check_unique_ids(path, "pair_id", rows.iter().map(|r| r.pair_id.as_str()))?;
+    Ok(rows)
+}
+
+/// Row `i`'s prompt, checked.
+fn prompt_at(c: &Columns, i: usize) -> Result<Vec<Message>> {
+    let prompt = messages_at(c.messages("prompt")?, i)?;
+    check_prompt(&prompt)?;
+    Ok(prompt)
 }
 
 fn binary_row(c: &Columns, i: usize) -> Result<BinaryRow> {
     Ok(BinaryRow {
         example_id: c.str("example_id")?.value(i).to_string(),
         prompt_id: c.str("prompt_id")?.value(i).to_string(),
-        prompt: messages_at(c.messages("prompt")?, i)?,
+        prompt: prompt_at(c, i)?,
         completion: c.str("completion")?.value(i).to_string(),
         label: c.bool("label")?.value(i),
         weight: c.f64("weight")?.value(i),
@@ -319,21 +359,25 @@ fn binary_row(c: &Columns, i: usize) -> Result<BinaryRow> {
     })
 }
 
-/// Reads a `binary` table (Arrow IPC or Parquet).
+/// Reads a `binary` table (Arrow IPC or Parquet); example ids must be unique.
 pub fn read_binary(path: &Path) -> Result<Vec<BinaryRow>> {
-    read_rows(path, schema::BINARY, |c, i, _| binary_row(c, i))
+    let rows = read_rows(path, schema::BINARY, |c, i, _| binary_row(c, i))?;
+    check_unique_ids(path, "example_id", rows.iter().map(|r| r.example_id.as_str()))?;
+    Ok(rows)
 }
 
-/// Reads a `plan` table (Arrow IPC or Parquet).
+/// Reads a `plan` table (Arrow IPC or Parquet); example ids must be unique.
 pub fn read_plan(path: &Path) -> Result<Vec<PlanRow>> {
-    read_rows(path, schema::PLAN, |c, i, _| {
+    let rows = read_rows(path, schema::PLAN, |c, i, _| {
         Ok(PlanRow {
             example: binary_row(c, i)?,
             batch: c.i64("batch")?.value(i),
             kl_example_id: c.str("kl_example_id")?.value(i).to_string(),
             kl_completion: c.str("kl_completion")?.value(i).to_string(),
         })
-    })
+    })?;
+    check_unique_ids(path, "example_id", rows.iter().map(|r| r.example.example_id.as_str()))?;
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -385,6 +429,72 @@ mod tests {
         crate::io::write_arrow(&path, &batch.schema(), &[batch], HashMap::new()).unwrap();
         let err = format!("{:#}", read_binary(&path).unwrap_err());
         assert!(err.contains("b.arrow") && err.contains("row 2") && err.contains("weight"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused_naming_file_rows_and_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.arrow");
+        let mut rows: Vec<_> = (0..4).map(pair).collect();
+        rows[3].pair_id = "p1".into();
+        let batch = paired_batch(&rows).unwrap();
+        crate::io::write_arrow(&path, &batch.schema(), &[batch], HashMap::new()).unwrap();
+        let err = format!("{:#}", read_paired(&path).unwrap_err());
+        assert!(err.contains("p.arrow") && err.contains("rows 1 and 3") && err.contains("\"p1\"") && err.contains("pair_id"), "{err}");
+
+        let binary: Vec<BinaryRow> = ["e0", "e1", "e0"]
+            .iter()
+            .map(|id| BinaryRow {
+                example_id: id.to_string(),
+                prompt_id: "p".into(),
+                prompt: vec![Message::new("user", "hi")],
+                completion: "c".into(),
+                label: true,
+                weight: 1.0,
+                source: None,
+            })
+            .collect();
+        let path = dir.path().join("b.arrow");
+        let batch = binary_batch(&binary).unwrap();
+        crate::io::write_arrow(&path, &batch.schema(), &[batch], HashMap::new()).unwrap();
+        let err = format!("{:#}", read_binary(&path).unwrap_err());
+        assert!(err.contains("b.arrow") && err.contains("rows 0 and 2") && err.contains("\"e0\"") && err.contains("example_id"), "{err}");
+    }
+
+    #[test]
+    fn empty_prompts_unknown_roles_and_nonpositive_weights_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, rows: &[PairedRow]| {
+            let path = dir.path().join(name);
+            let batch = paired_batch(rows).unwrap();
+            crate::io::write_arrow(&path, &batch.schema(), &[batch], HashMap::new()).unwrap();
+            path
+        };
+        let mut rows: Vec<_> = (0..3).map(pair).collect();
+        rows[1].prompt = vec![Message::new("user", "  ")];
+        let err = format!("{:#}", read_paired(&write("empty.arrow", &rows)).unwrap_err());
+        assert!(err.contains("empty.arrow") && err.contains("row 1") && err.contains("`prompt`: empty"), "{err}");
+        let mut rows: Vec<_> = (0..3).map(pair).collect();
+        rows[2].prompt = vec![Message::new("system", "s"), Message::new("human", "hi")];
+        let err = format!("{:#}", read_paired(&write("role.arrow", &rows)).unwrap_err());
+        assert!(err.contains("row 2") && err.contains("message 1: unknown role `human`"), "{err}");
+
+        for weight in [0.0, -1.0] {
+            let rows = vec![BinaryRow {
+                example_id: "e".into(),
+                prompt_id: "p".into(),
+                prompt: vec![Message::new("user", "hi")],
+                completion: "c".into(),
+                label: true,
+                weight,
+                source: None,
+            }];
+            let path = dir.path().join("w.arrow");
+            let batch = binary_batch(&rows).unwrap();
+            crate::io::write_arrow(&path, &batch.schema(), &[batch], HashMap::new()).unwrap();
+            let err = format!("{:#}", read_binary(&path).unwrap_err());
+            assert!(err.contains("row 0") && err.contains("`weight`") && err.contains("positive"), "{err}");
+        }
     }
 
     #[test]

@@ -489,7 +489,8 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
         let mut child = command.spawn().with_context(|| format!("stage `{}`: cannot start `{}`", stage.name, argv[0]))?;
         let status = child.wait().await?;
         if !status.success() {
-            bail!("stage `{}` failed ({}); last lines of its output:\n{}", stage.name, describe_exit(&status), tail(&log_path, 20));
+            let disk = low_disk_note(&ws.pipeline.work_dir);
+            bail!("stage `{}` failed ({}){disk}; last lines of its output:\n{}", stage.name, describe_exit(&status), tail(&log_path, 20));
         }
         let (ctx2, stage_name, temp2) = (ctx.clone(), stage.name.clone(), temp.clone());
         let key = key.to_string();
@@ -547,6 +548,26 @@ fn describe_exit(status: &std::process::ExitStatus) -> String {
         (None, Some(9)) => "killed by signal 9 (SIGKILL)".into(),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => status.to_string(),
+    }
+}
+
+/// Free bytes below which a failed stage's message points at the disk.
+const LOW_DISK_BYTES: u64 = 64 << 20;
+
+/// `" (the work dir's file system has N bytes free: full?)"` when little space is left on the
+/// file system of `dir`, else nothing: a stage that fails on a full disk often cannot even write
+/// its error to its log.
+fn low_disk_note(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return String::new() };
+    // SAFETY: statvfs writes only into the zeroed struct we pass; the path is NUL-terminated.
+    let free = unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut stat) == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+    };
+    match free {
+        Some(bytes) if bytes < LOW_DISK_BYTES => format!(" (the work dir's file system has {bytes} bytes free: is the disk full?)"),
+        _ => String::new(),
     }
 }
 

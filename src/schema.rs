@@ -144,7 +144,7 @@ fn binary_columns() -> Vec<Column> {
         req("prompt", messages_type(), "chat messages before the completion"),
         req("completion", DataType::Utf8, "the assistant's reply being judged"),
         req("label", DataType::Boolean, "true = desirable, false = undesirable"),
-        req("weight", DataType::Float64, "finite per-example weight (1.0 by default)"),
+        req("weight", DataType::Float64, "finite, positive per-example weight (1.0 by default)"),
         opt("source", DataType::Utf8, "where the example came from"),
     ]
 }
@@ -308,7 +308,8 @@ impl SchemaDef {
         Ok(())
     }
 
-    /// Checks the data of one batch: required columns hold no nulls, `weight` is finite.
+    /// Checks the data of one batch: required columns hold no nulls, `weight` is finite and
+    /// positive.
     /// `row_offset` is the index of the batch's first row in the file, for messages.
     pub fn check_batch(&self, batch: &RecordBatch, row_offset: usize) -> Result<()> {
         for col in self.columns.iter().filter(|c| c.required) {
@@ -320,8 +321,8 @@ impl SchemaDef {
         }
         if let Some(weights) = batch.column_by_name("weight") {
             if let Some(w) = weights.as_any().downcast_ref::<arrow_array::Float64Array>() {
-                if let Some(i) = (0..w.len()).find(|&i| w.is_valid(i) && !w.value(i).is_finite()) {
-                    bail!("row {}: field `weight` is {} (must be finite)", row_offset + i, w.value(i));
+                if let Some(i) = (0..w.len()).find(|&i| w.is_valid(i) && !(w.value(i).is_finite() && w.value(i) > 0.0)) {
+                    bail!("row {}: field `weight` is {} (must be finite and positive)", row_offset + i, w.value(i));
                 }
             }
         }

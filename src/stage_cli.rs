@@ -5,9 +5,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// Runs a stage's `main`: sets up `tracing` on stderr (`RUST_LOG`, default `info`), runs `body`,
 /// and on error prints the whole error chain and exits with status 1.
 pub fn main(body: impl FnOnce() -> anyhow::Result<()>) {
+    restore_sigpipe();
     init_logging(false);
     if let Err(err) = body() {
-        eprintln!("error: {err:#}");
+        // Not eprintln!: on a full disk the log cannot take the message, and a panic would turn
+        // exit status 1 into 101.
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("error: {err:#}\n"));
         std::process::exit(1);
     }
 }
@@ -19,9 +22,19 @@ pub fn init_logging(verbose: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+/// Makes a closed stdout end the process quietly, as for any Unix tool (`halo status | head -1`),
+/// instead of Rust's default of ignoring SIGPIPE and panicking on the failed write.
+pub fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to its default has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// A progress bar over `len` items on stderr, hidden when stderr is not a terminal.

@@ -127,18 +127,20 @@ pub fn builtin(name: &str) -> Result<Builtin> {
     }
 }
 
-/// Renders params as CLI arguments: `--key value` (underscores in keys become hyphens).
-/// Strings are passed raw, other values as JSON (numbers, `true`/`false`, arrays).
+/// Renders params as CLI arguments: `--key=value` (underscores in keys become hyphens; one
+/// argument, so a value starting with `-`, such as `-0.5` or the regex `-?\d+`, is never taken
+/// for a flag). Strings are passed raw, other values as JSON (numbers, `true`/`false`, arrays).
 pub fn param_args(params: &Params) -> Vec<String> {
-    let mut args = Vec::new();
-    for (key, value) in params {
-        args.push(format!("--{}", key.replace('_', "-")));
-        args.push(match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        });
-    }
-    args
+    params
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            format!("--{}={value}", key.replace('_', "-"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,7 +150,18 @@ mod tests {
     #[test]
     fn params_become_flags() {
         let params: Params = serde_json::from_str(r#"{"drop_conflicts": true, "seed": 3, "name": "x y"}"#).unwrap();
-        assert_eq!(param_args(&params), ["--drop-conflicts", "true", "--seed", "3", "--name", "x y"]);
+        assert_eq!(param_args(&params), ["--drop-conflicts=true", "--seed=3", "--name=x y"]);
+    }
+
+    #[test]
+    fn values_starting_with_a_hyphen_reach_the_stage_intact() {
+        let params: Params = serde_json::from_str(r#"{"pattern": "-?\\d+", "offset": -0.5}"#).unwrap();
+        let cli = clap::Command::new("stage")
+            .arg(clap::Arg::new("pattern").long("pattern"))
+            .arg(clap::Arg::new("offset").long("offset").value_parser(clap::value_parser!(f64)));
+        let matches = cli.try_get_matches_from(std::iter::once("stage".to_string()).chain(param_args(&params))).unwrap();
+        assert_eq!(matches.get_one::<String>("pattern").unwrap(), "-?\\d+");
+        assert_eq!(*matches.get_one::<f64>("offset").unwrap(), -0.5);
     }
 
     #[test]

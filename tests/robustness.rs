@@ -223,6 +223,8 @@ fn bad_pipelines_are_refused_clearly() {
         ("[stages.a]\nuses = \"unpair\"\ninputs = { pairs = \"x\" }\n[stages.a]\nuses = \"unpair\"\n", "duplicate key"),
         ("[stages.a]\nrun = [\"x\", \"{out.o}\"]\noutputs = { o = \"pairz\" }\n", "unknown schema `pairz`"),
         ("[stages.a]\nuses = \"unpair\"\ninputs = { pairs = \"missing.arrow\" }\n", "missing.arrow: not found"),
+        ("[stages.a]\nrun = [\"x\", \"{out.o}\"]\noutputs = { \"../../escaped\" = \"json\" }\n", "output name \"../../escaped\""),
+        ("[pipeline]\nname = \"../up\"\n[stages.a]\nrun = [\"x\", \"{out.o}\"]\noutputs = { o = \"json\" }\n", "pipeline name \"../up\""),
     ];
     for (i, (pipeline, expected)) in cases.iter().enumerate() {
         let path = tmp.path().join(format!("bad{i}.toml"));
@@ -269,4 +271,83 @@ fn every_shipped_pipeline_parses() {
         }
     }
     assert!(seen >= 5, "pipelines found: {seen}");
+}
+
+/// Concatenates two `binary` tables (a user's data stage that merges two imports).
+const CONCAT: &str = r#"import sys, pyarrow as pa, pyarrow.ipc as ipc
+tables = [ipc.open_file(p).read_all() for p in sys.argv[1:3]]
+table = pa.concat_tables(tables)
+with ipc.new_file(sys.argv[3], table.schema) as w:
+    w.write_table(table)
+"#;
+
+#[test]
+fn duplicate_example_ids_are_refused_naming_id_rows_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = "{\"prompt\": \"q1\", \"completion\": \"a\", \"label\": true}\n{\"prompt\": \"q2\", \"completion\": \"b\", \"label\": false}\n";
+    std::fs::write(tmp.path().join("one.jsonl"), rows).unwrap();
+    std::fs::write(tmp.path().join("two.jsonl"), rows.replace("q1", "q3")).unwrap();
+    let pipeline = |second: &str| {
+        format!(
+            r#"
+[stages.a]
+uses = "import"
+inputs = {{ source = "one.jsonl" }}
+params = {{ format = "trl", kind = "binary" }}
+[stages.b]
+uses = "import"
+inputs = {{ source = "{second}" }}
+params = {{ format = "trl", kind = "binary" }}
+[stages.both]
+run = ["python3", "concat.py", "{{in.a}}", "{{in.b}}", "{{out.rows}}"]
+inputs = {{ a = "a.data", b = "b.data" }}
+outputs = {{ rows = "binary" }}
+[stages.resample]
+uses = "resample"
+inputs = {{ data = "both.rows" }}
+params = {{ microbatch_size = 2 }}
+"#
+        )
+    };
+    let work = tmp.path().join("work");
+    let w = work.to_str().unwrap();
+    // Two different files: ids are unique per source file, so their union is fine.
+    let p = write(tmp.path(), &pipeline("two.jsonl"), &[("concat.py", CONCAT)]);
+    run_ok(&["run", &p, "--work-dir", w]);
+    // The same file twice: the same ids twice, refused by the first stage that keys rows by id.
+    let p = write(tmp.path(), &pipeline("one.jsonl"), &[("concat.py", CONCAT)]);
+    let out = run(&["run", &p, "--work-dir", w]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(msg.contains("rows 0 and 2") && msg.contains("field `example_id`: duplicate id \"trl-") && msg.contains("rows.arrow"), "{msg}");
+}
+
+/// Unmounts a test file system when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_stage_on_a_full_disk_fails_with_status_1_and_says_so() {
+    let Some(data) = shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&work).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: a full disk is simulated with a 256 KiB tmpfs, which needs root (mount)");
+        return;
+    }
+    let _guard = Mounted(work.clone());
+    let source = data.join("hh-rlhf/helpful-base-test.jsonl.gz");
+    let pipeline = format!("[stages.imp]\nuses = \"import\"\ninputs = {{ source = \"{}\" }}\nparams = {{ format = \"hh-rlhf\" }}\n", source.display());
+    let p = write(tmp.path(), &pipeline, &[]);
+    let out = run(&["run", &p, "--work-dir", work.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(msg.contains("exit status 1") && msg.contains("is the disk full?"), "{msg}");
 }

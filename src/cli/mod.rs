@@ -27,6 +27,10 @@ struct Cli {
     /// Log more (debug level); RUST_LOG overrides.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// Where the built-in stages' binaries (halo-NAME) are looked for first; then the directory
+    /// of `halo` itself, then PATH.
+    #[arg(long, global = true, env = "HALO_BIN_DIR", value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,7 +77,12 @@ impl PipelineArgs {
 
 /// Parses arguments, runs the subcommand and maps errors to exit status 1 (2 for usage).
 pub fn main() -> ExitCode {
+    haloflow::stage_cli::restore_sigpipe();
     let cli = Cli::parse();
+    if let Some(dir) = &cli.bin_dir {
+        // The runner reads HALO_BIN_DIR; set before any thread starts.
+        std::env::set_var("HALO_BIN_DIR", dir);
+    }
     haloflow::stage_cli::init_logging(cli.verbose);
     let result = match &cli.command {
         Command::Run(args) => run::run(args),

@@ -10,7 +10,7 @@ use anyhow::Result;
 use haloflow::records::{prompt_id, Message, PairedRow};
 
 use crate::format::Format;
-use crate::output::{Collected, EMPTY_REPLY, IDENTICAL_REPLIES};
+use crate::output::{Collected, EMPTY_PROMPT, EMPTY_REPLY, IDENTICAL_REPLIES};
 
 /// Skip reason: the transcript has text before its first `Human:` turn.
 pub const TEXT_BEFORE_FIRST_TURN: &str = "text_before_first_turn";
@@ -33,6 +33,7 @@ pub fn import(path: &Path, limit: Option<usize>) -> Result<Collected<PairedRow>>
         NON_ALTERNATING_TURNS,
         NO_FINAL_ASSISTANT_TURN,
         PROMPT_MISMATCH,
+        EMPTY_PROMPT,
         EMPTY_REPLY,
         IDENTICAL_REPLIES,
     ];
@@ -53,7 +54,7 @@ pub fn import(path: &Path, limit: Option<usize>) -> Result<Collected<PairedRow>>
         }
         out.push_pair(PairedRow {
             prompt_id: prompt_id(&prompt),
-            pair_id: format!("{source}-{}", record.loc.line),
+            pair_id: record.loc.id(source),
             prompt,
             chosen,
             rejected,
@@ -155,7 +156,7 @@ mod tests {
         let row = &out.rows[0];
         assert_eq!(
             (row.pair_id.as_str(), row.chosen.as_str(), row.rejected.as_str()),
-            ("hh-rlhf-1", "good", "bad")
+            (format!("hh-rlhf-{}-1", &haloflow::hashing::hash_path(&path).unwrap()[..8]).as_str(), "good", "bad")
         );
         assert_eq!(row.prompt_id, prompt_id(&[user("q")]));
         assert_eq!(
@@ -215,6 +216,7 @@ mod tests {
             (NON_ALTERNATING_TURNS, 15),
             (NO_FINAL_ASSISTANT_TURN, 0),
             (PROMPT_MISMATCH, 0),
+            (EMPTY_PROMPT, 0),
             (EMPTY_REPLY, 4),
             (IDENTICAL_REPLIES, 2),
         ];

@@ -15,6 +15,13 @@ use crate::source::{self, Record};
 
 /// Skip reason: a pair whose chosen or rejected reply (or a completion) is empty.
 pub const EMPTY_REPLY: &str = "empty_reply";
+/// Skip reason of every adapter: the prompt holds no text (readers downstream refuse such rows).
+pub const EMPTY_PROMPT: &str = "empty_prompt";
+
+/// Whether a prompt holds no text.
+pub fn is_empty_prompt(prompt: &[haloflow::records::Message]) -> bool {
+    prompt.iter().all(|m| m.content.trim().is_empty())
+}
 /// Skip reason: a pair whose chosen and rejected replies are the same text.
 pub const IDENTICAL_REPLIES: &str = "identical_replies";
 
@@ -81,11 +88,13 @@ impl<T> Collected<T> {
 }
 
 impl Collected<PairedRow> {
-    /// Keeps a pair unless a reply is empty ([`EMPTY_REPLY`]) or both replies are the same
+    /// Keeps a pair unless its prompt ([`EMPTY_PROMPT`]) or a reply is empty ([`EMPTY_REPLY`]) or both replies are the same
     /// ([`IDENTICAL_REPLIES`]): such a pair teaches nothing, and unpaired it would label one
     /// text both desirable and undesirable.
     pub fn push_pair(&mut self, row: PairedRow) {
-        if row.chosen.trim().is_empty() || row.rejected.trim().is_empty() {
+        if is_empty_prompt(&row.prompt) {
+            self.skip(EMPTY_PROMPT);
+        } else if row.chosen.trim().is_empty() || row.rejected.trim().is_empty() {
             self.skip(EMPTY_REPLY);
         } else if row.chosen == row.rejected {
             self.skip(IDENTICAL_REPLIES);

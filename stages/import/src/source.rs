@@ -29,8 +29,18 @@ const PARQUET_MAGIC: &[u8] = b"PAR1";
 pub struct Loc {
     /// The file as given on the command line.
     pub file: Rc<str>,
+    /// The first 8 hex digits of the file's content hash: tells records of two source files apart.
+    pub tag: Rc<str>,
     /// 1-based line (JSONL) or row (Parquet) number.
     pub line: usize,
+}
+
+impl Loc {
+    /// The id of this record's row: `FORMAT-TAG-LINE`, unique across source files (ids made from
+    /// the line alone repeated when two imports of one format were concatenated).
+    pub fn id(&self, format: &str) -> String {
+        format!("{format}-{}-{}", self.tag, self.line)
+    }
 }
 
 impl fmt::Display for Loc {
@@ -63,9 +73,10 @@ pub type Records = Box<dyn Iterator<Item = Result<Record>>>;
 /// the bytes read from JSONL files.
 pub fn records(path: &Path, fields: &[&str]) -> Result<Records> {
     let name: Rc<str> = path.display().to_string().into();
+    let tag: Rc<str> = haloflow::hashing::hash_path(path)?[..8].into();
     let mut file = File::open(path).with_context(|| format!("opening {name}"))?;
     if is_parquet(path, &mut file).with_context(|| format!("reading {name}"))? {
-        return parquet_rows(file, name, fields);
+        return parquet_rows(file, name, tag, fields);
     }
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = haloflow::stage_cli::progress(len, "reading").with_finish(indicatif::ProgressFinish::AndClear);
@@ -76,7 +87,7 @@ pub fn records(path: &Path, fields: &[&str]) -> Result<Records> {
     } else {
         Box::new(reader)
     };
-    Ok(Box::new(JsonLines { file: name, lines: reader.lines(), line: 0 }))
+    Ok(Box::new(JsonLines { file: name, tag, lines: reader.lines(), line: 0 }))
 }
 
 /// Whether `file` is Parquet: by the extension of `path`, else by its first four bytes.
@@ -93,6 +104,7 @@ fn is_parquet(path: &Path, file: &mut File) -> Result<bool> {
 
 struct JsonLines {
     file: Rc<str>,
+    tag: Rc<str>,
     lines: std::io::Lines<Box<dyn BufRead>>,
     line: usize,
 }
@@ -104,7 +116,7 @@ impl Iterator for JsonLines {
         loop {
             let text = self.lines.next()?;
             self.line += 1;
-            let loc = Loc { file: self.file.clone(), line: self.line };
+            let loc = Loc { file: self.file.clone(), tag: self.tag.clone(), line: self.line };
             let text = match text {
                 Ok(text) => text,
                 Err(err) => return Some(Err(anyhow!(err).context(format!("{loc}: reading")))),
@@ -118,9 +130,13 @@ impl Iterator for JsonLines {
     }
 }
 
-/// Parses one JSON line; the error gives the column and a hint for Python's `NaN`/`Infinity`.
+/// Parses one JSON line; the error gives the column (in characters) and a hint for Python's
+/// `NaN`/`Infinity`, or says that the file is a Git LFS pointer rather than the data.
 fn parse_line(text: &str, loc: &Loc) -> Result<Value> {
     serde_json::from_str(text).map_err(|err| {
+        if loc.line == 1 && text.starts_with(haloflow::io::LFS_POINTER_START) {
+            return anyhow!("{}: a Git LFS pointer, not the data: fetch the file (`git lfs pull`) and rerun", loc.file);
+        }
         let message = err.to_string();
         let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
         let hint = if ["NaN", "Infinity"].iter().any(|t| text.contains(t)) {
@@ -128,21 +144,25 @@ fn parse_line(text: &str, loc: &Loc) -> Result<Value> {
         } else {
             ""
         };
-        anyhow!("{loc}: malformed JSON at column {}: {message}{hint}", err.column())
+        // serde_json counts bytes; people count characters.
+        let bytes = err.column().saturating_sub(1).min(text.len());
+        let column = text.char_indices().take_while(|(i, _)| *i < bytes).count() + 1;
+        anyhow!("{loc}: malformed JSON at column {column}: {message}{hint}")
     })
 }
 
-fn parquet_rows(file: File, name: Rc<str>, fields: &[&str]) -> Result<Records> {
+fn parquet_rows(file: File, name: Rc<str>, tag: Rc<str>, fields: &[&str]) -> Result<Records> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{name}: not a Parquet file"))?;
     let roots: Vec<usize> = fields.iter().filter_map(|f| builder.schema().index_of(f).ok()).collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let reader = builder.with_projection(mask).build().with_context(|| format!("{name}: reading Parquet"))?;
-    Ok(Box::new(ParquetRows { file: name, reader, batch: None, next_row: 0, rows_before: 0 }))
+    Ok(Box::new(ParquetRows { file: name, tag, reader, batch: None, next_row: 0, rows_before: 0 }))
 }
 
 struct ParquetRows {
     file: Rc<str>,
+    tag: Rc<str>,
     reader: ParquetRecordBatchReader,
     batch: Option<RecordBatch>,
     next_row: usize,
@@ -158,7 +178,7 @@ impl Iterator for ParquetRows {
                 if self.next_row < batch.num_rows() {
                     let i = self.next_row;
                     self.next_row += 1;
-                    let loc = Loc { file: self.file.clone(), line: self.rows_before + i + 1 };
+                    let loc = Loc { file: self.file.clone(), tag: self.tag.clone(), line: self.rows_before + i + 1 };
                     return Some(row_object(batch, i, &loc).map(|value| Record { loc, value }));
                 }
                 self.rows_before += batch.num_rows();
@@ -376,6 +396,17 @@ mod tests {
         let (_dir, path) = temp_file("nan.jsonl", "{\"a\": NaN}\n");
         let err = read_all(&path).err().unwrap().to_string();
         assert!(err.contains("nan.jsonl:1:") && err.contains("NaN and Infinity"), "{err}");
+        // "é" and "…" are 2 and 3 bytes: the column counts characters.
+        let (_dir, path) = temp_file("utf8.jsonl", "{\"é…\": }\n");
+        let err = read_all(&path).err().unwrap().to_string();
+        assert!(err.contains("utf8.jsonl:1: malformed JSON at column 8"), "{err}");
+    }
+
+    #[test]
+    fn lfs_pointer_is_named_as_such() {
+        let (_dir, path) = temp_file("train.jsonl", "version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n");
+        let err = read_all(&path).err().unwrap().to_string();
+        assert!(err.contains("train.jsonl: a Git LFS pointer"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use haloflow::records::{prompt_id, BinaryRow, Message, PairedRow};
 use serde_json::Value;
 
 use crate::format::Format;
-use crate::output::{Collected, EMPTY_REPLY, IDENTICAL_REPLIES};
+use crate::output::{is_empty_prompt, Collected, EMPTY_PROMPT, EMPTY_REPLY, IDENTICAL_REPLIES};
 use crate::source::{Field, Record};
 
 /// Skip reason: a conversational reply that is not exactly one assistant message.
@@ -27,7 +27,7 @@ const FIELDS: &[&str] = &["prompt", "chosen", "rejected", "completion", "label",
 
 /// Imports preference pairs (`prompt`/`chosen`/`rejected`) from `path`.
 pub fn import_paired(path: &Path, limit: Option<usize>) -> Result<Collected<PairedRow>> {
-    let reasons = [NO_SHARED_PROMPT, NOT_ONE_ASSISTANT_MESSAGE, EMPTY_REPLY, IDENTICAL_REPLIES];
+    let reasons = [NO_SHARED_PROMPT, NOT_ONE_ASSISTANT_MESSAGE, EMPTY_PROMPT, EMPTY_REPLY, IDENTICAL_REPLIES];
     Collected::read(path, FIELDS, &reasons, limit, |record, out| {
         let root = record.root();
         if !root.has("chosen") && root.has("completion") {
@@ -67,7 +67,7 @@ pub fn import_paired(path: &Path, limit: Option<usize>) -> Result<Collected<Pair
 
 /// Imports unpaired examples (`prompt`/`completion`/`label`, optional `weight`) from `path`.
 pub fn import_binary(path: &Path, limit: Option<usize>) -> Result<Collected<BinaryRow>> {
-    Collected::read(path, FIELDS, &[NOT_ONE_ASSISTANT_MESSAGE, EMPTY_REPLY], limit, |record, out| {
+    Collected::read(path, FIELDS, &[NOT_ONE_ASSISTANT_MESSAGE, EMPTY_PROMPT, EMPTY_REPLY], limit, |record, out| {
         let root = record.root();
         if !root.has("completion") && root.has("chosen") {
             bail!(
@@ -79,10 +79,14 @@ pub fn import_binary(path: &Path, limit: Option<usize>) -> Result<Collected<Bina
         let prompt = messages_or_text(&root.get("prompt")?)?;
         let label = root.get("label")?.bool()?;
         let weight = match root.opt("weight")? {
-            Some(weight) => weight.finite()?,
+            Some(field) => match field.finite()? {
+                w if w > 0.0 => w,
+                w => return Err(field.error(format!("weight {w} is not positive"))),
+            },
             None => 1.0,
         };
         match reply(&root.get("completion")?)? {
+            _ if is_empty_prompt(&prompt) => out.skip(EMPTY_PROMPT),
             None => out.skip(NOT_ONE_ASSISTANT_MESSAGE),
             Some(completion) if completion.trim().is_empty() => out.skip(EMPTY_REPLY),
             Some(completion) => out.push(BinaryRow {
@@ -101,7 +105,7 @@ pub fn import_binary(path: &Path, limit: Option<usize>) -> Result<Collected<Bina
 
 /// The id of the pair or example of a record: `trl-LINE`.
 fn row_id(record: &Record) -> String {
-    format!("{}-{}", Format::Trl.name(), record.loc.line)
+    record.loc.id(Format::Trl.name())
 }
 
 /// A list of `{role, content}` messages.
@@ -210,7 +214,9 @@ mod tests {
         assert_eq!(rows[1].prompt, [Message::new("system", "be nice"), user("q")]);
         assert_eq!(rows[2].prompt, [user("q")]);
         assert_eq!(rows[0].prompt_id, rows[2].prompt_id);
-        assert_eq!(rows.iter().map(|r| r.pair_id.as_str()).collect::<Vec<_>>(), ["trl-1", "trl-2", "trl-3"]);
+        let tag = &rows[0].pair_id["trl-".len()..rows[0].pair_id.len() - 2];
+        assert_eq!(tag.len(), 8, "{}", rows[0].pair_id);
+        assert_eq!(rows.iter().map(|r| r.pair_id.as_str()).collect::<Vec<_>>(), [1, 2, 3].map(|l| format!("trl-{tag}-{l}")));
     }
 
     #[test]
@@ -236,16 +242,25 @@ mod tests {
             r#"{"prompt": "q", "completion": "good", "label": true}"#,
             r#"{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "bad"}], "label": false, "weight": 0.5}"#,
             r#"{"prompt": "q", "completion": "  ", "label": true}"#,
+            r#"{"prompt": " ", "completion": "c", "label": true}"#,
         ])
         .unwrap();
         let got: Vec<_> = out
             .rows
             .iter()
-            .map(|r| (r.example_id.as_str(), r.completion.as_str(), r.label, r.weight))
+            .map(|r| (r.example_id.rsplit('-').next().unwrap(), r.completion.as_str(), r.label, r.weight))
             .collect();
-        assert_eq!(got, [("trl-1", "good", true, 1.0), ("trl-2", "bad", false, 0.5)]);
+        assert_eq!(got, [("1", "good", true, 1.0), ("2", "bad", false, 0.5)]);
         assert_eq!(out.rows[0].prompt_id, out.rows[1].prompt_id);
-        assert_eq!(nonzero(&out.skipped), BTreeMap::from([(EMPTY_REPLY, 1)]));
+        assert_eq!(nonzero(&out.skipped), BTreeMap::from([(EMPTY_REPLY, 1), (EMPTY_PROMPT, 1)]));
+    }
+
+    #[test]
+    fn nonpositive_weights_name_file_line_and_field() {
+        for w in ["0", "-0.5"] {
+            let err = error(binary(&[&format!(r#"{{"prompt": "q", "completion": "a", "label": true, "weight": {w}}}"#)]));
+            assert!(err.contains(":1: field \"weight\"") && err.contains("not positive"), "{err}");
+        }
     }
 
     #[test]
@@ -330,9 +345,9 @@ mod tests {
         let got: Vec<_> = out
             .rows
             .iter()
-            .map(|r| (r.pair_id.as_str(), r.prompt[0].content.as_str(), r.chosen.as_str()))
+            .map(|r| (r.pair_id.rsplit('-').next().unwrap(), r.prompt[0].content.as_str(), r.chosen.as_str()))
             .collect();
-        assert_eq!(got, [("trl-1", "q1", "good1"), ("trl-2", "q2", "good2")]);
+        assert_eq!(got, [("1", "q1", "good1"), ("2", "q2", "good2")]);
 
         let schema = Arc::new(Schema::new(vec![
             ArrowField::new("prompt", DataType::Utf8, false),

@@ -27,6 +27,27 @@ pub fn parse_dtype(name: &str, device: Device) -> Result<Kind> {
     })
 }
 
+/// The name [`parse_device`] reads for `device` (`cpu`, `cuda:N`), for summaries and logs.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
+/// The name [`parse_dtype`] reads for `kind` (`f32`, `bf16`, `f16`; others by their libtorch name).
+pub fn dtype_name(kind: Kind) -> String {
+    match kind {
+        Kind::Float => "f32".into(),
+        Kind::BFloat16 => "bf16".into(),
+        Kind::Half => "f16".into(),
+        Kind::Double => "f64".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +60,15 @@ mod tests {
         assert_eq!(parse_dtype("auto", Device::Cpu).unwrap(), Kind::Float);
         assert_eq!(parse_dtype("bf16", Device::Cpu).unwrap(), Kind::BFloat16);
         assert!(parse_dtype("int8", Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for name in ["cpu", "cuda:1"] {
+            assert_eq!(device_name(parse_device(name).unwrap()), name);
+        }
+        for name in ["f32", "bf16", "f16"] {
+            assert_eq!(dtype_name(parse_dtype(name, Device::Cpu).unwrap()), name);
+        }
     }
 }

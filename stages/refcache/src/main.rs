@@ -59,8 +59,8 @@ pub struct Args {
     /// CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// Where finished chunks are kept until the output is complete.
-    #[arg(long)]
+    /// Where finished chunks are kept until the output is complete (default: OUT.partial).
+    #[arg(long, env = "HALO_SCRATCH_DIR")]
     pub scratch: Option<PathBuf>,
 }
 

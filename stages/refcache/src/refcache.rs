@@ -65,7 +65,6 @@ pub fn run(args: &Args) -> Result<()> {
     let scratch_dir = args
         .scratch
         .clone()
-        .or_else(|| std::env::var_os("HALO_SCRATCH_DIR").map(Into::into))
         .unwrap_or_else(|| args.logps.with_extension("partial"));
     let scratch = Scratch::open(&scratch_dir, &run_id)?;
 

@@ -122,9 +122,12 @@ pub struct Args {
     /// Checkpoint every N steps (0: never).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
-    /// Where checkpoints go.
+    /// Where checkpoints go (default: SCRATCH_DIR/checkpoints, else POLICY.checkpoints).
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Scratch space that survives a killed run (the runner sets it per stage).
+    #[arg(long, env = "HALO_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -2,7 +2,6 @@
 //! checkpoints and the final outputs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -142,7 +141,7 @@ pub fn run(args: &Args) -> Result<()> {
     let ckpt_root = args
         .checkpoint_dir
         .clone()
-        .or_else(|| std::env::var_os("HALO_SCRATCH_DIR").map(|d| PathBuf::from(d).join("checkpoints")))
+        .or_else(|| args.scratch_dir.as_ref().map(|d| d.join("checkpoints")))
         .unwrap_or_else(|| args.policy.with_extension("checkpoints"));
     let run_id = checkpoint::run_id(args, &policy.dir, &args.data)?;
     let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
@@ -230,10 +229,13 @@ pub fn run(args: &Args) -> Result<()> {
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
         "last": state.metrics.last().map(Row::to_json),
-        "device": format!("{device:?}"),
-        "dtype": format!("{kind:?}"),
+        "device": haloflow_ml::device::device_name(device),
+        "dtype": haloflow_ml::device::dtype_name(kind),
     });
-    tracing::info!(steps = total, final_loss = ?state.metrics.last().and_then(|r| r.get("loss")), "training finished");
+    match state.metrics.last().and_then(|r| r.get("loss")) {
+        Some(loss) => tracing::info!(steps = total, final_loss = loss, "training finished"),
+        None => tracing::info!(steps = total, "training finished"),
+    }
     haloflow::io::write_json(&args.summary, &summary)?;
     if ckpt_root.exists() {
         std::fs::remove_dir_all(&ckpt_root).with_context(|| format!("removing {}", ckpt_root.display()))?;

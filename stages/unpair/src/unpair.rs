@@ -32,12 +32,6 @@ pub fn unpair(pairs: &[PairedRow], drop_conflicts: bool) -> Result<(Vec<BinaryRo
     if pairs.is_empty() {
         bail!("the paired input holds no rows");
     }
-    let mut seen_ids: HashMap<&str, usize> = HashMap::new();
-    for (i, pair) in pairs.iter().enumerate() {
-        if let Some(first) = seen_ids.insert(&pair.pair_id, i) {
-            bail!("row {i}: field `pair_id`: \"{}\" already used by row {first}", pair.pair_id);
-        }
-    }
     let mut rows = Vec::with_capacity(pairs.len() * 2);
     for pair in pairs {
         for (label, completion, suffix) in [(true, &pair.chosen, "d"), (false, &pair.rejected, "u")] {
@@ -129,9 +123,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_input_and_duplicate_pair_ids_are_refused() {
+    fn empty_input_is_refused() {
         assert!(unpair(&[], false).unwrap_err().to_string().contains("no rows"));
-        let err = unpair(&[pair("a", "q", "x", "y"), pair("a", "q2", "x", "y")], false).unwrap_err().to_string();
-        assert!(err.contains("row 1") && err.contains("pair_id"), "{err}");
     }
 }
