@@ -240,7 +240,8 @@ mod tests {
             let mut commands = vec![command];
             while let Some(command) = commands.pop() {
                 for arg in command.get_arguments() {
-                    assert!(arg.get_help().is_some(), "`{} --{}` has no help", command.get_name(), arg.get_id());
+                    let name = arg.get_long().unwrap_or(arg.get_id().as_str());
+                    assert!(arg.get_help().is_some(), "`{} --{name}` has no help", command.get_name());
                 }
                 commands.extend(command.get_subcommands().cloned());
             }
