@@ -26,6 +26,10 @@ Several candidates against the same baseline, side by side:
   halo-judge compare --summary kto/summary.json --summary dpo/summary.json \
       --name KTO --name DPO --out compare/
 
+alpaca_eval's model_outputs.json from samples, and back:
+  halo-judge alpaca-eval export --samples kto.arrow --out model_outputs.json
+  halo-judge alpaca-eval import --model-outputs model_outputs.json --out kto.arrow
+
 Every pair (a candidate sample and the baseline's reply to the same prompt) is judged in both
 orders by default; orders that disagree count as a tie, an invalid order makes the pair invalid.
 Answers are cached in --cache-dir (one JSON line per answer, appended as it arrives): a rerun, or
@@ -35,8 +39,10 @@ the stage when more than --max-failed-fraction of the requests failed. The API k
 the environment variable named by --api-key-env and never written anywhere.
 
 The summary holds wins, losses, ties and invalid pairs, the win rate (ties as half) over valid
-pairs with its 95% Wilson interval, mean lengths, and a length-controlled win rate (see the
-crate's README)."#;
+pairs with its 95% Wilson interval, the exact sign test of wins against losses, the weighted win
+rate (from label probabilities: the local judge, or the openai judge's top_logprobs), mean
+lengths, and a length-controlled win rate (see the crate's README). The report directory also
+gets alpaca_eval's annotations.json."#;
 
 /// Which judge answers the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
