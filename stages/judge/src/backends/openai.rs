@@ -163,15 +163,13 @@ impl OpenAi {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(|s| s.min(MAX_RETRY_AFTER_S));
-        // Redacted before anything cuts it, so a key straddling a cut is still recognised.
         let text = response
             .body_mut()
             .read_to_string()
-            .map(|text| self.redact(&text))
             .map_err(|e| Failure::retry(format!("HTTP {status}: reading the body: {}", transport_failure(e).reason)))?;
         if status != 200 {
             return Err(Failure {
-                reason: format!("HTTP {status}: {}", error_text(&text)),
+                reason: format!("HTTP {status}: {}", error_text(&text, |message| self.redact(message))),
                 status: Some(status),
                 retryable: status == 408 || status == 429 || (500..600).contains(&status),
                 retry_after_s,
@@ -320,12 +318,14 @@ fn transport_failure(error: ureq::Error) -> Failure {
     Failure { reason, status: None, retryable, retry_after_s: None }
 }
 
-/// The `error.message` of an error body, or the body itself, shortened.
-fn error_text(body: &str) -> String {
+/// The `error.message` of an error body, or the body itself, passed through `redact` and then
+/// shortened: redacted before the cut, so a key straddling the cut is still recognised.
+fn error_text(body: &str, redact: impl Fn(&str) -> String) -> String {
     let message = serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| body.trim().to_string());
+    let message = redact(&message);
     let mut short: String = message.chars().take(ERROR_TEXT_CHARS).collect();
     if short.len() < message.len() {
         short.push('…');
@@ -435,7 +435,13 @@ mod tests {
         let with = r#"{"choices":[{"message":{"content":"m"},"logprobs":{"content":[{"token":"m","logprob":-0.1,
             "top_logprobs":[{"token":"m","logprob":-0.1},{"token":"M","logprob":-2.5}]}]}}]}"#;
         assert_eq!(parse_completion(with).unwrap().top_logprobs, Some(vec![("m".into(), -0.1), ("M".into(), -2.5)]));
-        assert_eq!(error_text(r#"{"error":{"message":"Rate limit reached"}}"#), "Rate limit reached");
-        assert_eq!(error_text(&"x".repeat(500)).chars().count(), ERROR_TEXT_CHARS + 1);
+        let keep = |m: &str| m.to_string();
+        assert_eq!(error_text(r#"{"error":{"message":"Rate limit reached"}}"#, keep), "Rate limit reached");
+        assert_eq!(error_text(&"x".repeat(500), keep).chars().count(), ERROR_TEXT_CHARS + 1);
+        // A key escaped in the JSON body is redacted once decoded, before the cut.
+        let key = "sk-live-0123456789abcdef";
+        let body = format!(r#"{{"error":{{"message":"{}sk-live-0123456789abcdef"}}}}"#, "y".repeat(190));
+        let text = error_text(&body, |m| redact(m, key));
+        assert!(text.ends_with("[REDACTED]") && !text.contains("sk-live"), "{text}");
     }
 }
