@@ -21,6 +21,10 @@ use crate::pipeline::{self, InputRef, Pipeline, Stage, StageKind};
 use crate::progress::Progress;
 use crate::schema;
 
+/// Directory of the work dir, passed to stages as `HALO_STAGE_CACHE_DIR`, where a stage keeps a
+/// cache of its own that outlives its runs (the judge's answers); `halo gc` empties it.
+pub const STAGE_CACHE_DIR: &str = "stage-cache";
+
 /// Which stages a run considers and forces.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -483,6 +487,7 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
             .env("HALO_STAGE", &stage.name)
             .env("HALO_OUT_DIR", &temp)
             .env("HALO_SCRATCH_DIR", &scratch)
+            .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
             .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
             .kill_on_drop(true);
         die_with_parent(&mut command);

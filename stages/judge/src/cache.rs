@@ -6,9 +6,13 @@
 //! `O_APPEND`). Unreadable lines (a torn write after a power loss, say) are skipped with a
 //! warning. Only answers are cached: a request that failed is asked again next time.
 //!
-//! The key is the blake3 hash of [`KEY_VERSION`], the backend's fingerprint (judge model and
-//! sampling settings), the template's text, the prompt, both outputs in the order shown, which
-//! side was shown first, and the reference answer.
+//! The key is the blake3 hash of [`KEY_VERSION`], the backend's fingerprint (endpoint, judge
+//! model and every sampling setting), the template's text, the prompt, both outputs in the order
+//! shown, which side was shown first, and the reference answer.
+//!
+//! Where it lives ([`dir`]): `--cache-dir`, else `$HALO_STAGE_CACHE_DIR/judge` (the runner's
+//! per-work-dir directory for stage caches, which `halo gc` empties), else `.halo/judge-cache`
+//! in the working directory.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,7 +27,23 @@ use crate::backends::JudgeAnswer;
 use crate::verdict::Side;
 
 /// Bumped when the meaning of a cached answer changes (e.g. how verdicts are parsed).
-pub const KEY_VERSION: &str = "halo-judge-cache-v1";
+pub const KEY_VERSION: &str = "halo-judge-cache-v2";
+
+/// The environment variable by which the runner names its directory for stage caches.
+pub const STAGE_CACHE_ENV: &str = "HALO_STAGE_CACHE_DIR";
+
+/// The cache directory when neither `--cache-dir` nor [`STAGE_CACHE_ENV`] names one.
+pub const DEFAULT_DIR: &str = ".halo/judge-cache";
+
+/// The cache directory: `explicit` (`--cache-dir`), else `judge` inside the runner's stage-cache
+/// directory (`stage_cache`, the value of [`STAGE_CACHE_ENV`]), else [`DEFAULT_DIR`].
+pub fn dir(explicit: Option<&Path>, stage_cache: Option<&Path>) -> PathBuf {
+    match (explicit, stage_cache) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(stage_cache)) => stage_cache.join("judge"),
+        (None, None) => PathBuf::from(DEFAULT_DIR),
+    }
+}
 
 /// File name of the cache inside the cache directory.
 pub const FILE_NAME: &str = "answers.jsonl";
@@ -173,6 +193,14 @@ mod tests {
         p = parts(&prompt, "a", Side::Candidate);
         p.reference = Some("");
         assert_ne!(base, p.key());
+    }
+
+    #[test]
+    fn the_directory_is_the_option_else_the_runners_else_the_default() {
+        let (mine, runner) = (Path::new("mine"), Path::new("/work/stage-cache"));
+        assert_eq!(dir(Some(mine), Some(runner)), mine);
+        assert_eq!(dir(None, Some(runner)), Path::new("/work/stage-cache/judge"));
+        assert_eq!(dir(None, None), Path::new(DEFAULT_DIR));
     }
 
     #[test]

@@ -26,6 +26,10 @@ Several candidates against the same baseline, side by side:
   halo-judge compare --summary kto/summary.json --summary dpo/summary.json \
       --name KTO --name DPO --out compare/
 
+alpaca_eval's model_outputs.json from samples, and back:
+  halo-judge alpaca-eval export --samples kto.arrow --out model_outputs.json
+  halo-judge alpaca-eval import --model-outputs model_outputs.json --out kto.arrow
+
 Every pair (a candidate sample and the baseline's reply to the same prompt) is judged in both
 orders by default; orders that disagree count as a tie, an invalid order makes the pair invalid.
 Answers are cached in --cache-dir (one JSON line per answer, appended as it arrives): a rerun, or
@@ -35,8 +39,10 @@ the stage when more than --max-failed-fraction of the requests failed. The API k
 the environment variable named by --api-key-env and never written anywhere.
 
 The summary holds wins, losses, ties and invalid pairs, the win rate (ties as half) over valid
-pairs with its 95% Wilson interval, mean lengths, and a length-controlled win rate (see the
-crate's README)."#;
+pairs with its 95% Wilson interval, the exact sign test of wins against losses, the weighted win
+rate (from label probabilities: the local judge, or the openai judge's top_logprobs), mean
+lengths, and a length-controlled win rate (see the crate's README). The report directory also
+gets alpaca_eval's annotations.json."#;
 
 /// Which judge answers the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,26 +152,35 @@ pub struct JudgeArgs {
     /// (its first capture group, if it has one).
     #[arg(long)]
     pub answer_regex: Option<String>,
-    /// Directory of the response cache (created if missing). The default, relative to the
-    /// working directory, is inside the runner's default work dir when run by `halo`.
     /// Local backend: the judge model (a Hugging Face directory haloflow can load).
     #[arg(long)]
     pub judge_model: Option<PathBuf>,
-
     /// Local backend: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-
     /// Local backend: auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-
-    /// Local backend: CPU threads for libtorch.
+    /// Local backend: CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-
-    #[arg(long, default_value = ".halo/judge-cache")]
-    pub cache_dir: PathBuf,
+    /// Openai backend: ask for the first answer token's `top_logprobs` (this many, at most 20;
+    /// 0: do not ask) and report the weighted win rate from the verdict labels' probabilities.
+    /// A server that refuses the parameter (HTTP 400) is asked again without it.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub top_logprobs: u32,
+    /// Directory of the response cache (created if missing). Default: $HALO_STAGE_CACHE_DIR/judge
+    /// when the runner sets HALO_STAGE_CACHE_DIR (inside its work dir), else .halo/judge-cache
+    /// in the working directory.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Name of the candidate in the report and summary (default: its samples' `model`).
+    #[arg(long)]
+    pub candidate_name: Option<String>,
+    /// Name of the baseline in the report and summary (default: its samples' `model`, or
+    /// `chosen` for a paired baseline).
+    #[arg(long)]
+    pub baseline_name: Option<String>,
 }
 
 /// `halo-judge compare`: several candidates' summaries side by side.
@@ -181,4 +196,65 @@ pub struct CompareArgs {
     /// Output directory: compare.md and win_rates.svg.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `halo-judge alpaca-eval`: converts between haloflow's `samples` and alpaca_eval's
+/// `model_outputs.json`.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-judge alpaca-eval", bin_name = "halo-judge alpaca-eval", version)]
+pub struct AlpacaEvalArgs {
+    /// What to convert.
+    #[command(subcommand)]
+    pub command: AlpacaEvalCommand,
+}
+
+/// The conversions.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum AlpacaEvalCommand {
+    /// A `samples` table to alpaca_eval's model_outputs.json (a JSON list of objects with
+    /// instruction, output, generator; haloflow's own columns ride along as extra keys).
+    Export {
+        /// Input `samples` table (Arrow IPC or Parquet).
+        #[arg(long)]
+        samples: PathBuf,
+        /// Output model_outputs.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Value of every object's `dataset` key (alpaca_eval's subset name); none by default.
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// alpaca_eval's model_outputs.json (ours or alpaca_eval's) to a `samples` table.
+    Import {
+        /// Input model_outputs.json.
+        #[arg(long)]
+        model_outputs: PathBuf,
+        /// Output `samples` table (Arrow IPC).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_says_what_it_is() {
+        for command in [JudgeArgs::command(), CompareArgs::command(), AlpacaEvalArgs::command()] {
+            let mut commands = vec![command];
+            while let Some(command) = commands.pop() {
+                for arg in command.get_arguments() {
+                    let name = arg.get_long().unwrap_or(arg.get_id().as_str());
+                    assert!(arg.get_help().is_some(), "`{} --{name}` has no help", command.get_name());
+                }
+                commands.extend(command.get_subcommands().cloned());
+            }
+        }
+        let judge = JudgeArgs::command();
+        let help = |id: &str| judge.get_arguments().find(|a| a.get_id() == id).unwrap().get_help().unwrap().to_string();
+        assert!(help("judge_model").starts_with("Local backend: the judge model"), "{}", help("judge_model"));
+        assert!(help("cache_dir").starts_with("Directory of the response cache"), "{}", help("cache_dir"));
+    }
 }

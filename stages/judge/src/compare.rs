@@ -26,15 +26,16 @@ pub fn markdown(rows: &[(String, Summary)]) -> String {
     if baselines.len() > 1 {
         md += "**Warning:** the summaries do not share one baseline; their win rates are not comparable.\n\n";
     }
-    md += "Win rate: ties as half, over valid pairs, with its 95% Wilson interval. Length-controlled: the \
-           predicted win rate at equal lengths (see each summary's `methods`).\n\n";
-    md += "| candidate | pairs | wins | losses | ties | invalid | win rate [95% CI] | length-controlled [95% CI] | mean chars (candidate / baseline) | judge |\n\
-           |---|---|---|---|---|---|---|---|---|---|\n";
+    md += "Win rate: ties as half, over valid pairs, with its 95% Wilson interval. Sign test: the exact \
+           two-sided p-value of wins against losses. Length-controlled: the predicted win rate at equal \
+           lengths (see each summary's `methods`).\n\n";
+    md += "| candidate | pairs | wins | losses | ties | invalid | win rate [95% CI] | sign test p | length-controlled [95% CI] | mean chars (candidate / baseline) | judge |\n\
+           |---|---|---|---|---|---|---|---|---|---|---|\n";
     for (name, s) in rows {
         let t = &s.overall;
         let lc = s.length_controlled.as_ref();
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} | {} {} ({}) |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} | {} {} ({}) |\n",
             cell(name),
             t.n,
             t.wins,
@@ -42,6 +43,7 @@ pub fn markdown(rows: &[(String, Summary)]) -> String {
             t.ties,
             t.invalid,
             fmt_rate(t.win_rate, t.win_rate_ci95),
+            t.sign_test_p_value.map_or("n/a".to_string(), |p| format!("{p:.4}")),
             fmt_rate(lc.map(|l| l.win_rate), lc.map(|l| l.ci95)),
             s.lengths.candidate_chars,
             s.lengths.baseline_chars,

@@ -8,8 +8,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use haloflow::records::{self, messages_at, Columns, Message};
 use haloflow::schema;
 
@@ -78,17 +80,73 @@ fn read_rows<T>(path: &Path, schema_name: &str, mut row: impl FnMut(&Columns, us
     Ok(out)
 }
 
-fn read_samples(path: &Path) -> Result<Vec<Reply>> {
+/// One row of a `samples` table, every column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    /// Id of the prompt.
+    pub prompt_id: String,
+    /// The prompt's messages.
+    pub prompt: Vec<Message>,
+    /// Index among the samples of the prompt.
+    pub sample_index: i64,
+    /// The generated text.
+    pub completion: String,
+    /// The model that generated it.
+    pub model: String,
+    /// Tokens of the rendered prompt.
+    pub prompt_tokens: i64,
+    /// Generated tokens.
+    pub completion_tokens: i64,
+    /// eos, stop or length.
+    pub finish_reason: String,
+}
+
+/// Reads a `samples` table (Arrow IPC or Parquet).
+pub fn read_sample_rows(path: &Path) -> Result<Vec<SampleRow>> {
     read_rows(path, schema::SAMPLES, |c, i| {
-        Ok(Reply {
+        Ok(SampleRow {
             prompt_id: c.str("prompt_id")?.value(i).to_string(),
-            sample_index: c.i64("sample_index")?.value(i),
             prompt: messages_at(c.messages("prompt")?, i)?,
-            text: c.str("completion")?.value(i).to_string(),
-            tokens: Some(c.i64("completion_tokens")?.value(i)),
+            sample_index: c.i64("sample_index")?.value(i),
+            completion: c.str("completion")?.value(i).to_string(),
             model: c.str("model")?.value(i).to_string(),
+            prompt_tokens: c.i64("prompt_tokens")?.value(i),
+            completion_tokens: c.i64("completion_tokens")?.value(i),
+            finish_reason: c.str("finish_reason")?.value(i).to_string(),
         })
     })
+}
+
+/// Writes a `samples` table (Arrow IPC, atomically).
+pub fn write_sample_rows(path: &Path, rows: &[SampleRow]) -> Result<()> {
+    let strings = |get: fn(&SampleRow) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(get))) };
+    let ints = |get: fn(&SampleRow) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(rows.iter().map(get))) };
+    let columns = vec![
+        strings(|r| r.prompt_id.as_str()),
+        records::messages_array(rows.iter().map(|r| r.prompt.as_slice())),
+        ints(|r| r.sample_index),
+        strings(|r| r.completion.as_str()),
+        strings(|r| r.model.as_str()),
+        ints(|r| r.prompt_tokens),
+        ints(|r| r.completion_tokens),
+        strings(|r| r.finish_reason.as_str()),
+    ];
+    let batch = RecordBatch::try_new(schema::by_name(schema::SAMPLES)?.arrow_schema(), columns)?;
+    haloflow::io::write_arrow(path, &batch.schema(), &[batch], Default::default())
+}
+
+fn read_samples(path: &Path) -> Result<Vec<Reply>> {
+    Ok(read_sample_rows(path)?
+        .into_iter()
+        .map(|r| Reply {
+            prompt_id: r.prompt_id,
+            sample_index: r.sample_index,
+            prompt: r.prompt,
+            text: r.completion,
+            tokens: (r.finish_reason != crate::alpaca_eval::UNKNOWN_FINISH).then_some(r.completion_tokens),
+            model: r.model,
+        })
+        .collect())
 }
 
 /// Whether a table file has a `chosen` column (a `paired` table).

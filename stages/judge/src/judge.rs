@@ -48,6 +48,14 @@ impl Judgment {
             Err(_) => Verdict::Invalid,
         }
     }
+
+    /// Milliseconds spent on the request: the answered attempt, or every attempt of a failure.
+    pub fn latency_ms(&self) -> f64 {
+        match &self.outcome {
+            Ok(answer) => answer.latency_ms,
+            Err(failed) => failed.latency_ms,
+        }
+    }
 }
 
 /// What a run did, for the log.

@@ -1,7 +1,9 @@
 //! `halo-judge`: pairwise LLM-as-a-judge evaluation of a candidate against a baseline, through
 //! an OpenAI-compatible API or a rule verifier, with win rates, intervals and a report; and
-//! `halo-judge compare` for several candidates side by side. See `halo-judge --help`.
+//! `halo-judge compare` for several candidates side by side, and `halo-judge alpaca-eval` to
+//! convert to and from alpaca_eval's files. See `halo-judge --help`.
 
+mod alpaca_eval;
 mod backends;
 mod cache;
 mod cli;
@@ -22,11 +24,16 @@ fn main() {
         // ureq logs whole requests, headers included, at TRACE: never let them reach the log.
         log::set_max_level(log::max_level().min(log::LevelFilter::Debug));
         let mut argv: Vec<String> = std::env::args().collect();
-        if argv.get(1).map(String::as_str) == Some("compare") {
-            argv.remove(1);
-            compare::run(&cli::CompareArgs::parse_from(argv))
-        } else {
-            stage::run(&cli::JudgeArgs::parse_from(argv))
+        match argv.get(1).map(String::as_str) {
+            Some("compare") => {
+                argv.remove(1);
+                compare::run(&cli::CompareArgs::parse_from(argv))
+            }
+            Some("alpaca-eval") => {
+                argv.remove(1);
+                alpaca_eval::run(&cli::AlpacaEvalArgs::parse_from(argv))
+            }
+            _ => stage::run(&cli::JudgeArgs::parse_from(argv)),
         }
     });
 }

@@ -1,5 +1,6 @@
-//! The report directory: `report.md` (counts, win rates with intervals, lengths, position-bias
-//! diagnostics, categories, examples of invalid answers) and `win_rate.svg`.
+//! The report directory: `report.md` (counts, win rates with intervals, the sign test, the
+//! weighted win rate, lengths, position-bias diagnostics, categories, examples of invalid
+//! answers) and `win_rate.svg`. The stage adds alpaca_eval's `annotations.json`.
 
 use std::path::Path;
 
@@ -64,6 +65,19 @@ pub fn markdown(summary: &Summary, pairs: &[Pair], judgments: &[Judgment]) -> St
         t.wins + t.losses + t.ties,
         fmt_rate(t.win_rate, t.win_rate_ci95)
     );
+    md += &format!(
+        "**Sign test** (paired, exact, two-sided; {} wins vs {} losses, ties left out): p = {}\n\n",
+        t.wins,
+        t.losses,
+        fmt_opt(t.sign_test_p_value, 4)
+    );
+    md += &match s.weighted_win_rate {
+        Some(w) => format!(
+            "**Weighted win rate** (AlpacaEval 2.0: mean probability the judge gives the candidate, over {} requests with label probabilities): {w:.3}\n\n",
+            s.weighted_requests
+        ),
+        None => "**Weighted win rate**: n/a (no answer carried label probabilities; the win rate above counts verdicts)\n\n".to_string(),
+    };
     md += &match &s.length_controlled {
         Some(lc) => format!(
             "**Length-controlled win rate** (at equal lengths, 95% interval): {} (length coefficient {:.3}, scale {:.0} chars)\n\n",
@@ -138,6 +152,15 @@ pub fn write(dir: &Path, summary: &Summary, pairs: &[Pair], judgments: &[Judgmen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_title_names_the_candidate_and_baseline() {
+        let summary = crate::stats::tests::summary("kto", "base");
+        let md = markdown(&summary, &[], &[]);
+        assert!(md.starts_with("# Judge report: `kto` vs `base`\n"), "{md}");
+        assert!(md.contains("**Sign test** (paired, exact, two-sided; 7 wins vs 2 losses, ties left out): p = 0.1797"), "{md}");
+        assert!(md.contains("**Weighted win rate**: n/a"), "{md}");
+    }
 
     #[test]
     fn cells_are_flat_escaped_and_short() {

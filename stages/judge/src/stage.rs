@@ -1,10 +1,11 @@
 //! The judge stage: read the inputs, judge every pair, write the judgments, the summary and the
-//! report, and fail when too many requests got no answer.
+//! report (with alpaca_eval's `annotations.json`), and fail when too many requests got no answer.
 
 use anyhow::{bail, Result};
 
+use crate::alpaca_eval;
 use crate::backends;
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::cli::{self, JudgeArgs};
 use crate::inputs;
 use crate::judge;
@@ -25,7 +26,10 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
     tracing::info!(template = %template.name, "{}", template.description);
     let backend = backends::build(args, &template)?;
     let inputs = inputs::load(&args.candidate, &args.baseline, args.prompts.as_deref())?;
-    let mut cache = Cache::open(&args.cache_dir)?;
+    let stage_cache = std::env::var_os(cache::STAGE_CACHE_ENV).map(std::path::PathBuf::from);
+    let cache_dir = cache::dir(args.cache_dir.as_deref(), stage_cache.as_deref());
+    tracing::info!(cache = %cache_dir.display(), "answer cache");
+    let mut cache = Cache::open(&cache_dir)?;
     let (judgments, run) = judge::run(&inputs.pairs, &template, backend.as_ref(), &mut cache, args.order, args.seed)?;
     tracing::info!(
         requests = run.requests,
@@ -36,9 +40,10 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
         "judged"
     );
     let verdicts = judge::pair_verdicts(inputs.pairs.len(), &judgments);
+    let (weighted_win_rate, weighted_from, weighted_requests) = stats::weighted_win_rate(&judgments);
     let summary = Summary {
-        candidate: inputs.candidate_name.clone(),
-        baseline: inputs.baseline_name.clone(),
+        candidate: args.candidate_name.clone().unwrap_or(inputs.candidate_name),
+        baseline: args.baseline_name.clone().unwrap_or(inputs.baseline_name),
         judge: JudgeInfo {
             backend: cli::value_name(&args.backend),
             model: backend.model(),
@@ -47,7 +52,9 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
             seed: args.seed,
         },
         overall: Tally::of(verdicts.iter().copied()),
-        weighted_win_rate: stats::weighted_win_rate(&judgments),
+        weighted_win_rate,
+        weighted_from: weighted_from.to_string(),
+        weighted_requests,
         length_controlled: stats::length_controlled(&inputs.pairs, &verdicts),
         lengths: stats::lengths(&inputs.pairs),
         judgments: stats::judgment_stats(inputs.pairs.len(), &judgments),
@@ -58,6 +65,8 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
     table::write(&args.judgments, &inputs.pairs, &judgments, &verdicts)?;
     haloflow::io::write_json(&args.summary, &summary)?;
     report::write(&args.report, &summary, &inputs.pairs, &judgments)?;
+    let annotations = alpaca_eval::annotations(&summary, &inputs.pairs, &judgments, &verdicts);
+    haloflow::io::write_json(&args.report.join("annotations.json"), &annotations)?;
     let t = &summary.overall;
     tracing::info!(
         pairs = t.n,
@@ -76,7 +85,7 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
              The answers received are cached in {}: a rerun asks only for the rest",
             run.requests,
             args.max_failed_fraction,
-            args.cache_dir.display()
+            cache_dir.display()
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! Summary statistics: counts, the win rate with its Wilson interval, a length-controlled win
-//! rate, mean lengths, and position-bias diagnostics. The formulas are in the crate's README and
+//! Summary statistics: counts, the win rate with its Wilson interval and a paired sign test, a
+//! length-controlled win rate, the weighted win rate, mean lengths, and position-bias
+//! diagnostics. The formulas are in the crate's README and
 //! in [`METHODS`], which every summary carries.
 
 use std::collections::BTreeMap;
@@ -18,8 +19,18 @@ pub const METHODS: &[(&str, &str)] = &[
     ("win_rate", "(wins + ties/2) / (wins + losses + ties): invalid pairs are left out"),
     (
         "weighted_win_rate",
-        "local judge only: mean over answered requests of the probability the judge gives the \
-         candidate (its label's probability plus half the tie label's), over both orders",
+        "AlpacaEval 2.0's weighted win rate: mean, over the answered requests whose answer carries \
+         the verdict labels' probabilities (weighted_requests of them; both orders), of the \
+         probability the judge gives the candidate: its label's probability plus half the tie \
+         label's. The local judge scores every label; the openai judge reads the first answer \
+         token's top_logprobs, normalised over the labels found there (an absent label counts 0). \
+         Null, with weighted_from = verdicts, when no answer carries them: use win_rate",
+    ),
+    (
+        "sign_test_p_value",
+        "two-sided exact sign test of wins against losses (ties and invalid pairs left out): \
+         2·P(X ≤ min(wins, losses)) for X ~ Binomial(wins + losses, 1/2), at most 1; the exact \
+         McNemar test of the paired outcomes",
     ),
     (
         "win_rate_ci95",
@@ -53,12 +64,16 @@ pub struct Tally {
     pub win_rate: Option<f64>,
     /// 95% Wilson interval of the win rate.
     pub win_rate_ci95: Option<[f64; 2]>,
+    /// Two-sided exact sign test of wins against losses; null without wins or losses.
+    #[serde(default)]
+    pub sign_test_p_value: Option<f64>,
 }
 
 impl Tally {
     /// Counts `verdicts`.
     pub fn of(verdicts: impl IntoIterator<Item = Verdict>) -> Tally {
-        let mut t = Tally { n: 0, wins: 0, losses: 0, ties: 0, invalid: 0, win_rate: None, win_rate_ci95: None };
+        let mut t =
+            Tally { n: 0, wins: 0, losses: 0, ties: 0, invalid: 0, win_rate: None, win_rate_ci95: None, sign_test_p_value: None };
         for v in verdicts {
             t.n += 1;
             match v {
@@ -74,8 +89,29 @@ impl Tally {
             t.win_rate = Some(score / valid);
             t.win_rate_ci95 = Some(wilson(score, valid, Z95));
         }
+        t.sign_test_p_value = sign_test(t.wins, t.losses);
         t
     }
+}
+
+/// The two-sided exact sign test of `wins` against `losses`: 2·P(X ≤ min) for X ~ Bin(n, 1/2),
+/// n = wins + losses, capped at 1; `None` when n = 0. Summed in log space, so any n works.
+pub fn sign_test(wins: usize, losses: usize) -> Option<f64> {
+    let n = wins + losses;
+    if n == 0 {
+        return None;
+    }
+    let (k, n) = (wins.min(losses), n as f64);
+    // ln C(n, i) - n ln 2, for i = 0..=k.
+    let mut ln_term = -n * std::f64::consts::LN_2;
+    let mut terms = vec![ln_term];
+    for i in 1..=k {
+        ln_term += (n - i as f64 + 1.0).ln() - (i as f64).ln();
+        terms.push(ln_term);
+    }
+    let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let tail = max.exp() * terms.iter().map(|t| (t - max).exp()).sum::<f64>();
+    Some((2.0 * tail).min(1.0))
 }
 
 /// The length-controlled win rate (see [`METHODS`]).
@@ -148,9 +184,16 @@ pub struct Summary {
     #[serde(flatten)]
     pub overall: Tally,
     /// AlpacaEval-style weighted win rate: the mean probability the judge gives the candidate
-    /// over answered requests; null for judges that give no probabilities.
+    /// over the answers that carry label probabilities; null when none does.
     #[serde(default)]
     pub weighted_win_rate: Option<f64>,
+    /// `label_probabilities` when the weighted win rate comes from them, `verdicts` when no
+    /// answer carried any (the weighted win rate is null: read `win_rate`).
+    #[serde(default)]
+    pub weighted_from: String,
+    /// Answered requests whose answer carried label probabilities.
+    #[serde(default)]
+    pub weighted_requests: usize,
     /// The length-controlled win rate; null when it cannot be estimated (fewer than two valid
     /// pairs, or all outcomes equal).
     pub length_controlled: Option<LengthControlled>,
@@ -308,18 +351,24 @@ pub fn by_category(pairs: &[Pair], verdicts: &[Verdict]) -> BTreeMap<String, Tal
     groups.into_iter().map(|(c, v)| (c, Tally::of(v))).collect()
 }
 
-/// The methods table of a summary.
-/// The mean probability the judge gives the candidate, over the requests whose answers carry
-/// one; `None` when none does.
-pub fn weighted_win_rate(judgments: &[Judgment]) -> Option<f64> {
-    let prefs: Vec<f64> = judgments
+/// The probability the judge gives the candidate in each judgment whose answer carries label
+/// probabilities, as `(pair, probability)`.
+pub fn candidate_preferences(judgments: &[Judgment]) -> Vec<(usize, f64)> {
+    judgments
         .iter()
         .filter_map(|j| {
             let p = j.outcome.as_ref().ok()?.preference_first?;
-            Some(if j.first == crate::verdict::Side::Candidate { p } else { 1.0 - p })
+            Some((j.pair, if j.first == crate::verdict::Side::Candidate { p } else { 1.0 - p }))
         })
-        .collect();
-    (!prefs.is_empty()).then(|| prefs.iter().sum::<f64>() / prefs.len() as f64)
+        .collect()
+}
+
+/// The weighted win rate (see [`METHODS`]): its value, where it comes from, and how many
+/// requests it averages.
+pub fn weighted_win_rate(judgments: &[Judgment]) -> (Option<f64>, &'static str, usize) {
+    let prefs = candidate_preferences(judgments);
+    let rate = (!prefs.is_empty()).then(|| prefs.iter().map(|(_, p)| p).sum::<f64>() / prefs.len() as f64);
+    (rate, if rate.is_some() { "label_probabilities" } else { "verdicts" }, prefs.len())
 }
 
 /// The methods table as a map.
@@ -328,9 +377,30 @@ pub fn methods() -> BTreeMap<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use haloflow::records::Message;
+
+    /// A summary of 7 wins, 2 losses and 1 tie between `candidate` and `baseline`.
+    pub fn summary(candidate: &str, baseline: &str) -> Summary {
+        use Verdict::*;
+        let verdicts = [[Candidate; 7].as_slice(), &[Baseline; 2], &[Tie]].concat();
+        Summary {
+            candidate: candidate.into(),
+            baseline: baseline.into(),
+            judge: JudgeInfo { backend: "rule".into(), model: None, template: None, order: "both".into(), seed: 0 },
+            overall: Tally::of(verdicts),
+            weighted_win_rate: None,
+            weighted_from: "verdicts".into(),
+            weighted_requests: 0,
+            length_controlled: None,
+            lengths: Lengths { candidate_chars: 1.0, baseline_chars: 1.0, candidate_tokens: None, baseline_tokens: None },
+            judgments: JudgmentStats { n: 10, invalid: 0, failed: 0, position_consistency: None, first_position_preferred: None },
+            by_category: BTreeMap::new(),
+            unmatched_candidates: 0,
+            methods: methods(),
+        }
+    }
 
     fn close(a: f64, b: f64, tol: f64) -> bool {
         (a - b).abs() <= tol
@@ -353,6 +423,27 @@ mod tests {
     }
 
     #[test]
+    fn sign_test_matches_known_binomial_values() {
+        // Two-sided exact binomial tests at p = 1/2 (R: binom.test(x, n)$p.value).
+        let cases = [
+            (7, 2, 0.1796875),          // 2 * 46/512
+            (2, 7, 0.1796875),          // symmetric
+            (10, 0, 0.001953125),       // 2 / 2^10
+            (5, 5, 1.0),                // capped at 1
+            (1, 0, 1.0),
+            (60, 40, 0.05688793364098), // binom.test(60, 100)
+        ];
+        for (w, l, p) in cases {
+            let got = sign_test(w, l).unwrap();
+            assert!(close(got, p, 1e-10), "{w} wins, {l} losses: {got}");
+        }
+        assert_eq!(sign_test(0, 0), None);
+        // binom.test(4800, 10000): 2^-10000 underflows, the log-space sum does not.
+        let big = sign_test(5200, 4800).unwrap();
+        assert!(close(big / 6.593515598672442e-5, 1.0, 1e-8), "large n: {big}");
+    }
+
+    #[test]
     fn tally_counts_ties_as_half_and_skips_invalid() {
         use Verdict::*;
         let t = Tally::of([Candidate, Candidate, Candidate, Baseline, Tie, Invalid, Invalid]);
@@ -360,6 +451,7 @@ mod tests {
         assert_eq!(t.wins + t.losses + t.ties + t.invalid, t.n);
         assert_eq!(t.win_rate, Some(0.7));
         assert_eq!(t.win_rate_ci95, Some(wilson(3.5, 5.0, Z95)));
+        assert_eq!(t.sign_test_p_value, sign_test(3, 1));
         let none = Tally::of([Invalid]);
         assert_eq!((none.win_rate, none.win_rate_ci95), (None, None));
     }

@@ -39,10 +39,7 @@ pub fn batch(pairs: &[Pair], judgments: &[Judgment], pair_verdicts: &[Verdict]) 
         strings(judgments.iter().map(|j| j.first.as_str())),
         strings(judgments.iter().map(|j| answer(j).map_or("", |a| a.raw.as_str()))),
         strings(judgments.iter().map(|j| j.verdict().as_str())),
-        Arc::new(Float64Array::from_iter_values(judgments.iter().map(|j| match &j.outcome {
-            Ok(a) => a.latency_ms,
-            Err(f) => f.latency_ms,
-        }))),
+        Arc::new(Float64Array::from_iter_values(judgments.iter().map(Judgment::latency_ms))),
         Arc::new(judgments.iter().map(|j| answer(j).and_then(|a| a.prompt_tokens)).collect::<Int64Array>()),
         Arc::new(judgments.iter().map(|j| answer(j).and_then(|a| a.completion_tokens)).collect::<Int64Array>()),
         Arc::new(Int64Array::from_iter_values(judgments.iter().map(|j| pairs[j.pair].sample_index))),

@@ -268,3 +268,48 @@ fn every_template_parses_its_judge_and_random_order_is_seeded() {
     assert_eq!(counts("random1"), (2, 1, 1, 0), "a consistent judge gives the same verdicts in any order");
     assert_eq!(run.summary("random1")["judge"]["order"], "random");
 }
+
+/// Every 8-character piece of `key` found in `text`.
+fn key_pieces_in(key: &str, text: &str) -> Vec<String> {
+    let chars: Vec<char> = key.chars().collect();
+    chars.windows(8).map(|w| w.iter().collect::<String>()).filter(|piece| text.contains(piece.as_str())).collect()
+}
+
+#[test]
+fn a_key_cut_by_the_error_text_limit_is_still_redacted() {
+    // The server's error message holds the key from character 188 on: a cut at 200 characters
+    // keeps its first 12 characters.
+    const KEY: &str = "sk-live-0123456789abcdefSECRETxyz";
+    let server = FakeServer::start(Config::default());
+    let run = Run::new();
+    write_inputs(&run, &[row("Q1?", "GOOD", "BAD"), row("Q2 ECHO-CUT?", "GOOD", "BAD")]);
+    let extra = ["--api-key-env", "HALO_TEST_KEY", "--max-retries", "1", "--backoff-s", "0.01", "--max-failed-fraction", "1"];
+    let output = run.judge(&openai_args(&run, &server, "out", &extra), &[("HALO_TEST_KEY", KEY), ("RUST_LOG", "debug")]);
+    assert_ok(&output);
+    let failed: Vec<_> = run.judgments("out").into_iter().filter_map(|j| j.error).collect();
+    assert_eq!(failed.len(), 2, "both orders of the ECHO-CUT pair failed");
+    assert!(failed[0].contains("Authorization: Bearer [REDACTED]"), "{}", failed[0]);
+
+    let mut leaks = Vec::new();
+    for (what, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        let pieces = key_pieces_in(KEY, &String::from_utf8_lossy(text));
+        if !pieces.is_empty() {
+            leaks.push(format!("{what}: {pieces:?}"));
+        }
+    }
+    let mut dirs = vec![run.dir.path().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let pieces = key_pieces_in(KEY, &String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+                if !pieces.is_empty() {
+                    leaks.push(format!("{}: {pieces:?}", path.display()));
+                }
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "pieces of the key were written: {leaks:?}");
+}

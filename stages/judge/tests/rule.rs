@@ -98,6 +98,8 @@ fn compare_puts_several_candidates_side_by_side() {
     let md = std::fs::read_to_string(run.path("compare/compare.md")).unwrap();
     assert!(md.starts_with("# Win rates against `chosen`"), "{md}");
     assert!(md.contains("| KTO | 5 | 1 | 1 | 2 | 1 | 0.500 [") && md.contains("| DPO | 5 | 2 | 1 | 1 | 1 | 0.625 ["), "{md}");
+    // Sign tests: 1 vs 1 gives p = 1; 2 vs 1 gives 2 * P(X <= 1 | n = 3) = 2 * 4/8, capped at 1.
+    assert!(md.contains("0.500 [0.") && md.matches("| 1.0000 |").count() == 2, "{md}");
     assert!(!md.contains("Warning"));
     let svg = std::fs::read_to_string(run.path("compare/win_rates.svg")).unwrap();
     assert!(svg.contains("KTO") && svg.contains("DPO"));

@@ -18,9 +18,8 @@ use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
 use tch::Device;
 
-use super::{Backend, JudgeAnswer, JudgeRequest};
+use super::{preference_first, softmax, Backend, JudgeAnswer, JudgeRequest};
 use crate::cli::JudgeArgs;
-use crate::verdict::Shown;
 
 /// The in-process judge.
 pub struct Local {
@@ -88,40 +87,13 @@ impl Backend for Local {
         let probs = softmax(&logps);
         let best = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])).context("a template has labels")?;
         let raw = labels.iter().zip(&probs).map(|((label, _), p)| format!("p({label})={p:.4}")).collect::<Vec<_>>().join(" ");
-        let preference_first = labels
-            .iter()
-            .zip(&probs)
-            .map(|((_, shown), p)| match shown {
-                Shown::A => *p,
-                Shown::Tie => p / 2.0,
-                _ => 0.0,
-            })
-            .sum();
         Ok(JudgeAnswer {
             raw,
-            preference_first: Some(preference_first),
+            preference_first: Some(preference_first(&labels, &probs)),
             verdict: labels[best].1,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             prompt_tokens: Some(seqs[0].completion_start as i64),
             completion_tokens: None,
         })
-    }
-}
-
-/// Probabilities from log-probs (stable softmax).
-fn softmax(logps: &[f64]) -> Vec<f64> {
-    let max = logps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let exp: Vec<f64> = logps.iter().map(|l| (l - max).exp()).collect();
-    let total: f64 = exp.iter().sum();
-    exp.iter().map(|e| e / total).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
-        let p = super::softmax(&[-3.0, -1.0, -2.0]);
-        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!(p[1] > p[2] && p[2] > p[0]);
     }
 }

@@ -48,9 +48,33 @@ pub struct JudgeAnswer {
     /// Tokens of the judge's answer, if the backend reports them.
     pub completion_tokens: Option<i64>,
     /// The judge's probability that the output shown first is better (ties counted half), for
-    /// backends that read label probabilities (`local`).
+    /// answers that come with label probabilities (`local`; `openai` when the server returns
+    /// `top_logprobs` holding a label).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preference_first: Option<f64>,
+}
+
+/// Probabilities from log-probs (stable softmax); a log-prob of -inf gets probability 0.
+pub fn softmax(logps: &[f64]) -> Vec<f64> {
+    let max = logps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = logps.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    exp.iter().map(|e| e / total).collect()
+}
+
+/// The probability that the output shown first is better, from the probabilities of the
+/// template's labels (in [`crate::verdict::VerdictSpec::labels`] order): its label's probability
+/// plus half the tie label's.
+pub fn preference_first(labels: &[(&str, Shown)], probs: &[f64]) -> f64 {
+    labels
+        .iter()
+        .zip(probs)
+        .map(|((_, shown), p)| match shown {
+            Shown::A => *p,
+            Shown::Tie => p / 2.0,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 /// A judge.
@@ -89,4 +113,24 @@ pub fn build(args: &JudgeArgs, template: &Template) -> Result<Box<dyn Backend>> 
         BackendKind::Rule => Box::new(rule::Rule::from_args(args)?),
         BackendKind::Local => Box::new(local::Local::from_args(args)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_keeps_order_and_zeroes_minus_infinity() {
+        let p = softmax(&[-3.0, -1.0, -2.0]);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(p[1] > p[2] && p[2] > p[0]);
+        assert_eq!(softmax(&[0.0, f64::NEG_INFINITY]), [1.0, 0.0]);
+    }
+
+    #[test]
+    fn the_first_output_gets_its_label_and_half_the_tie() {
+        let labels = [("[[A]]", Shown::A), ("[[B]]", Shown::B), ("[[C]]", Shown::Tie)];
+        assert!((preference_first(&labels, &[0.5, 0.3, 0.2]) - 0.6).abs() < 1e-12);
+        assert_eq!(preference_first(&labels[..2], &[0.25, 0.75]), 0.25);
+    }
 }

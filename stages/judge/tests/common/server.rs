@@ -17,6 +17,13 @@
 //! | `FAULT-DOWN` | always 500 |
 //! | `FAULT-ECHO` | always 500, echoing the request's `Authorization` header |
 //! | `ECHO-KEY` | a correct answer that also echoes the `Authorization` header |
+//! | `ECHO-CUT` | always 500, echoing the `Authorization` header so that the key straddles character 200 of the error message |
+//!
+//! [`Config::invert`] makes it prefer `BAD` instead (a different judge behind another URL).
+//! With [`Config::logprobs`] it answers a request asking for `logprobs` with the first answer
+//! token's `top_logprobs`: the label given gets probability 0.7, the other position's label 0.2
+//! and an unrelated token (`The`) 0.1 (see [`top_logprobs`]). With [`Config::reject_logprobs`]
+//! a request naming `logprobs` gets a 400, as from a server that does not support them.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -37,11 +44,24 @@ pub struct Config {
     pub hang: Duration,
     /// The API key a request should carry (counted in [`Stats::authorized`]).
     pub expected_key: Option<String>,
+    /// Prefer the output containing `BAD` (a different judge).
+    pub invert: bool,
+    /// Return `top_logprobs` when a request asks for `logprobs`.
+    pub logprobs: bool,
+    /// Answer 400 to a request that names `logprobs`.
+    pub reject_logprobs: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { latency: Duration::ZERO, hang: Duration::from_secs(3), expected_key: None }
+        Config {
+            latency: Duration::ZERO,
+            hang: Duration::from_secs(3),
+            expected_key: None,
+            invert: false,
+            logprobs: false,
+            reject_logprobs: false,
+        }
     }
 }
 
@@ -56,6 +76,10 @@ pub struct Stats {
     pub too_many: AtomicUsize,
     /// 500 answers sent.
     pub server_errors: AtomicUsize,
+    /// 400 answers sent to requests naming `logprobs` ([`Config::reject_logprobs`]).
+    pub rejected_logprobs: AtomicUsize,
+    /// Requests that asked for `logprobs`.
+    pub asked_logprobs: AtomicUsize,
     /// Requests left hanging.
     pub hangs: AtomicUsize,
     /// Requests carrying `Authorization: Bearer <expected_key>`.
@@ -185,6 +209,14 @@ fn answer(stream: &mut TcpStream, request: &Request, stats: &Stats, config: &Con
         Ok(v) if request.path.ends_with("/chat/completions") => v,
         _ => return respond(stream, "400 Bad Request", "", r#"{"error":{"message":"bad request"}}"#).is_ok(),
     };
+    if parsed.get("logprobs").is_some() {
+        stats.asked_logprobs.fetch_add(1, Ordering::SeqCst);
+        if config.reject_logprobs {
+            stats.rejected_logprobs.fetch_add(1, Ordering::SeqCst);
+            let message = r#"{"error":{"message":"logprobs is not supported by this model"}}"#;
+            return respond(stream, "400 Bad Request", "", message).is_ok();
+        }
+    }
     let text: String = parsed["messages"]
         .as_array()
         .map(|ms| ms.iter().filter_map(|m| m["content"].as_str()).collect::<Vec<_>>().join("\n"))
@@ -216,36 +248,59 @@ fn answer(stream: &mut TcpStream, request: &Request, stats: &Stats, config: &Con
     if text.contains("FAULT-ECHO") {
         return error(stats, stream, &format!("invalid header: Authorization: {auth}"));
     }
+    if text.contains("ECHO-CUT") {
+        // The key starts 12 characters before the 200th character of the message.
+        let message = format!("{}invalid header: Authorization: {auth}", "x".repeat(200 - 12 - "invalid header: Authorization: Bearer ".len()));
+        return error(stats, stream, &message);
+    }
     if text.contains("FAULT-HANG") && attempt == 1 {
         stats.hangs.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(config.hang);
         return false;
     }
     std::thread::sleep(config.latency);
-    let mut content = judge(&text);
+    let (mut content, labels) = judge(&text, config.invert);
     if text.contains("ECHO-KEY") {
         content = format!("{content} (you sent {auth})");
     }
     stats.ok.fetch_add(1, Ordering::SeqCst);
+    let mut choice = json!({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"});
+    if config.logprobs && parsed["logprobs"] == json!(true) {
+        let top = top_logprobs(labels);
+        choice["logprobs"] = json!({"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]});
+    }
     let body = json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "model": parsed["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [choice],
         "usage": {"prompt_tokens": text.len() / 4, "completion_tokens": 5, "total_tokens": text.len() / 4 + 5},
     });
     respond(stream, "200 OK", "", &body.to_string()).is_ok()
 }
 
-/// The fake judge's answer to a rendered prompt.
-fn judge(text: &str) -> String {
-    if text.contains("FAULT-GARBAGE") {
-        return "¯\\_(ツ)_/¯ lorem ipsum".to_string();
+/// The first token's `top_logprobs` for an answer: with `labels` = `[given, other]` (the label
+/// answered and the other position's label), `given` 0.7, `other` 0.2 and `The` 0.1; without
+/// labels (a tie or garbage), `The` alone with probability 1 (no label among them).
+pub fn top_logprobs(labels: Option<[String; 2]>) -> Vec<Value> {
+    let entry = |token: &str, p: f64| json!({"token": token, "logprob": p.ln(), "bytes": token.as_bytes()});
+    match labels {
+        Some([given, other]) => vec![entry(&given, 0.7), entry(&other, 0.2), entry("The", 0.1)],
+        None => vec![entry("The", 1.0)],
     }
+}
+
+/// The fake judge's answer to a rendered prompt, and for an answer naming one position's label,
+/// that label and the other position's.
+fn judge(text: &str, invert: bool) -> (String, Option<[String; 2]>) {
+    if text.contains("FAULT-GARBAGE") {
+        return ("¯\\_(ツ)_/¯ lorem ipsum".to_string(), None);
+    }
+    let (good, bad) = if invert { ("BAD", "GOOD") } else { ("GOOD", "BAD") };
     let winner = if text.contains("BIASED") {
         Some(0)
     } else {
-        match (text.find("GOOD"), text.find("BAD")) {
+        match (text.find(good), text.find(bad)) {
             (Some(g), Some(b)) => Some(if g < b { 0 } else { 1 }),
             (Some(_), None) => Some(0),
             (None, Some(_)) => Some(1),
@@ -262,7 +317,10 @@ fn judge(text: &str) -> String {
         ["A", "B", "tie"]
     };
     if text.contains("FAULT-BOTH") {
-        return format!("{} or {}", labels[0], labels[1]);
+        return (format!("{} or {}", labels[0], labels[1]), None);
     }
-    labels[winner.unwrap_or(2)].to_string()
+    match winner {
+        Some(w) => (labels[w].to_string(), Some([labels[w].to_string(), labels[1 - w].to_string()])),
+        None => (labels[2].to_string(), None),
+    }
 }
