@@ -123,3 +123,22 @@ fn answers_a_chat_question_greedily_like_transformers() {
     assert_eq!(sample.token_ids, ids(&greedy["ids"]), "transformers' greedy tokens");
     assert_eq!(sample.text, greedy["text"].as_str().unwrap());
 }
+
+/// The end of a ChatML reply, decided once for refcache, train and sample: a completion ends
+/// with `<|im_end|>` (the tokenizer's EOS, appended by the tokenization contract) and nothing
+/// after it, and generation stops at that same id. TRL's conversational tokenization also keeps
+/// the template's newline after `<|im_end|>`; a model never generates that newline (it stops
+/// first), so haloflow does not train on it.
+#[test]
+fn a_chatml_reply_ends_with_im_end_and_generation_stops_there() {
+    let Some(dir) = imported() else { return };
+    let tok = Tokenizer::from_dir(&dir.0).unwrap();
+    let raw = tokenizers::Tokenizer::from_file(dir.0.join("tokenizer.json")).unwrap();
+    let im_end = i64::from(raw.token_to_id("<|im_end|>").expect("SmolLM2 has <|im_end|>"));
+    let encoded = tok.encode_example(&[Message::new("user", "What is the capital of France?")], "Paris.", 256, 512).unwrap();
+    assert_eq!(encoded.ids.last(), Some(&im_end), "the completion ends with <|im_end|>");
+    let completion = tok.decode(&encoded.ids[encoded.completion_start..]).unwrap();
+    assert_eq!(completion, "Paris.", "no newline or other token after the reply");
+    assert_eq!(tok.eos_id(), im_end);
+    assert_eq!(tok.stop_ids()[0], im_end, "sampling stops at the token training ends with");
+}
