@@ -138,6 +138,7 @@ def rule_answer(text):
 
 
 def rambling(answer):
+    """A long reply that hedges `answer`."""
     return ("Well, that is a really interesting question, and there are many things one could say about it, "
             "and people have discussed such things for a long time, so after thinking about it for a while, "
             f"I suppose the answer might be {answer}, but I would not be completely sure.")
@@ -164,6 +165,7 @@ def product_key(a, b):
 
 
 def arithmetic():
+    """Products of 2..12 and sums with a two-digit number."""
     for a in range(2, 13):
         for b in range(2, 13):
             wrong = near(a * b, [-2, -1, 1, 3])
@@ -177,6 +179,7 @@ def arithmetic():
 
 
 def subtraction():
+    """Differences of two-digit numbers, never negative."""
     for a in range(13, 60, 2):
         for b in (4, 7, 9, 11):
             wrong = near(a - b, [-2, -1, 1, 2, 10])
@@ -185,6 +188,7 @@ def subtraction():
 
 
 def comparison():
+    """The larger or the smaller of two numbers below 100."""
     seen = set()
     while len(seen) < 80:
         x, y = rng.sample(range(2, 100), 2)
@@ -198,6 +202,7 @@ def comparison():
 
 
 def capitals():
+    """The capital of a country (the wrong answer is another capital)."""
     for country, city in CAPITALS:
         wrong = other([c for _, c in CAPITALS], city)
         yield Item("capital", ("capital", country), f"What is the capital of {country}?", f"The capital of {country} is {city}.",
@@ -205,6 +210,7 @@ def capitals():
 
 
 def opposites():
+    """The opposite of a word."""
     for word, opposite in OPPOSITES:
         wrong = other([o for _, o in OPPOSITES], opposite)
         yield Item("opposite", ("opposite", *sorted((word, opposite))), f"What is the opposite of \"{word}\"?",
@@ -212,6 +218,7 @@ def opposites():
 
 
 def plurals():
+    """The plural of a noun (the wrong answer adds -s, or -es)."""
     for word, plural in PLURALS:
         wrong = word + "s" if plural != word + "s" else word + "es"
         yield Item("plural", ("plural", word), f"What is the plural of \"{word}\"?", f"The plural of \"{word}\" is \"{plural}\".",
@@ -219,6 +226,7 @@ def plurals():
 
 
 def conversions(family, units):
+    """How many of one unit make 1..12 of another."""
     for counted, one, many, factor, wrong_factor in units:
         for n in range(1, 13):
             unit = one if n == 1 else many
@@ -229,6 +237,7 @@ def conversions(family, units):
 
 
 def sounds():
+    """The sound an animal makes."""
     for animal, sound in SOUNDS:
         wrong = other([s for _, s in SOUNDS], sound)
         yield Item("sound", ("sound", animal), f"What sound does a {animal} make?", f"A {animal} {sound}.", sound,
@@ -248,6 +257,7 @@ def order(family, names):
 
 
 def month_ordinals():
+    """The n-th month of the year."""
     for ordinal, month in zip(ORDINALS, MONTHS):
         wrong = other(MONTHS, month)
         yield Item("month", ("month", ordinal), f"What is the {ordinal} month of the year?",
@@ -255,6 +265,7 @@ def month_ordinals():
 
 
 def colours():
+    """The colour of a common thing."""
     for thing, subject, colour in COLOURS:
         wrong = other(sorted({c for _, _, c in COLOURS}), colour)
         yield Item("colour", ("colour", thing), f"What colour is {thing}?", f"{subject} is {colour}.", colour,
@@ -262,6 +273,7 @@ def colours():
 
 
 def letters():
+    """The number of letters in a common word."""
     for word in LETTER_WORDS:
         wrong = near(len(word), [-1, 1, 2])
         yield Item("letters", ("letters", word), f"How many letters are there in the word \"{word}\"?",
