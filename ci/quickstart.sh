@@ -19,10 +19,12 @@ if "judge" in out and "train" in out:
     print(f"\ntraining report: {out['train']['report']['path']}/report.md")
     print(f"judge report:    {out['judge']['report']['path']}")
     print(f"held-out reward margin (desirable - undesirable): {first.get('eval/rewards/margins', float('nan')):.4f} -> {last.get('eval/rewards/margins', float('nan')):.4f}")
+    p = s.get("sign_test_p_value")
+    sign = "" if p is None else f"; sign test of wins against losses p = {p:.3g}"
     print(f"win rate of the KTO model against SmolLM2-135M-Instruct: {s['win_rate']:.3f} "
-          f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}; {s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']}; rule judge)")
+          f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}; {s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']}{sign}; rule judge)")
 if "judge_local" in out:
     s = json.load(open(out["judge_local"]["summary"]["path"]))
-    print(f"local judge (SmolLM2-135M itself): win rate {s['win_rate']:.3f}, weighted win rate {s['weighted_win_rate']:.3f} "
+    print(f"local judge (SmolLM2-135M itself, first {s['n']} questions): win rate {s['win_rate']:.3f}, weighted win rate {s['weighted_win_rate']:.3f} "
           f"({s['wins']} wins, {s['losses']} losses, {s['ties']} ties, {s['invalid']} invalid of {s['n']})")
 PY

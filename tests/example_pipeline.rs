@@ -174,14 +174,21 @@ fn the_quickstart_pipeline_runs_on_a_small_slice() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("work");
     let pipeline = repo_root().join("pipelines/quickstart.toml");
-    let args = ["run", pipeline.to_str().unwrap(), "--work-dir", work.to_str().unwrap(), "--set", "pairs_limit=120", "--set", "steps=2"];
+    let args = [
+        "run", pipeline.to_str().unwrap(), "--work-dir", work.to_str().unwrap(),
+        "--set", "pairs_limit=120", "--set", "steps=2", "--set", "prompts_limit=40", "--set", "local_judge_limit=8",
+    ];
     run_ok(&args);
-    let all = ["model", "pairs", "unpair", "resample", "refcache", "train", "prompts", "sample_base", "sample_kto", "judge", "judge_local"];
+    let all = ["model", "pairs", "unpair", "resample", "refcache", "train", "prompts", "prompts_local", "sample_base", "sample_kto",
+        "sample_kto_local", "judge", "judge_local"];
     assert_eq!(stages_with(&work, "quickstart", Status::Ran), set(&all));
     let m = manifest(&work, "quickstart");
     assert_eq!(m.stage("train").unwrap().outputs["metrics"].rows, Some(3), "step 0 evaluation + 2 steps");
     let judge: serde_json::Value = serde_json::from_slice(&std::fs::read(&m.stage("judge").unwrap().outputs["summary"].path).unwrap()).unwrap();
-    assert_eq!(judge["n"].as_u64(), Some(40), "every held-out question judged");
+    assert_eq!(judge["n"].as_u64(), Some(40), "every sampled held-out question judged");
+    let local: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&m.stage("judge_local").unwrap().outputs["summary"].path).unwrap()).unwrap();
+    assert_eq!(local["n"].as_u64(), Some(8), "the local judge judges the first local_judge_limit questions");
     run_ok(&args);
     assert_eq!(stages_with(&work, "quickstart", Status::Ran), set(&[]), "a rerun is instant");
 }
