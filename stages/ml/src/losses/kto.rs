@@ -119,3 +119,56 @@ impl Halo for Kto {
         self.reduce = reduce;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partners(diffs: &[f64]) -> KlPartners {
+        KlPartners { policy: Tensor::from_slice(diffs), reference: Tensor::zeros([diffs.len() as i64], (Kind::Double, tch::Device::Cpu)) }
+    }
+
+    /// The other process of a 2-process run holds KL terms summing to `sum` over `count` rows.
+    struct OtherRank {
+        count: f64,
+        sum: f64,
+    }
+
+    impl AllReduce for OtherRank {
+        fn sum(&self, stats: &Tensor) -> Result<Tensor> {
+            Ok(stats + Tensor::from_slice(&[self.count, self.sum]))
+        }
+    }
+
+    #[test]
+    fn the_step_reference_point_pools_every_microbatch_before_the_clamp() {
+        let kto = Kto::new(0.1);
+        let (a, b) = (partners(&[-0.2, 0.1]), partners(&[0.3, 0.2]));
+        let z0 = kto.step_reference_point(&[&a, &b]).unwrap().unwrap().double_value(&[]);
+        assert!((z0 - 0.1).abs() < 1e-12, "{z0}");
+        // A microbatch alone clamps at 0; pooled with the other it does not.
+        assert_eq!(kto.reference_point(&a).unwrap().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_global_z0_differs_from_the_mean_of_per_rank_clamps() {
+        // rank 0's KL terms average −0.05 (clamped: 0), rank 1's +0.13: the per-rank clamps
+        // average 0.065, the global estimate is (−0.2 + 0.52) / 8 = 0.04.
+        let mine = partners(&[-0.05, -0.05, -0.05, -0.05]);
+        let mut kto = Kto::new(0.1);
+        let per_rank = (kto.reference_point(&mine).unwrap().double_value(&[]) + 0.13f64.max(0.0)) / 2.0;
+        kto.set_all_reduce(Arc::new(OtherRank { count: 4.0, sum: 0.52 }));
+        let global = kto.step_reference_point(&[&mine]).unwrap().unwrap().double_value(&[]);
+        assert!((per_rank - 0.065).abs() < 1e-12 && (global - 0.04).abs() < 1e-12, "per-rank {per_rank}, global {global}");
+    }
+
+    #[test]
+    fn a_given_reference_point_is_used_as_it_is() {
+        let kto = Kto::new(0.1);
+        let rows = super::super::Sums::new(Tensor::from_slice(&[-1.0, -2.0]), Some(Tensor::from_slice(&[-1.0, -2.0])), Tensor::from_slice(&[1i64, 1]));
+        let inputs = LossInputs::binary(rows, Tensor::from_slice(&[true, false])).with_kl(partners(&[0.0, 0.0]));
+        assert_eq!(kto.loss(&inputs).unwrap().metrics.kl, Some(0.0));
+        let fixed = kto.loss(&inputs.with_reference_point(Tensor::from(0.7))).unwrap();
+        assert_eq!(fixed.metrics.kl, Some(0.7));
+    }
+}
