@@ -207,3 +207,26 @@ fn more_ranks_than_microbatches_is_refused() {
         assert!(!o.status.success() && err.contains("fewer than grad_accum × WORLD_SIZE = 2 × 2"), "{err}");
     }
 }
+
+/// Every loss trains on 2 ranks and equals one process accumulating the same microbatches.
+#[test]
+fn every_loss_trains_on_two_ranks() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, pairs) = (dir.path().join("plan.arrow"), dir.path().join("pairs.arrow"));
+    write_plan(&plan, 4, false);
+    write_pairs(&pairs, 16);
+    let binary = ["kto", "apo_zero", "ppo", "sft", "csft"];
+    let paired = ["dpo", "cdpo", "ipo", "simpo", "slic", "orpo"];
+    for loss in binary.iter().chain(&paired) {
+        let data = if binary.contains(loss) { &plan } else { &pairs };
+        let args = ["--loss", loss, "--reference", "live", "--lr", "2e-3", "--max-steps", "2", "--microbatch-size", "4"];
+        let (outs, ddp, _) = train_2_ranks(dir.path(), &format!("{loss}-ddp"), data, &model, &args, no_env);
+        assert!(outs.iter().all(|o| o.status.success()), "{loss} failed on 2 ranks");
+        let (one, single) = train(dir.path(), &format!("{loss}-one"), data, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+        assert!(one.status.success());
+        let (dm, dw) = (max_metric_diff(&single, &ddp), max_weight_diff(&single, &ddp));
+        eprintln!("{loss}: 2 ranks vs 1 process: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}");
+        assert!(dm < 1e-5 && dw < 1e-5, "{loss}: metrics {dm}, weights {dw}");
+    }
+}

@@ -92,8 +92,8 @@ pub trait Halo: Send {
     fn step_reference_point(&self, _kl: &[&KlPartners]) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    /// Installs the all-reduce of a distributed run. Losses with a batch statistic (KTO's
-    /// reference point, PPO's advantage whitening) reduce it with it; the others ignore it.
+    /// Installs the all-reduce of a distributed run. A loss with a statistic of the whole
+    /// step's batch (KTO's reference point) reduces it with it; the others ignore it.
     fn set_all_reduce(&mut self, _reduce: Arc<dyn AllReduce>) {}
 }
 
