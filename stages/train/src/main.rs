@@ -4,6 +4,7 @@
 mod checkpoint;
 mod data;
 mod metrics;
+mod microbatch;
 mod optim;
 mod parallel;
 mod refs;

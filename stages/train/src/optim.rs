@@ -1,14 +1,19 @@
 //! AdamW with decoupled weight decay, a warmup-then-decay learning-rate schedule and gradient
 //! clipping by global norm. Written out (rather than libtorch's optimizer) so that its state
 //! (moments and, for bf16/f16 weights, f32 master weights) is saved in checkpoints and a
-//! resumed run continues bit-for-bit.
+//! resumed run continues bit-for-bit. [`Optimizer`] chooses it or ZeRO-1 ([`ShardedAdamW`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use haloflow_ml::losses::Accumulator;
 use tch::{Kind, Tensor};
+
+use crate::checkpoint::OptimizerState;
+use crate::parallel::Ranks;
+use crate::zero::ShardedAdamW;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -172,6 +177,67 @@ pub fn update(c: &AdamWConfig, t: i64, lr: f64, target: &mut Tensor, m: &mut Ten
     let mut denom = v.sqrt();
     let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
     let _ = target.addcdiv_(&(&*m * (-lr / bias1)), &denom);
+}
+
+/// The optimizer: plain AdamW (its state on every rank) or ZeRO-1.
+pub enum Optimizer {
+    /// AdamW with its whole state.
+    Full(AdamW),
+    /// ZeRO-1: this rank's slice of the state.
+    Sharded(ShardedAdamW),
+}
+
+impl Optimizer {
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        match self {
+            Optimizer::Full(opt) => opt.zero_grad(),
+            Optimizer::Sharded(opt) => opt.zero_grad(),
+        }
+    }
+
+    /// Sums the step's gradients over the ranks, divides them by its example count and clips
+    /// them by global norm; returns the step's loss and the norm before clipping.
+    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64) -> Result<(f64, f64)> {
+        match self {
+            Optimizer::Full(opt) => {
+                ranks.sum_gradients(params)?;
+                let loss = acc.finish(params);
+                Ok((loss, opt.clip_grad_norm(max_norm)))
+            }
+            Optimizer::Sharded(opt) => {
+                let (loss, scale) = acc.totals();
+                Ok((loss, opt.sync_and_clip(ranks, scale, max_norm)?))
+            }
+        }
+    }
+
+    /// Updates the weights with learning rate `lr` (ZeRO-1: the slice, then all-gathers).
+    pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => {
+                opt.step(lr);
+                Ok(())
+            }
+            Optimizer::Sharded(opt) => opt.update(ranks, lr),
+        }
+    }
+
+    /// Restores the state of a checkpoint.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => opt.load(dir),
+            Optimizer::Sharded(opt) => opt.load(dir),
+        }
+    }
+
+    /// The state to checkpoint.
+    pub fn state(&self) -> OptimizerState<'_> {
+        match self {
+            Optimizer::Full(opt) => OptimizerState::Full(opt),
+            Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
+        }
+    }
 }
 
 /// How the learning rate decays after warmup.
