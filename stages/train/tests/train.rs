@@ -103,7 +103,7 @@ fn bad_training_input_is_refused_clearly() {
     // A learning rate that blows the model up stops the run at the step, naming its examples,
     // and keeps the last good checkpoint.
     write_plan(&plan, 4, false);
-    let (out, run) = train(dir.path(), "nan", &plan, &model, &["--loss", "kto", "--reference", "live", "--lr", "1e6", "--save-every", "1", "--max-grad-norm", "0"], &[]);
+    let (out, run) = train(dir.path(), "nan", &plan, &model, &["--loss", "kto", "--reference", "live", "--lr", "1e30", "--save-every", "1", "--max-grad-norm", "0"], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("at step") && err.contains("examples e"), "{err}");
     let kept: Vec<_> = std::fs::read_dir(run.dir.join("ckpt")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
