@@ -1,7 +1,8 @@
 //! Two ranks on 127.0.0.1 over Gloo: this test program spawns itself twice as the ranks
 //! (environment HALO_DIST_TEST_ROLE), with torchrun's variables and a free port. Checks every
 //! collective's result, then that the death of one rank (SIGKILL) makes the other fail
-//! within the timeout with an error naming the collective and the lost rank.
+//! within the timeout with an error naming the collective and the lost rank, and that the
+//! ranks join under torchrun (its agent's store).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -18,6 +19,11 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 /// A rank's work for role `role`.
 fn rank_main(role: &str) {
+    if role == "join" {
+        let err = Dist::from_env("gloo", Duration::from_secs(3)).err().expect("the rendezvous fails");
+        println!("error: {err:#}");
+        std::process::exit(3);
+    }
     let dist = Dist::from_env("gloo", TIMEOUT).unwrap().expect("WORLD_SIZE is 2");
     let (r, w) = (dist.rank() as f64, dist.world_size());
     assert_eq!(w, 2);
@@ -55,7 +61,8 @@ fn rank_main(role: &str) {
             let gathered = dist.all_gather_bytes(format!("rank {r} says hi").repeat(dist.rank() + 1).as_bytes()).unwrap();
             assert_eq!(gathered, [b"rank 0 says hi".to_vec(), b"rank 1 says hirank 1 says hi".to_vec()]);
             dist.barrier().unwrap();
-            println!("collectives ok on rank {}", dist.rank());
+            let agent = std::env::var("TORCHELASTIC_USE_AGENT_STORE").unwrap_or_default();
+            println!("collectives ok on rank {} (agent store: {agent:?})", dist.rank());
         }
         "die" => {
             dist.barrier().unwrap();
@@ -77,7 +84,11 @@ fn free_port() -> u16 {
 }
 
 fn spawn(role: &str, port: u16) -> Vec<Child> {
-    (0..2)
+    spawn_ranks(role, port, 0..2)
+}
+
+fn spawn_ranks(role: &str, port: u16, ranks: std::ops::Range<usize>) -> Vec<Child> {
+    ranks
         .map(|rank| {
             Command::new(std::env::current_exe().unwrap())
                 .env("HALO_DIST_TEST_ROLE", role)
@@ -126,6 +137,40 @@ fn a_killed_rank_makes_the_other_fail_naming_it() {
     assert!(stdout.contains("lost rank(s) 1 "), "the lost rank is not named: {stdout}");
 }
 
+/// A port in use, or no store at the master: one clear error each, within the timeout.
+fn a_port_in_use_or_an_unreachable_master_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, stdout) = output(spawn_ranks("join", port, 0..1).pop().unwrap());
+    assert_eq!(code, 3);
+    assert!(stdout.contains(&format!("rank 0 of 2: cannot join the gloo process group through the store at 127.0.0.1:{port}")), "{stdout}");
+    assert!(stdout.to_lowercase().contains("address already in use"), "{stdout}");
+    drop(taken);
+    let started = Instant::now();
+    let (code, stdout) = output(spawn_ranks("join", free_port(), 1..2).pop().unwrap());
+    let seconds = started.elapsed().as_secs_f64();
+    println!("rank 1 gave up on an absent store after {seconds:.1} s: {}", stdout.trim());
+    assert_eq!(code, 3);
+    assert!(stdout.contains("rank 1 of 2: cannot join"), "{stdout}");
+    assert!(seconds < 20.0, "{seconds} s for a 3 s timeout");
+}
+
+/// Under torchrun, whose agent serves the store (TORCHELASTIC_USE_AGENT_STORE=True): every
+/// rank joins as a client under the attempt's key prefix.
+fn under_torchrun_with_its_agent_store() {
+    let out = Command::new("torchrun")
+        .args(["--nproc-per-node", "2", "--no-python", "--master-port", &free_port().to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .env("HALO_DIST_TEST_ROLE", "collectives")
+        .output()
+        .expect("torchrun on PATH (source ci/env.sh: the project venv's torch)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for rank in 0..2 {
+        assert!(stdout.contains(&format!("collectives ok on rank {rank} (agent store: \"True\")")), "{stdout}");
+    }
+}
+
 fn main() {
     if let Ok(role) = std::env::var("HALO_DIST_TEST_ROLE") {
         rank_main(&role);
@@ -134,6 +179,8 @@ fn main() {
     for (name, test) in [
         ("every_collective_gives_the_expected_result", every_collective_gives_the_expected_result as fn()),
         ("a_killed_rank_makes_the_other_fail_naming_it", a_killed_rank_makes_the_other_fail_naming_it),
+        ("under_torchrun_with_its_agent_store", under_torchrun_with_its_agent_store),
+        ("a_port_in_use_or_an_unreachable_master_is_a_clear_error", a_port_in_use_or_an_unreachable_master_is_a_clear_error),
     ] {
         let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
         if args.iter().all(|f| name.contains(f.as_str())) {
