@@ -230,3 +230,16 @@ fn every_loss_trains_on_two_ranks() {
         assert!(dm < 1e-5 && dw < 1e-5, "{loss}: metrics {dm}, weights {dw}");
     }
 }
+
+#[test]
+fn nccl_without_cuda_is_refused() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 4, false);
+    let env = [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")];
+    let (out, run) = train(dir.path(), "nccl", &plan, &model, &["--loss", "kto", "--reference", "live", "--dist-backend", "nccl"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the nccl backend needs a CUDA device"), "{err}");
+    assert!(!run.dir.join("policy").exists());
+}
