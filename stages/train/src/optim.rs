@@ -63,12 +63,7 @@ impl AdamW {
 
     /// Clears every gradient.
     pub fn zero_grad(&mut self) {
-        for slot in self.slots.values_mut() {
-            let mut grad = slot.param.grad();
-            if grad.defined() {
-                let _ = grad.zero_();
-            }
-        }
+        zero_grads(self.slots.values().map(|s| &s.param));
     }
 
     /// The global L2 norm of all gradients (f64).
@@ -236,6 +231,16 @@ impl Optimizer {
         match self {
             Optimizer::Full(opt) => OptimizerState::Full(opt),
             Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
+        }
+    }
+}
+
+/// Sets the defined gradients of `params` to zero.
+pub fn zero_grads<'a>(params: impl Iterator<Item = &'a Tensor>) {
+    for p in params {
+        let mut grad = p.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
         }
     }
 }

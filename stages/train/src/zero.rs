@@ -75,12 +75,7 @@ impl ShardedAdamW {
 
     /// Clears every gradient.
     pub fn zero_grad(&mut self) {
-        for p in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        optim::zero_grads(self.params.iter());
     }
 
     /// Reduce-scatters the gradients, multiplies them by `scale` (the accumulator's
