@@ -146,6 +146,19 @@ impl Ranks {
         Ok(merged)
     }
 
+    /// Checks that every rank holds the same `value` (e.g. the checkpoint step it resumes
+    /// from), naming `what` when they differ.
+    pub fn check_same(&self, value: i64, what: &str) -> Result<()> {
+        let Some(dist) = &self.dist else { return Ok(()) };
+        let mine = Tensor::from_slice(&[value]).to_device(dist.device());
+        let (mut max, mut min) = (mine.copy(), mine.copy());
+        dist.all_reduce(&mut max, ReduceOp::Max)?;
+        dist.all_reduce(&mut min, ReduceOp::Min)?;
+        let (max, min) = (max.int64_value(&[0]), min.int64_value(&[0]));
+        ensure!(max == min, "the ranks disagree on {what}: from {min} to {max} (rank {} has {value})", dist.rank());
+        Ok(())
+    }
+
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<()> {
         self.dist.as_ref().map_or(Ok(()), |d| d.barrier())

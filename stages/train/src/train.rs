@@ -192,7 +192,12 @@ pub fn run(args: &Args) -> Result<()> {
         .unwrap_or_else(|| args.policy.with_extension("checkpoints"));
     let run_id = checkpoint::run_id(args, per_step, &policy.dir, &args.data)?;
     let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
-    if let Some(found) = checkpoint::latest(&ckpt_root, &run_id)? {
+    let found = checkpoint::latest(&ckpt_root, &run_id)?;
+    let found_step = found.as_ref().map_or(Ok(0), |f| checkpoint::read_state(f).map(|s| s.step as i64))?;
+    ranks
+        .check_same(found_step, "the checkpoint step to resume from")
+        .with_context(|| format!("every rank must see the same checkpoint directory, here {}", ckpt_root.display()))?;
+    if let Some(found) = found {
         haloflow_ml::weights::load(&policy.vs, &found.join("model"))?;
         if value_head.is_some() {
             haloflow_ml::weights::load_file(&value_vs, &found.join(checkpoint::VALUE_HEAD_FILE))?;

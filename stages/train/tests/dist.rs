@@ -22,6 +22,19 @@ fn free_port() -> u16 {
 /// Runs `name` as two ranks; `env_of(rank)` adds variables to a rank. Returns both outputs
 /// (rank 0 first), the run, and the seconds until the last rank exited.
 fn train_2_ranks(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&str], env_of: impl Fn(usize) -> Vec<(&'static str, String)>) -> (Vec<Output>, Run, f64) {
+    train_2_ranks_with(dir, name, data, model, extra, env_of, |_| Vec::new())
+}
+
+/// [`train_2_ranks`] with `args_of(rank)` appended to a rank's arguments.
+fn train_2_ranks_with(
+    dir: &Path,
+    name: &str,
+    data: &Path,
+    model: &Path,
+    extra: &[&str],
+    env_of: impl Fn(usize) -> Vec<(&'static str, String)>,
+    args_of: impl Fn(usize) -> Vec<String>,
+) -> (Vec<Output>, Run, f64) {
     let port = free_port().to_string();
     let started = Instant::now();
     let mut children = Vec::new();
@@ -33,6 +46,7 @@ fn train_2_ranks(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&st
         for (k, v) in env_of(rank) {
             cmd.env(k, v);
         }
+        cmd.args(args_of(rank));
         children.push(cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap());
         run = Some(r);
     }
@@ -166,6 +180,14 @@ fn a_killed_rank_stops_the_run_and_the_rerun_resumes() {
     assert!(!outs[0].status.success() && err.contains("lost rank(s) 1") && err.contains("on rank 0 of 2"), "{err}");
     assert!(seconds < 60.0);
     assert!(!run.dir.join("policy").exists() && !run.dir.join("metrics.parquet").exists(), "no output after a failure");
+    // Rank 1 looking into another checkpoint directory would start over: refused.
+    let elsewhere = dir.path().join("elsewhere").to_str().unwrap().to_string();
+    let other_dir = |rank: usize| if rank == 1 { vec!["--checkpoint-dir".to_string(), elsewhere.clone()] } else { Vec::new() };
+    let (outs, _, _) = train_2_ranks_with(dir.path(), "resumed", &plan, &model, &args, no_env, other_dir);
+    for o in &outs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("the ranks disagree on the checkpoint step to resume from: from 0 to 2"), "{err}");
+    }
     let (outs, run, _) = train_2_ranks(dir.path(), "resumed", &plan, &model, &args, no_env);
     assert!(outs.iter().all(|o| o.status.success()));
     assert!(String::from_utf8_lossy(&outs[0].stderr).contains("resuming"));
