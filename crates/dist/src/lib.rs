@@ -70,8 +70,9 @@ impl Dist {
     /// give up after `timeout`.
     pub fn from_env(backend: &str, timeout: Duration) -> Result<Option<Dist>> {
         let Some(rv) = env::read(|k| std::env::var(k).ok())? else { return Ok(None) };
-        let device = if backend == "auto" { Device::cuda_if_available() } else { Device::Cpu };
-        let backend = backend_for(backend, if backend == "nccl" { Device::Cuda(rv.local_rank) } else { device })?;
+        // `auto` follows the machine; `gloo` and `nccl` are taken as asked, NCCL checked below.
+        let device = if backend == "auto" { Device::cuda_if_available() } else { Device::Cuda(rv.local_rank) };
+        let backend = backend_for(backend, device)?;
         if backend == "nccl" {
             ensure!(tch::Cuda::is_available(), "the nccl backend needs CUDA, and this machine has none (use --dist-backend gloo)");
         }

@@ -41,7 +41,7 @@ pub struct ShardedAdamW {
     /// The reduced, scaled and clipped gradient slice of the step in progress.
     grad: Option<Tensor>,
     /// Optimizer steps taken.
-    pub steps: i64,
+    steps: i64,
 }
 
 /// The tensors as one f32 vector, zero-padded to `padded` elements.
