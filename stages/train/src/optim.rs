@@ -1,14 +1,19 @@
 //! AdamW with decoupled weight decay, a warmup-then-decay learning-rate schedule and gradient
 //! clipping by global norm. Written out (rather than libtorch's optimizer) so that its state
 //! (moments and, for bf16/f16 weights, f32 master weights) is saved in checkpoints and a
-//! resumed run continues bit-for-bit.
+//! resumed run continues bit-for-bit. [`Optimizer`] chooses it or ZeRO-1 ([`ShardedAdamW`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use haloflow_ml::losses::Accumulator;
 use tch::{Kind, Tensor};
+
+use crate::checkpoint::OptimizerState;
+use crate::parallel::Ranks;
+use crate::zero::ShardedAdamW;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -58,12 +63,7 @@ impl AdamW {
 
     /// Clears every gradient.
     pub fn zero_grad(&mut self) {
-        for slot in self.slots.values_mut() {
-            let mut grad = slot.param.grad();
-            if grad.defined() {
-                let _ = grad.zero_();
-            }
-        }
+        zero_grads(self.slots.values().map(|s| &s.param));
     }
 
     /// The global L2 norm of all gradients (f64).
@@ -101,28 +101,15 @@ impl AdamW {
     /// `amsgrad=False`).
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
-        let c = self.config;
-        let t = self.steps as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let (c, t) = (self.config, self.steps);
         tch::no_grad(|| {
             for slot in self.slots.values_mut() {
                 let grad = slot.param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let grad = grad.to_kind(Kind::Float);
                 let mut target = slot.master.as_ref().unwrap_or(&slot.param).shallow_clone();
-                if c.weight_decay != 0.0 {
-                    let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                // m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²  (fewest kernels: lerp, addcmul)
-                let _ = slot.m.lerp_(&grad, 1.0 - c.beta1);
-                let _ = slot.v.g_mul_scalar_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
-                // θ ← θ − lr·m̂/(√v̂ + ε), with m̂ = m/bias1 and v̂ = v/bias2.
-                let mut denom = slot.v.sqrt();
-                let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
-                let _ = target.addcdiv_(&(&slot.m * (-lr / bias1)), &denom);
+                update(&c, t, lr, &mut target, &mut slot.m, &mut slot.v, &grad.to_kind(Kind::Float));
                 if let Some(master) = &slot.master {
                     let _ = slot.param.shallow_clone().copy_(master);
                 }
@@ -166,6 +153,95 @@ impl AdamW {
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("optimizer.json"))?)?;
         self.steps = meta["steps"].as_i64().context("optimizer.json: steps")?;
         Ok(())
+    }
+}
+
+/// One AdamW update, in place, of the f32 weights `target` with moments `m`, `v` and the f32
+/// gradient `grad`, at optimizer step `t` (1-based); element-wise, so it serves whole
+/// parameters and ZeRO-1 slices alike. Call under no-grad.
+pub fn update(c: &AdamWConfig, t: i64, lr: f64, target: &mut Tensor, m: &mut Tensor, v: &mut Tensor, grad: &Tensor) {
+    let bias1 = 1.0 - c.beta1.powi(t as i32);
+    let bias2 = 1.0 - c.beta2.powi(t as i32);
+    if c.weight_decay != 0.0 {
+        let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
+    }
+    // m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²  (fewest kernels: lerp, addcmul)
+    let _ = m.lerp_(grad, 1.0 - c.beta1);
+    let _ = v.g_mul_scalar_(c.beta2).addcmul_(grad, &(grad * (1.0 - c.beta2)));
+    // θ ← θ − lr·m̂/(√v̂ + ε), with m̂ = m/bias1 and v̂ = v/bias2.
+    let mut denom = v.sqrt();
+    let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
+    let _ = target.addcdiv_(&(&*m * (-lr / bias1)), &denom);
+}
+
+/// The optimizer: plain AdamW (its state on every rank) or ZeRO-1.
+pub enum Optimizer {
+    /// AdamW with its whole state.
+    Full(AdamW),
+    /// ZeRO-1: this rank's slice of the state.
+    Sharded(ShardedAdamW),
+}
+
+impl Optimizer {
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        match self {
+            Optimizer::Full(opt) => opt.zero_grad(),
+            Optimizer::Sharded(opt) => opt.zero_grad(),
+        }
+    }
+
+    /// Sums the step's gradients over the ranks, divides them by its example count and clips
+    /// them by global norm; returns the step's loss and the norm before clipping.
+    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64) -> Result<(f64, f64)> {
+        match self {
+            Optimizer::Full(opt) => {
+                ranks.sum_gradients(params)?;
+                let loss = acc.finish(params);
+                Ok((loss, opt.clip_grad_norm(max_norm)))
+            }
+            Optimizer::Sharded(opt) => {
+                let (loss, scale) = acc.totals();
+                Ok((loss, opt.sync_and_clip(ranks, scale, max_norm)?))
+            }
+        }
+    }
+
+    /// Updates the weights with learning rate `lr` (ZeRO-1: the slice, then all-gathers).
+    pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => {
+                opt.step(lr);
+                Ok(())
+            }
+            Optimizer::Sharded(opt) => opt.update(ranks, lr),
+        }
+    }
+
+    /// Restores the state of a checkpoint.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => opt.load(dir),
+            Optimizer::Sharded(opt) => opt.load(dir),
+        }
+    }
+
+    /// The state to checkpoint.
+    pub fn state(&self) -> OptimizerState<'_> {
+        match self {
+            Optimizer::Full(opt) => OptimizerState::Full(opt),
+            Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
+        }
+    }
+}
+
+/// Sets the defined gradients of `params` to zero.
+pub fn zero_grads<'a>(params: impl Iterator<Item = &'a Tensor>) {
+    for p in params {
+        let mut grad = p.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! reward    = +1 (desirable) or −1 (undesirable) on the last completion token, 0 elsewhere
 //! A_t, R_t  = GAE(γ = 0.99, λ = 0.95) of the rewards and the detached values V, A whitened
-//!             over the batch's tokens, R_t = A_t + V_t (before whitening)
+//!             over the microbatch's tokens, R_t = A_t + V_t (before whitening)
 //! ρ_t       = exp(logπ_θ − logπ_ref)             (πold = the frozen reference)
 //! policy    = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−c, 1+c)),  c = 0.5
 //! critic    = ½·(V_t − R_t)²
@@ -12,9 +12,9 @@
 //! ```
 //!
 //! each term a mean over the row's completion tokens, then averaged over the rows. The values
-//! come from a [`ValueHead`] on the detached last hidden state.
-
-use std::sync::Arc;
+//! come from a [`ValueHead`] on the detached last hidden state. The whitening stays within the
+//! microbatch in a distributed run too, so that N processes equal one process accumulating the
+//! same microbatches.
 
 use anyhow::{ensure, Context, Result};
 use tch::nn::{self, Module};
@@ -51,12 +51,11 @@ pub struct Ppo {
     pub gamma: f64,
     /// GAE's λ (default 0.95).
     pub lambda: f64,
-    reduce: Arc<dyn AllReduce>,
 }
 
 impl Default for Ppo {
     fn default() -> Ppo {
-        Ppo { clip: 0.5, gamma: 0.99, lambda: 0.95, reduce: Arc::new(SingleProcess) }
+        Ppo { clip: 0.5, gamma: 0.99, lambda: 0.95 }
     }
 }
 
@@ -66,7 +65,6 @@ impl Ppo {
             clip: p.number("clip", 0.5, Bound::OpenUnit)?,
             gamma: p.number("gamma", 0.99, Bound::Unit)?,
             lambda: p.number("lambda", 0.95, Bound::Unit)?,
-            ..Ppo::default()
         })
     }
 }
@@ -160,7 +158,7 @@ impl Halo for Ppo {
         let (advantages, returns) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
             let scores = desirable.to_kind(kind) * 2.0 - 1.0;
             let (advantages, returns) = gae(&last_token_rewards(&scores, &mask), &tokens.values.detach(), &mask, self.gamma, self.lambda);
-            Ok((whiten(&advantages, &mask, &*self.reduce)?, returns))
+            Ok((whiten(&advantages, &mask, &SingleProcess)?, returns))
         })?;
         let log_ratio = &tokens.policy - tokens.reference.detach();
         let policy = row_mean(&clipped_policy_loss(&log_ratio, &advantages, self.clip), &valid);
@@ -174,9 +172,10 @@ impl Halo for Ppo {
         finish(self.name(), per_row, None, inputs, Metrics { extra, ..Metrics::default() })
     }
 
-    fn set_all_reduce(&mut self, reduce: Arc<dyn AllReduce>) {
-        self.reduce = reduce;
+    fn needs_value_head(&self) -> bool {
+        true
     }
+
 }
 
 /// PPO's critic: a small MLP `hidden → inner → 1` (ReLU) on the language model's last hidden
