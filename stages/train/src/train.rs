@@ -175,14 +175,14 @@ pub fn run(args: &Args) -> Result<()> {
         let mut tokens = 0usize;
         for &mb in &order[at..at + args.grad_accum] {
             let members = &split.train[mb];
-            let (out, policy_logps) = microbatch_loss(&job, &policy, members, true)?;
+            let out = microbatch_loss(&job, &policy, members, true)?;
             let loss = out.loss.double_value(&[]);
             if !loss.is_finite() {
                 let ids: Vec<&str> = members.iter().map(|&i| encoded[i].id.as_str()).collect();
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
             }
             acc.backward(&out)?;
-            row.add_microbatch(&out, policy_logps);
+            row.add_microbatch(&out);
             tokens += members.iter().map(|&i| encoded[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
         }
         let examples = acc.examples();
@@ -215,7 +215,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     policy.save(&args.policy)?;
     metrics::write(&args.metrics, &state.metrics)?;
-    report::write(&args.report, &args.loss, &state.metrics)?;
+    report::write(&args.report, &args.loss, &state.metrics, args.smoothing)?;
     let summary = json!({
         "loss": args.loss,
         "data_kind": data_kind,
@@ -288,24 +288,23 @@ fn reference_sums(job: &Job, members: &[usize]) -> Result<Option<(Tensor, Tensor
     })
 }
 
-/// The loss of one microbatch and the mean policy log-probs of its (first, second) sequences.
-fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) -> Result<(LossOutput, (f64, f64))> {
+/// The loss of one microbatch.
+fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) -> Result<LossOutput> {
     let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
     let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
     let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
     let refs = reference_sums(job, members)?;
     let m = rows.len() as i64;
-    let (inputs, means) = match job.kind {
+    let inputs = match job.kind {
         DataKind::Plan => {
             let (s_pol, n) = logps(policy, &first, job.device, grad);
             let desirable: Vec<bool> = rows.iter().map(|r| job.labels[&r.id].desirable).collect();
             let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
-            let means = (s_pol.mean(Kind::Double).double_value(&[]), f64::NAN);
             let (ref_first, ref_second) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
             let desirable = Tensor::from_slice(&desirable).to_device(job.device);
             if let Some(head) = job.value_head {
                 let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
-                return Ok((job.halo.loss(&inputs)?, means));
+                return job.halo.loss(&inputs);
             }
             let mut inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable);
             if job.halo.name() == "kto" {
@@ -319,20 +318,19 @@ fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) 
             if let Some((d, u)) = job.lambdas {
                 inputs = inputs.with_lambdas(d, u);
             }
-            (inputs, means)
+            inputs
         }
         DataKind::Paired => {
             let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
             let (s_pol, n) = logps(policy, &both, job.device, grad);
             let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
-            let means = (c.mean(Kind::Double).double_value(&[]), r.mean(Kind::Double).double_value(&[]));
             let (rc, rr) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
             let chosen = Sums::new(c, rc, n.narrow(0, 0, m));
             let rejected = Sums::new(r, rr, n.narrow(0, m, m));
-            (LossInputs::paired(chosen, rejected), means)
+            LossInputs::paired(chosen, rejected)
         }
     };
-    Ok((job.halo.loss(&inputs)?, means))
+    job.halo.loss(&inputs)
 }
 
 /// Width of PPO's value head.
@@ -376,10 +374,10 @@ fn evaluate(job: &Job, policy: &CausalLm, split: &Split, row: &mut Row) -> Resul
     let mut eval = Row::new(row.step, row.epoch);
     let mut total = (0.0, 0usize);
     for members in &split.eval {
-        let (out, means) = tch::no_grad(|| microbatch_loss(job, policy, members, false))?;
+        let out = tch::no_grad(|| microbatch_loss(job, policy, members, false))?;
         total.0 += out.loss.double_value(&[]) * out.count as f64;
         total.1 += out.count;
-        eval.add_microbatch(&out, means);
+        eval.add_microbatch(&out);
     }
     row.set_eval(total.0 / total.1.max(1) as f64, &eval);
     Ok(())
