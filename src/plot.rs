@@ -24,6 +24,8 @@ const WIDTH: u32 = 800;
 const HEIGHT: u32 = 500;
 /// Width of the legend column at the right of a line chart, in pixels.
 const LEGEND_WIDTH: u32 = 200;
+/// Radius of the markers of a [`Mark::Markers`] series, in pixels.
+const MARKER_RADIUS: u32 = 4;
 /// Height of one bar's row in a [`bar_chart`], in pixels.
 const BAR_ROW: u32 = 42;
 /// Series colours (Tableau 10: distinct on white, none too pale).
@@ -229,7 +231,7 @@ fn no_data(title: &str) -> Result<String> {
 fn line_style(s: &Series) -> ShapeStyle {
     let color = PALETTE[s.color % PALETTE.len()];
     match s.mark {
-        Mark::Faded => color.mix(0.3).stroke_width(1),
+        Mark::Faded => color.mix(0.4).stroke_width(1),
         Mark::Line | Mark::Markers => color.stroke_width(2),
     }
 }
@@ -283,9 +285,11 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         let mut order: Vec<&(&Series, Vec<(f64, f64)>)> = kept.iter().collect();
         order.sort_by_key(|(s, _)| s.mark != Mark::Faded);
         for (s, pts) in order {
-            let line = LineSeries::new(pts.iter().copied(), line_style(s));
-            let line = if s.mark == Mark::Markers { line.point_size(4) } else { line };
-            chart.draw_series(line).map_err(err)?;
+            let style = line_style(s);
+            chart.draw_series(LineSeries::new(pts.iter().copied(), style)).map_err(err)?;
+            if s.mark == Mark::Markers {
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, MARKER_RADIUS, style.filled()))).map_err(err)?;
+            }
         }
         legend(&legend_area, &kept.iter().map(|(s, _)| *s).collect::<Vec<_>>())?;
         root.present().map_err(err)?;
@@ -302,7 +306,7 @@ fn legend<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, se
         let line = line_style(s);
         area.draw(&PathElement::new(vec![(4, y), (30, y)], line)).map_err(err)?;
         if s.mark == Mark::Markers {
-            area.draw(&Circle::new((17, y), 4, line.filled())).map_err(err)?;
+            area.draw(&Circle::new((17, y), MARKER_RADIUS, line.filled())).map_err(err)?;
         }
         area.draw(&Text::new(s.name.as_str(), (38, y), style.clone())).map_err(err)?;
     }
@@ -540,7 +544,7 @@ mod tests {
         let lines: Vec<&str> = svg.split("<polyline").skip(1).filter(|l| l.contains("stroke=\"#1F77B4\"")).collect();
         // The two curves, then their two legend samples.
         assert_eq!(lines.len(), 4);
-        assert!(lines[0].contains("opacity=\"0.3\""), "the faded line comes first: {}", lines[0]);
+        assert!(lines[0].contains("opacity=\"0.4\""), "the faded line comes first: {}", lines[0]);
         assert!(lines[1].contains("opacity=\"1\""));
     }
 
