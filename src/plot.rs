@@ -352,9 +352,9 @@ pub fn bar_chart(
 
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
+        let page = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        page.fill(&WHITE).map_err(err)?;
+        let root = page.titled(title, ("sans-serif", 22)).map_err(err)?;
         let mut chart = ChartBuilder::on(&root)
             .margin(15)
             .margin_right(30)
@@ -391,16 +391,17 @@ pub fn bar_chart(
                     chart.draw_series([eb]).map_err(err)?;
                 }
             }
-            // Label at the left of the bar, right-aligned against the axis.
+            // Label at the left of the bar, right-aligned against the axis (in the page's
+            // pixels: `backend_coord` is absolute, the titled area starts below the title).
             let (px, py) = chart.backend_coord(&(v0, y));
             let style = TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
-            root.draw(&Text::new(bar.label.as_str(), (px - 8, py), style)).map_err(err)?;
+            page.draw(&Text::new(bar.label.as_str(), (px - 8, py), style)).map_err(err)?;
         }
         if let Some(r) = reference_line.filter(|r| r.is_finite() && (v0..=v1).contains(r)) {
             let line = [(r, -0.5), (r, n as f64 - 0.5)];
             chart.draw_series(LineSeries::new(line, RED.stroke_width(1))).map_err(err)?;
         }
-        root.present().map_err(err)?;
+        page.present().map_err(err)?;
     }
     Ok(svg)
 }
@@ -586,8 +587,14 @@ mod tests {
         assert!(ys.windows(2).all(|w| w[1] - w[0] >= 20.0), "{ys:?}");
         ys.dedup();
         assert_eq!(ys.len(), labels.len());
+        // Each label beside its own bar: its y within the bar's rectangle.
+        let rects: Vec<&str> = svg.split("<rect").skip(2).collect();
+        for (l, rect) in labels.iter().zip(&rects) {
+            let (top, h, y) = (attr(rect, "y"), attr(rect, "height"), attr(text(&all, l), "y"));
+            assert!(top < y && y < top + h, "{l} at y = {y}, its bar spans {top}..{}", top + h);
+        }
         // Right-aligned against the axis, left of the bars.
-        let first_bar_x = attr(svg.split("<rect").nth(2).unwrap(), "x");
+        let first_bar_x = attr(rects[0], "x");
         for l in labels {
             let attrs = text(&all, l);
             assert!(attrs.contains("text-anchor=\"end\"") && attr(attrs, "x") < first_bar_x, "{l}: {attrs}");
