@@ -119,7 +119,7 @@ fn kto_golden() {
     assert_close(&[scalar(&kto.reference_point(golden_kto_inputs().kl.as_ref().unwrap()).unwrap())], &[0.025]);
     // Reported rewards are β·r: desirable r = (1, 0.5), undesirable r = (−1, 0.5).
     assert_close(&[out.metrics.rewards_chosen.unwrap(), out.metrics.rewards_rejected.unwrap()], &[0.075, -0.025]);
-    assert_close(&[out.metrics.margins.unwrap()], &[0.1]);
+    assert_close(&[out.metrics.margins().unwrap()], &[0.1]);
     assert_eq!(out.metrics.accuracy, None);
 }
 
@@ -141,7 +141,7 @@ fn dpo_golden() {
     assert_close(&[scalar(&out.loss)], &[0.645643]);
     // β·r: chosen (0.1, 0.05), rejected (−0.1, 0.05); the second pair is a tie.
     assert_close(&[out.metrics.rewards_chosen.unwrap(), out.metrics.rewards_rejected.unwrap()], &[0.075, -0.025]);
-    assert_close(&[out.metrics.margins.unwrap(), out.metrics.accuracy.unwrap()], &[0.1, 0.5]);
+    assert_close(&[out.metrics.margins().unwrap(), out.metrics.accuracy.unwrap()], &[0.1, 0.5]);
 }
 
 #[test]
@@ -267,9 +267,57 @@ fn one_class_microbatch_reports_no_reward_for_the_absent_class() {
     let out = run("kto", json!({}), &inputs);
     assert!(scalar(&out.loss).is_finite());
     assert!(out.metrics.rewards_chosen.is_some());
-    assert_eq!((out.metrics.rewards_rejected, out.metrics.margins), (None, None));
-    let names: Vec<_> = out.metrics.entries().into_iter().map(|(k, _)| k).collect();
-    assert_eq!(names, ["rewards/chosen", "kl"]);
+    assert_eq!((out.metrics.rewards_rejected, out.metrics.margins(), out.metrics.logps_rejected), (None, None, None));
+    let names: Vec<_> = out.metrics.entries().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["rewards/chosen", "logps/chosen", "kl"]);
+    assert_eq!((out.metrics.chosen, out.metrics.rejected), (2, 0));
+}
+
+#[test]
+fn kto_metrics_are_per_class_under_trl_names() {
+    // The golden rows interleaved: desirable (−10, −12), undesirable (−15, −9).
+    let rows = Sums::new(t(&[-10.0, -15.0, -12.0, -9.0]), Some(t(&[-11.0, -14.0, -12.5, -9.5])), n(&[10, 5, 20, 8]));
+    let inputs = LossInputs::binary(rows, Tensor::from_slice(&[true, false, true, false]))
+        .with_kl(kl_partners(&t(&[-20.0, -18.0, -22.0, -16.0])));
+    let m = run("kto", json!({}), &inputs).metrics;
+    // logps/chosen is the desirable rows' mean S_pol, not the mean over all rows (−11.5).
+    assert_close(&[m.logps_chosen.unwrap(), m.logps_rejected.unwrap()], &[-11.0, -12.0]);
+    assert_close(&[m.rewards_chosen.unwrap(), m.rewards_rejected.unwrap(), m.margins().unwrap()], &[0.075, -0.025, 0.1]);
+    assert_eq!((m.chosen, m.rejected, m.examples), (2, 2, 4));
+    let entries: Vec<_> = m.entries().into_iter().map(|e| (e.name, e.weight)).collect();
+    assert_eq!(
+        entries,
+        [("rewards/chosen", 2.0), ("rewards/rejected", 2.0), ("logps/chosen", 2.0), ("logps/rejected", 2.0), ("kl", 4.0)]
+    );
+}
+
+#[test]
+fn paired_metrics_log_both_sides_logps() {
+    let m = run("dpo", json!({}), &Golden::new().paired(true)).metrics;
+    assert_close(&[m.logps_chosen.unwrap(), m.logps_rejected.unwrap()], &[-11.0, -12.0]);
+    assert_eq!((m.chosen, m.rejected, m.examples), (2, 2, 2));
+}
+
+#[test]
+fn accuracy_ignores_margins_within_rounding_noise() {
+    use haloflow_ml::losses::{accurate, ACCURACY_TOLERANCE};
+    // Reported margins (β = 0.1) of +1e-6 and −1e-6 (step-1 rounding noise) and +1e-2.
+    let chosen = t(&[1e-6, 0.0, 1e-2]);
+    let rejected = t(&[0.0, 1e-6, 0.0]);
+    assert_eq!(values(&accurate(&chosen, &rejected, 0.1)), [0.0, 0.0, 1.0]);
+    assert_eq!(ACCURACY_TOLERANCE, 1e-4);
+    // Through every loss that reports accuracies: r = S_pol − S_ref of 1e-5 (noise) and 0.1 nats.
+    let pol_c = t(&[-10.0 + 1e-5, -10.0, -10.0 + 0.1]);
+    let pol_r = t(&[-10.0, -10.0 + 1e-5, -10.0]);
+    let reference = t(&[-10.0, -10.0, -10.0]);
+    let inputs = LossInputs::paired(
+        Sums::new(pol_c, Some(reference.shallow_clone()), n(&[10, 10, 10])),
+        Sums::new(pol_r, Some(reference), n(&[10, 10, 10])),
+    );
+    for name in ["dpo", "cdpo", "ipo"] {
+        let acc = run(name, json!({}), &inputs).metrics.accuracy.unwrap();
+        assert_close(&[acc], &[1.0 / 3.0]);
+    }
 }
 
 // ---- gradients and references ----

@@ -32,7 +32,10 @@ Data-parallel: launched as N processes (torchrun, srun, or halo run with `ranks`
 environment's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), each optimizer step takes
 grad_accum × N microbatches, rank r running microbatches r, r + N, …; gradients are summed
 over the ranks, so N ranks equal one process with grad_accum × N. Rank 0 alone writes the
-outputs and checkpoints. --shard-optimizer keeps each rank's slice of the AdamW state only.";
+outputs and checkpoints. --shard-optimizer keeps each rank's slice of the AdamW state only.
+
+`halo-train report --metrics metrics.parquet --report DIR` re-renders the report of a finished
+run from its metrics (see `halo-train report --help`).";
 
 /// Train a policy with a HALO.
 #[derive(Parser, Debug, Clone)]
@@ -155,8 +158,35 @@ pub struct Args {
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,
+    /// EMA weight smoothing the report's training curves (TensorBoard's; 0: none), in [0, 1).
+    #[arg(long, default_value_t = 0.6, value_parser = report::smoothing_weight)]
+    pub smoothing: f64,
+}
+
+/// `halo-train report`: re-render the training report of a finished run from its metrics.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "halo-train report", version)]
+pub struct ReportArgs {
+    /// Input: the run's per-step metrics (Parquet).
+    #[arg(long)]
+    pub metrics: PathBuf,
+    /// Output: report directory (report.md and SVG curves).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// The loss named in the report's title.
+    #[arg(long, default_value = "kto")]
+    pub loss: String,
+    /// EMA weight smoothing the training curves (TensorBoard's; 0: none), in [0, 1).
+    #[arg(long, default_value_t = 0.6, value_parser = report::smoothing_weight)]
+    pub smoothing: f64,
 }
 
 fn main() {
-    haloflow::stage_cli::main(|| train::run(&Args::parse()));
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "report") {
+        argv.remove(1);
+        haloflow::stage_cli::main(|| report::rerender(&ReportArgs::parse_from(argv)));
+    } else {
+        haloflow::stage_cli::main(|| train::run(&Args::parse()));
+    }
 }

@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use anyhow::{Context, Result};
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
-use haloflow_ml::losses::LossOutput;
+use haloflow_ml::losses::{self, LossOutput};
 use serde::{Deserialize, Serialize};
 
 use crate::parallel::Ranks;
@@ -32,16 +32,14 @@ impl Row {
         Row { step, epoch, values: BTreeMap::new(), pending: BTreeMap::new() }
     }
 
-    /// Adds a microbatch's metrics, weighted by its example count, and the mean policy
-    /// log-probs of its first (chosen/completion) and second (rejected) sequences.
-    pub fn add_microbatch(&mut self, out: &LossOutput, policy_logps: (f64, f64)) {
-        let w = out.count as f64;
-        let entries = out.metrics.entries().into_iter().map(|(k, v)| (k.to_string(), v));
-        let logps = [("logps/chosen".to_string(), policy_logps.0), ("logps/rejected".to_string(), policy_logps.1)];
-        for (name, value) in entries.chain(logps).filter(|(_, v)| v.is_finite()) {
-            let slot = self.pending.entry(name).or_default();
-            slot.0 += value * w;
-            slot.1 += w;
+    /// Adds a microbatch's metrics, each weighted by the count its mean is over (class means
+    /// by the class's completions), so that a step's value is the mean over all its
+    /// completions, as TRL's trainers combine their `*_sum` and `count/*` metrics.
+    pub fn add_microbatch(&mut self, out: &LossOutput) {
+        for e in out.metrics.entries().into_iter().filter(|e| e.value.is_finite() && e.weight > 0.0) {
+            let slot = self.pending.entry(e.name.to_string()).or_default();
+            slot.0 += e.value * e.weight;
+            slot.1 += e.weight;
         }
     }
 
@@ -52,13 +50,19 @@ impl Row {
         Ok(())
     }
 
-    fn averaged(&self) -> impl Iterator<Item = (String, f64)> + '_ {
-        self.pending.iter().filter(|(_, (_, w))| *w > 0.0).map(|(k, (s, w))| (k.clone(), s / w))
+    /// The step's means of the added microbatches, and `rewards/margins` derived from the two
+    /// class means; a metric no microbatch defined (a class absent from the whole step) is
+    /// left out, as TRL logs no key for it.
+    fn averaged(&self) -> Vec<(String, f64)> {
+        let mean = |k: &str| self.pending.get(k).filter(|(_, w)| *w > 0.0).map(|(s, w)| s / w);
+        let margins = losses::margin(mean("rewards/chosen"), mean("rewards/rejected"));
+        let means = self.pending.keys().filter_map(|k| mean(k).map(|v| (k.clone(), v)));
+        means.chain(margins.map(|m| ("rewards/margins".to_string(), m))).collect()
     }
 
     /// Completes a training step's row.
     pub fn finish(&mut self, loss: f64, lr: f64, grad_norm: f64, examples: usize, tokens: usize, seconds: f64) {
-        let averaged: Vec<(String, f64)> = self.averaged().collect();
+        let averaged = self.averaged();
         self.values.extend(averaged);
         for (k, v) in [
             ("loss", loss),
@@ -73,7 +77,8 @@ impl Row {
         }
     }
 
-    /// Records an evaluation: `eval/loss` and the evaluation's averaged metrics as `eval/...`.
+    /// Records an evaluation: `eval/loss` and the evaluation's averaged metrics as `eval/...`
+    /// (TRL's `eval_` prefix).
     pub fn set_eval(&mut self, loss: f64, eval: &Row) {
         self.values.insert("eval/loss".into(), loss);
         for (k, v) in eval.averaged() {
@@ -113,4 +118,93 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     haloflow::io::write_parquet(path, &schema, &[batch], Default::default())
+}
+
+/// Reads a `metrics.parquet` written by [`write`] back into rows (null cells are left out).
+pub fn read(path: &Path) -> Result<Vec<Row>> {
+    let table = haloflow::io::read_parquet(path)?;
+    let mut rows = Vec::with_capacity(table.num_rows());
+    for batch in &table.batches {
+        let int = |name: &str| -> Result<&Int64Array> {
+            let column = batch.column_by_name(name).with_context(|| format!("{}: no `{name}` column", path.display()))?;
+            column.as_any().downcast_ref::<Int64Array>().with_context(|| format!("{}: column `{name}` is not int64", path.display()))
+        };
+        let (steps, epochs) = (int("step")?, int("epoch")?);
+        let mut floats = Vec::new();
+        for (field, column) in table.schema.fields().iter().zip(batch.columns()) {
+            if !matches!(field.name().as_str(), "step" | "epoch") {
+                let values = column.as_any().downcast_ref::<Float64Array>();
+                floats.push((field.name(), values.with_context(|| format!("{}: column `{}` is not float64", path.display(), field.name()))?));
+            }
+        }
+        for i in 0..batch.num_rows() {
+            let mut row = Row::new(usize::try_from(steps.value(i))?, usize::try_from(epochs.value(i))?);
+            row.values.extend(floats.iter().filter(|(_, c)| c.is_valid(i)).map(|(name, c)| (name.to_string(), c.value(i))));
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use haloflow_ml::losses::Metrics;
+    use tch::Tensor;
+
+    use super::*;
+
+    /// A microbatch of `chosen` desirable and `rejected` undesirable rows with the given class means.
+    fn microbatch(chosen: usize, rejected: usize, rewards: (Option<f64>, Option<f64>), logps: (Option<f64>, Option<f64>)) -> LossOutput {
+        let metrics = Metrics {
+            rewards_chosen: rewards.0,
+            rewards_rejected: rewards.1,
+            logps_chosen: logps.0,
+            logps_rejected: logps.1,
+            chosen,
+            rejected,
+            examples: chosen + rejected,
+            kl: Some(0.5),
+            ..Metrics::default()
+        };
+        LossOutput { loss: Tensor::from(0.0), per_example: Tensor::zeros([0], tch::kind::FLOAT_CPU), count: chosen + rejected, metrics }
+    }
+
+    #[test]
+    fn class_means_of_a_step_are_over_the_class_completions() {
+        let mut row = Row::new(1, 0);
+        // 1 desirable row of reward 1.0 and 3 undesirable ones; then 3 desirable of reward 0.0 and 1 undesirable.
+        row.add_microbatch(&microbatch(1, 3, (Some(1.0), Some(-1.0)), (Some(-10.0), Some(-20.0))));
+        row.add_microbatch(&microbatch(3, 1, (Some(0.0), Some(-3.0)), (Some(-30.0), Some(-40.0))));
+        row.finish(0.7, 1e-4, 1.0, 8, 100, 1.0);
+        // TRL: sum over the class's completions / their count: (1·1 + 3·0)/4, not (4·1 + 4·0)/8.
+        assert_eq!(row.get("rewards/chosen"), Some(0.25));
+        assert_eq!(row.get("rewards/rejected"), Some(-1.5));
+        assert_eq!(row.get("rewards/margins"), Some(1.75));
+        assert_eq!(row.get("logps/chosen"), Some(-25.0));
+        assert_eq!(row.get("logps/rejected"), Some(-25.0));
+        assert_eq!(row.get("kl"), Some(0.5));
+    }
+
+    #[test]
+    fn a_class_absent_from_a_step_has_no_value() {
+        let mut row = Row::new(1, 0);
+        row.add_microbatch(&microbatch(2, 0, (Some(0.3), None), (Some(-5.0), None)));
+        row.add_microbatch(&microbatch(2, 0, (Some(0.1), None), (Some(-7.0), None)));
+        row.finish(0.7, 1e-4, 1.0, 4, 100, 1.0);
+        assert!((row.get("rewards/chosen").unwrap() - 0.2).abs() < 1e-12);
+        assert_eq!(row.get("logps/chosen"), Some(-6.0));
+        // Like TRL (no key logged), not NaN and not 0: the Parquet column holds null.
+        for name in ["rewards/rejected", "logps/rejected", "rewards/margins"] {
+            assert_eq!(row.get(name), None, "{name}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.parquet");
+        let mut other = Row::new(2, 0);
+        other.add_microbatch(&microbatch(1, 1, (Some(0.0), Some(0.0)), (Some(-1.0), Some(-1.0))));
+        other.finish(0.6, 1e-4, 1.0, 2, 10, 1.0);
+        write(&path, &[row, other]).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(back.iter().map(|r| r.get("logps/rejected")).collect::<Vec<_>>(), [None, Some(-1.0)]);
+        assert_eq!(back.iter().map(|r| (r.step, r.epoch)).collect::<Vec<_>>(), [(1, 0), (2, 0)]);
+    }
 }

@@ -123,24 +123,23 @@ pub fn step_kl(job: &Job, policy: &CausalLm, mine: &[&[usize]]) -> Result<Option
     Ok(Some(StepKl { partners, z0 }))
 }
 
-/// The loss of one microbatch and the mean policy log-probs of its (first, second) sequences.
+/// The loss of one microbatch.
 /// `fixed` gives KL partners computed beforehand and the step's reference point; without it
 /// the loss takes them from the microbatch alone (evaluation).
-pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool, fixed: Option<(&KlPartners, Option<&Tensor>)>) -> Result<(LossOutput, (f64, f64))> {
+pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool, fixed: Option<(&KlPartners, Option<&Tensor>)>) -> Result<LossOutput> {
     let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
     let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
     let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
     let m = rows.len() as i64;
-    let (inputs, means) = match job.kind {
+    let inputs = match job.kind {
         DataKind::Plan => {
             let (s_pol, n) = logps(policy, &first, job.device, grad);
             let desirable: Vec<bool> = rows.iter().map(|r| job.labels[&r.id].desirable).collect();
             let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
-            let means = (s_pol.mean(Kind::Double).double_value(&[]), f64::NAN);
             let desirable = Tensor::from_slice(&desirable).to_device(job.device);
             if let Some(head) = job.value_head {
                 let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
-                return Ok((job.halo.loss(&inputs)?, means));
+                return job.halo.loss(&inputs);
             }
             let mut inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
             if job.halo.needs_kl_partners() {
@@ -158,19 +157,18 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
             if let Some((d, u)) = job.lambdas {
                 inputs = inputs.with_lambdas(d, u);
             }
-            (inputs, means)
+            inputs
         }
         DataKind::Paired => {
             let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
             let (s_pol, n) = logps(policy, &both, job.device, grad);
             let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
-            let means = (c.mean(Kind::Double).double_value(&[]), r.mean(Kind::Double).double_value(&[]));
             let chosen = Sums::new(c, reference_side(job, members, 0)?, n.narrow(0, 0, m));
             let rejected = Sums::new(r, reference_side(job, members, 1)?, n.narrow(0, m, m));
-            (LossInputs::paired(chosen, rejected), means)
+            LossInputs::paired(chosen, rejected)
         }
     };
-    Ok((job.halo.loss(&inputs)?, means))
+    job.halo.loss(&inputs)
 }
 
 /// Width of PPO's value head.

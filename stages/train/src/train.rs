@@ -95,14 +95,14 @@ impl Trainer<'_> {
         let step_kl = step_kl(job, self.policy, &mine)?;
         for (k, members) in mine.iter().enumerate() {
             let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
-            let (out, policy_logps) = microbatch_loss(job, self.policy, members, true, fixed)?;
+            let out = microbatch_loss(job, self.policy, members, true, fixed)?;
             let loss = out.loss.double_value(&[]);
             if !loss.is_finite() {
                 let ids: Vec<&str> = members.iter().map(|&i| rows[i].id.as_str()).collect();
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
             }
             acc.backward(&out)?;
-            row.add_microbatch(&out, policy_logps);
+            row.add_microbatch(&out);
             tokens += members.iter().map(|&i| rows[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
         }
         if let Some(reduce) = ranks.loss_reduce() {
@@ -128,10 +128,10 @@ impl Trainer<'_> {
         let mut eval = Row::new(row.step, row.epoch);
         let mut total = (0.0, 0usize);
         for members in &self.split.eval {
-            let (out, means) = tch::no_grad(|| microbatch_loss(&self.job, self.policy, members, false, None))?;
+            let out = tch::no_grad(|| microbatch_loss(&self.job, self.policy, members, false, None))?;
             total.0 += out.loss.double_value(&[]) * out.count as f64;
             total.1 += out.count;
-            eval.add_microbatch(&out, means);
+            eval.add_microbatch(&out);
         }
         row.set_eval(total.0 / total.1.max(1) as f64, &eval);
         Ok(())
@@ -245,7 +245,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     policy.save(&args.policy)?;
     metrics::write(&args.metrics, &state.metrics)?;
-    report::write(&args.report, &args.loss, &state.metrics)?;
+    report::write(&args.report, &args.loss, &state.metrics, args.smoothing)?;
     let summary = json!({
         "loss": args.loss,
         "data_kind": data_kind,

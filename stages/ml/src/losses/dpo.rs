@@ -56,6 +56,6 @@ impl Halo for Dpo {
             None => neg_log_sigmoid(&logits),
             Some(eps) => neg_log_sigmoid(&logits) * (1.0 - eps) + neg_log_sigmoid(&-&logits) * eps,
         };
-        finish(name, per_pair, None, inputs, Metrics::paired(&beta_c, &beta_r))
+        finish(name, per_pair, None, inputs, Metrics::paired(&beta_c, &beta_r, self.beta))
     }
 }

@@ -43,6 +43,6 @@ impl Halo for Ipo {
         let r_r = rejected.reward(self.name(), "rejected completions")?;
         let h = &r_c / chosen.n_clamped() - &r_r / rejected.n_clamped();
         let per_pair = (h - 1.0 / (2.0 * self.tau)).square();
-        finish(self.name(), per_pair, None, inputs, Metrics::paired(&(r_c * self.tau), &(r_r * self.tau)))
+        finish(self.name(), per_pair, None, inputs, Metrics::paired(&(r_c * self.tau), &(r_r * self.tau), self.tau))
     }
 }

@@ -302,18 +302,31 @@ pub struct LossOutput {
     pub metrics: Metrics,
 }
 
-/// Detached metrics of one microbatch; `None` where undefined (a class absent, a loss without
-/// implied rewards).
+/// Detached metrics of one microbatch, named and averaged as TRL's trainers do; `None` where
+/// undefined (a class absent from the microbatch, a loss without implied rewards).
+///
+/// Class means (`rewards/*`, `logps/*`) come with the number of completions they are over, so
+/// the means of several microbatches (and processes) combine into the mean over every
+/// completion of the class, as TRL's KTOTrainer does with its `*_sum` and `count/*` metrics;
+/// a class absent from all of them has no mean at all (TRL then logs no key). The margin is
+/// derived from the two class means ([`margin`]), never averaged itself.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
     /// Mean reported reward (`β·r`, or the loss's own implied reward) of the chosen/desirable completions.
     pub rewards_chosen: Option<f64>,
     /// Mean reported reward of the rejected/undesirable completions.
     pub rewards_rejected: Option<f64>,
-    /// Mean of chosen − rejected reward per pair (paired data), or the difference of the two
-    /// class means (binary data).
-    pub margins: Option<f64>,
-    /// Fraction of pairs whose chosen reward exceeds the rejected one (paired data).
+    /// Mean summed policy log-prob `S_pol` of the chosen/desirable completions.
+    pub logps_chosen: Option<f64>,
+    /// Mean summed policy log-prob `S_pol` of the rejected/undesirable completions.
+    pub logps_rejected: Option<f64>,
+    /// How many chosen/desirable completions the chosen means are over.
+    pub chosen: usize,
+    /// How many rejected/undesirable completions the rejected means are over.
+    pub rejected: usize,
+    /// How many examples (rows, or pairs) the other metrics are over.
+    pub examples: usize,
+    /// Fraction of pairs counted as accurate by [`accurate`] (paired data).
     pub accuracy: Option<f64>,
     /// KTO's reference point z0.
     pub kl: Option<f64>,
@@ -321,15 +334,53 @@ pub struct Metrics {
     pub extra: Vec<(&'static str, f64)>,
 }
 
+/// The smallest reward margin for which a pair counts as accurate, in units of the loss's
+/// unscaled reward (nats of log-prob for `r = S_pol − S_ref`).
+///
+/// With the policy equal to the reference, `r` should be 0, but the reference's cached sums
+/// (refcache: prefix-shared, length-sorted batches) and the training forward round differently
+/// in f32, leaving `|r|` around 1e-5 nats (reported rewards ±1e-6 at β = 0.1). TRL counts a pair
+/// as accurate when `chosen_rewards > rejected_rewards`; with that rule such noise made DPO's
+/// `rewards/accuracies` read 0.75 at step 1 where it is 0 in truth. A margin must therefore
+/// exceed 1e-4 nats to count: ten times that noise, and four orders of magnitude below the
+/// 1.5 nats (0.15 in β·r) by which the quickstart's KTO run moved its reward margin in its
+/// first optimizer step. bf16 runs round far more coarsely than this tolerance covers.
+pub const ACCURACY_TOLERANCE: f64 = 1e-4;
+
+/// Per pair, whether the chosen reported reward exceeds the rejected one by more than
+/// [`ACCURACY_TOLERANCE`]`·scale`, where `scale` turns the unscaled reward into the reported one
+/// (β, τ, λ, or 1). The one accuracy rule of every loss that reports accuracies.
+pub fn accurate(chosen: &Tensor, rejected: &Tensor, scale: f64) -> Tensor {
+    (chosen - rejected).gt(ACCURACY_TOLERANCE * scale)
+}
+
+/// The reward margin from the two class means: chosen − rejected, `None` unless both exist.
+/// For pairs it equals the mean of the per-pair margins.
+pub fn margin(chosen: Option<f64>, rejected: Option<f64>) -> Option<f64> {
+    chosen.zip(rejected).map(|(c, r)| c - r)
+}
+
+/// How a logged metric is averaged over the microbatches of a step: a mean over `weight`
+/// completions (or examples) of value `value` each.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry {
+    /// The logging name (`rewards/chosen`, `kl`, ...).
+    pub name: &'static str,
+    /// The microbatch's mean.
+    pub value: f64,
+    /// How many completions or examples the mean is over.
+    pub weight: f64,
+}
+
 impl Metrics {
-    /// Metrics of paired data from the chosen and rejected rewards `(N,)`.
-    fn paired(chosen: &Tensor, rejected: &Tensor) -> Metrics {
+    /// Metrics of paired data from the chosen and rejected reported rewards `(N,)`, which are
+    /// `scale` times the loss's unscaled reward.
+    fn paired(chosen: &Tensor, rejected: &Tensor, scale: f64) -> Metrics {
         let (chosen, rejected) = (chosen.detach(), rejected.detach());
         Metrics {
             rewards_chosen: mean_of(&chosen),
             rewards_rejected: mean_of(&rejected),
-            margins: mean_of(&(&chosen - &rejected)),
-            accuracy: mean_of(&chosen.gt_tensor(&rejected)),
+            accuracy: mean_of(&accurate(&chosen, &rejected, scale)),
             ..Metrics::default()
         }
     }
@@ -337,27 +388,53 @@ impl Metrics {
     /// Metrics of binary data from the rows' rewards `(N,)` and labels.
     fn binary(rewards: &Tensor, desirable: &Tensor) -> Metrics {
         let rewards = rewards.detach();
-        let chosen = mean_of(&rewards.masked_select(desirable));
-        let rejected = mean_of(&rewards.masked_select(&desirable.logical_not()));
         Metrics {
-            rewards_chosen: chosen,
-            rewards_rejected: rejected,
-            margins: chosen.zip(rejected).map(|(c, r)| c - r),
+            rewards_chosen: mean_of(&rewards.masked_select(desirable)),
+            rewards_rejected: mean_of(&rewards.masked_select(&desirable.logical_not())),
             ..Metrics::default()
         }
     }
 
-    /// The defined metrics under their logging names (`rewards/chosen`, `rewards/rejected`,
-    /// `rewards/margins`, `rewards/accuracies`, `kl`, then the loss-specific ones).
-    pub fn entries(&self) -> Vec<(&'static str, f64)> {
+    /// With the policy log-prob means and the class and example counts of `inputs`.
+    fn with_counts(self, inputs: &LossInputs) -> Metrics {
+        let (logps_chosen, logps_rejected, chosen, rejected, examples) = match &inputs.examples {
+            Examples::Binary { rows, desirable } => {
+                let policy = rows.policy.detach();
+                let chosen = policy.masked_select(desirable);
+                let rejected = policy.masked_select(&desirable.logical_not());
+                let (c, r) = (chosen.numel(), rejected.numel());
+                (mean_of(&chosen), mean_of(&rejected), c, r, c + r)
+            }
+            Examples::Paired { chosen, rejected } => {
+                let pairs = chosen.policy.numel();
+                (mean_of(&chosen.policy.detach()), mean_of(&rejected.policy.detach()), pairs, pairs, pairs)
+            }
+        };
+        Metrics { logps_chosen, logps_rejected, chosen, rejected, examples, ..self }
+    }
+
+    /// The reward margin of this microbatch ([`margin`] of its class means).
+    pub fn margins(&self) -> Option<f64> {
+        margin(self.rewards_chosen, self.rewards_rejected)
+    }
+
+    /// The defined metrics under TRL's logging names (`rewards/chosen`, `rewards/rejected`,
+    /// `logps/chosen`, `logps/rejected`, `rewards/accuracies`, `kl`, then the loss-specific
+    /// ones), each with the count its mean is over: the class's for class means, the
+    /// examples' for the others. `rewards/margins` is not among them: it is derived from
+    /// the combined class means.
+    pub fn entries(&self) -> Vec<Entry> {
+        let (c, r, all) = (self.chosen as f64, self.rejected as f64, self.examples as f64);
         let named = [
-            ("rewards/chosen", self.rewards_chosen),
-            ("rewards/rejected", self.rewards_rejected),
-            ("rewards/margins", self.margins),
-            ("rewards/accuracies", self.accuracy),
-            ("kl", self.kl),
+            ("rewards/chosen", self.rewards_chosen, c),
+            ("rewards/rejected", self.rewards_rejected, r),
+            ("logps/chosen", self.logps_chosen, c),
+            ("logps/rejected", self.logps_rejected, r),
+            ("rewards/accuracies", self.accuracy, all),
+            ("kl", self.kl, all),
         ];
-        named.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).chain(self.extra.iter().copied()).collect()
+        let extra = self.extra.iter().map(|&(name, value)| Entry { name, value, weight: all });
+        named.into_iter().filter_map(|(name, v, weight)| v.map(|value| Entry { name, value, weight })).chain(extra).collect()
     }
 }
 
@@ -394,7 +471,7 @@ fn finish(loss: &str, per_example: Tensor, counted: Option<&Tensor>, inputs: &Lo
         loss: weighted.sum(weighted.kind()) / count.max(1) as f64,
         per_example: per_example.detach(),
         count: usize::try_from(count)?,
-        metrics,
+        metrics: metrics.with_counts(inputs),
     })
 }
 
@@ -419,6 +496,6 @@ mod tests {
         let empty = Tensor::from_slice::<f64>(&[]);
         assert_eq!(mean_of(&empty), None);
         let m = Metrics::binary(&Tensor::from_slice(&[0.5, 1.5]), &Tensor::from_slice(&[true, true]));
-        assert_eq!((m.rewards_chosen, m.rewards_rejected, m.margins), (Some(1.0), None, None));
+        assert_eq!((m.rewards_chosen, m.rewards_rejected, m.margins()), (Some(1.0), None, None));
     }
 }

@@ -49,7 +49,7 @@ impl Halo for Orpo {
         let (chosen, rejected) = inputs.pairs(self.name())?;
         let (a_c, a_r) = (chosen.mean_logp(), rejected.mean_logp());
         let per_pair = -&a_c + neg_log_sigmoid(&(log_odds(&a_c) - log_odds(&a_r))) * self.lambda;
-        finish(self.name(), per_pair, None, inputs, Metrics::paired(&(&a_c * self.lambda), &(&a_r * self.lambda)))
+        finish(self.name(), per_pair, None, inputs, Metrics::paired(&(&a_c * self.lambda), &(&a_r * self.lambda), self.lambda))
     }
 }
 

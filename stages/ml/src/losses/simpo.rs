@@ -44,6 +44,6 @@ impl Halo for Simpo {
         let beta_c = chosen.mean_logp() * self.beta;
         let beta_r = rejected.mean_logp() * self.beta;
         let per_pair = neg_log_sigmoid(&(&beta_c - &beta_r - self.gamma));
-        finish(self.name(), per_pair, None, inputs, Metrics::paired(&beta_c, &beta_r))
+        finish(self.name(), per_pair, None, inputs, Metrics::paired(&beta_c, &beta_r, self.beta))
     }
 }

@@ -45,6 +45,6 @@ impl Halo for Slic {
         let (chosen, rejected) = inputs.pairs(self.name())?;
         let (s_c, s_r) = (&chosen.policy, &rejected.policy);
         let per_pair = (-s_c + s_r + self.delta).relu() - s_c * self.lambda;
-        finish(self.name(), per_pair, None, inputs, Metrics::paired(s_c, s_r))
+        finish(self.name(), per_pair, None, inputs, Metrics::paired(s_c, s_r, 1.0))
     }
 }
