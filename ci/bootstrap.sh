@@ -4,9 +4,17 @@
 #     and torch==2.13.0, whose libtorch the machine-learning stages link through tch 0.26
 #     (about 70 s and 4.7 GB the first time; a CUDA build that also runs on CPU);
 #   - the embedded default model's GGUF file (ci/fetch-smollm2.sh, into .cache/smollm2);
+#   - gloo's headers (Debian's libgloo-dev) for the distributed build, when missing;
 #   - release builds of the `halo` runner and every stage binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# gloo's headers, which torch's ProcessGroupGloo.hpp includes and the wheel lacks (crates/dist).
+# Without them the build still succeeds, with multi-process training compiled out.
+if [ ! -f /usr/include/gloo/config.h ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgloo-dev
+fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

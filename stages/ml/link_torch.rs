@@ -1,11 +1,14 @@
 //! Build script shared by every binary that links libtorch (`build = "../ml/link_torch.rs"`):
 //! links libtorch with `--no-as-needed` (otherwise the CUDA part is dropped and CUDA is never
 //! seen) and records an rpath to torch's `lib/`, so binaries run without `LD_LIBRARY_PATH`.
+//! A build script that does more (crates/dist compiles a C++ shim) includes this file as a
+//! module and calls [`main`] and [`torch_lib_dir`].
 
 use std::path::PathBuf;
 use std::process::Command;
 
-fn torch_lib_dir() -> PathBuf {
+/// libtorch's `lib/` directory: `$LIBTORCH/lib`, else the one of the `torch` Python package.
+pub fn torch_lib_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("LIBTORCH") {
         return PathBuf::from(dir).join("lib");
     }
@@ -18,7 +21,8 @@ fn torch_lib_dir() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
 
-fn main() {
+/// Links libtorch.
+pub fn main() {
     let lib = torch_lib_dir();
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PATH");

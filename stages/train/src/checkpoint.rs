@@ -11,6 +11,8 @@ use tch::nn::VarStore;
 
 use crate::metrics::Row;
 use crate::optim::AdamW;
+use crate::parallel::Ranks;
+use crate::zero::ShardedAdamW;
 use crate::Args;
 
 /// The file of PPO's value head in a checkpoint.
@@ -27,9 +29,12 @@ pub struct TrainState {
     pub metrics: Vec<Row>,
 }
 
-/// The id of a run: what its results depend on (not the output paths).
-pub fn run_id(args: &Args, model: &Path, data: &Path) -> Result<String> {
-    let mut settings = format!("{args:?}");
+/// The id of a run: what its results depend on (not the output paths, not how the
+/// `microbatches_per_step` of a step are spread over ranks, not the collectives' timeout), so
+/// that a run resumes on another number of ranks with the same global batch.
+pub fn run_id(args: &Args, microbatches_per_step: usize, model: &Path, data: &Path) -> Result<String> {
+    let normalized = Args { grad_accum: microbatches_per_step, dist_backend: String::new(), dist_timeout_s: 0.0, ..args.clone() };
+    let mut settings = format!("{normalized:?}");
     for path in [&args.policy, &args.metrics, &args.report, &args.summary] {
         settings = settings.replace(&path.display().to_string(), "");
     }
@@ -69,21 +74,43 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
         .with_context(|| format!("{}: unreadable", path.display()))
 }
 
+/// The optimizer state a checkpoint holds: all of it (written by rank 0), or one shard per rank.
+pub enum OptimizerState<'a> {
+    /// Plain AdamW, identical on every rank.
+    Full(&'a AdamW),
+    /// ZeRO-1: this rank's shard.
+    Sharded(&'a ShardedAdamW),
+}
+
 /// Writes a checkpoint atomically (a temporary directory renamed into place, `state.json`
-/// last) and deletes older ones.
-pub fn save(root: &Path, policy: &CausalLm, value_head: Option<&VarStore>, opt: &AdamW, state: &TrainState) -> Result<()> {
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+/// last) and deletes older ones. Rank 0 writes the model and state; with a sharded optimizer
+/// every rank writes its shard into the temporary directory first (a collective).
+pub fn save(root: &Path, ranks: &Ranks, policy: &CausalLm, value_head: Option<&VarStore>, opt: OptimizerState, state: &TrainState) -> Result<()> {
     let target = root.join(format!("step-{}", state.step));
     let tmp = root.join(format!(".step-{}.tmp", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    if ranks.is_main() {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    match opt {
+        OptimizerState::Sharded(sharded) => {
+            ranks.barrier()?;
+            sharded.save(&tmp, ranks.rank())?;
+            ranks.barrier()?;
+        }
+        OptimizerState::Full(full) if ranks.is_main() => full.save(&tmp)?,
+        OptimizerState::Full(_) => {}
+    }
+    if !ranks.is_main() {
+        return Ok(());
+    }
     policy.save(&tmp.join("model"))?;
     if let Some(vs) = value_head {
         haloflow_ml::weights::save_file(vs, &tmp.join(VALUE_HEAD_FILE))?;
     }
-    opt.save(&tmp)?;
     haloflow::io::write_json(&tmp.join("state.json"), state)?;
     std::fs::rename(&tmp, &target).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
     for entry in std::fs::read_dir(root)? {

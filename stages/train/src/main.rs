@@ -5,9 +5,11 @@ mod checkpoint;
 mod data;
 mod metrics;
 mod optim;
+mod parallel;
 mod refs;
 mod report;
 mod train;
+mod zero;
 
 use std::path::PathBuf;
 
@@ -23,7 +25,13 @@ slic, orpo (paired data); sft, csft (either). Reference log-probs come from --re
 (halo-refcache; its fingerprint must match --model and --data) or, with --reference live,
 from a second copy of --model. λ_D/λ_U default to the values resample recorded in the plan.
 With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --checkpoint-dir
-(default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.";
+(default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.
+
+Data-parallel: launched as N processes (torchrun, srun, or halo run with `ranks`; the
+environment's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), each optimizer step takes
+grad_accum × N microbatches, rank r running microbatches r, r + N, …; gradients are summed
+over the ranks, so N ranks equal one process with grad_accum × N. Rank 0 alone writes the
+outputs and checkpoints. --shard-optimizer keeps each rank's slice of the AdamW state only.";
 
 /// Train a policy with a HALO.
 #[derive(Parser, Debug, Clone)]
@@ -131,6 +139,15 @@ pub struct Args {
     /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Collective backend of a multi-process run: auto (nccl on CUDA, gloo on CPU), gloo or nccl.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
+    pub dist_backend: String,
+    /// Seconds a multi-process run waits for a rank (rendezvous and each collective).
+    #[arg(long, default_value_t = 600.0)]
+    pub dist_timeout_s: f64,
+    /// ZeRO-1: shard the AdamW moments and f32 master weights over the ranks.
+    #[arg(long)]
+    pub shard_optimizer: bool,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,

@@ -10,6 +10,8 @@ use arrow_schema::{DataType, Field, Schema};
 use haloflow_ml::losses::LossOutput;
 use serde::{Deserialize, Serialize};
 
+use crate::parallel::Ranks;
+
 /// The metrics of one optimizer step (or of the evaluation before the first, step 0).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
@@ -41,6 +43,13 @@ impl Row {
             slot.0 += value * w;
             slot.1 += w;
         }
+    }
+
+    /// Replaces the pending microbatch sums with their totals over the ranks (a collective),
+    /// so that every rank's row describes the step's whole batch.
+    pub fn sum_over(&mut self, ranks: &Ranks) -> Result<()> {
+        self.pending = ranks.merge_sums(&self.pending)?;
+        Ok(())
     }
 
     fn averaged(&self) -> impl Iterator<Item = (String, f64)> + '_ {

@@ -101,28 +101,15 @@ impl AdamW {
     /// `amsgrad=False`).
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
-        let c = self.config;
-        let t = self.steps as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let (c, t) = (self.config, self.steps);
         tch::no_grad(|| {
             for slot in self.slots.values_mut() {
                 let grad = slot.param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let grad = grad.to_kind(Kind::Float);
                 let mut target = slot.master.as_ref().unwrap_or(&slot.param).shallow_clone();
-                if c.weight_decay != 0.0 {
-                    let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                // m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²  (fewest kernels: lerp, addcmul)
-                let _ = slot.m.lerp_(&grad, 1.0 - c.beta1);
-                let _ = slot.v.g_mul_scalar_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
-                // θ ← θ − lr·m̂/(√v̂ + ε), with m̂ = m/bias1 and v̂ = v/bias2.
-                let mut denom = slot.v.sqrt();
-                let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
-                let _ = target.addcdiv_(&(&slot.m * (-lr / bias1)), &denom);
+                update(&c, t, lr, &mut target, &mut slot.m, &mut slot.v, &grad.to_kind(Kind::Float));
                 if let Some(master) = &slot.master {
                     let _ = slot.param.shallow_clone().copy_(master);
                 }
@@ -167,6 +154,24 @@ impl AdamW {
         self.steps = meta["steps"].as_i64().context("optimizer.json: steps")?;
         Ok(())
     }
+}
+
+/// One AdamW update, in place, of the f32 weights `target` with moments `m`, `v` and the f32
+/// gradient `grad`, at optimizer step `t` (1-based); element-wise, so it serves whole
+/// parameters and ZeRO-1 slices alike. Call under no-grad.
+pub fn update(c: &AdamWConfig, t: i64, lr: f64, target: &mut Tensor, m: &mut Tensor, v: &mut Tensor, grad: &Tensor) {
+    let bias1 = 1.0 - c.beta1.powi(t as i32);
+    let bias2 = 1.0 - c.beta2.powi(t as i32);
+    if c.weight_decay != 0.0 {
+        let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
+    }
+    // m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²  (fewest kernels: lerp, addcmul)
+    let _ = m.lerp_(grad, 1.0 - c.beta1);
+    let _ = v.g_mul_scalar_(c.beta2).addcmul_(grad, &(grad * (1.0 - c.beta2)));
+    // θ ← θ − lr·m̂/(√v̂ + ε), with m̂ = m/bias1 and v̂ = v/bias2.
+    let mut denom = v.sqrt();
+    let _ = denom.g_mul_scalar_(1.0 / bias2.sqrt()).g_add_scalar_(c.eps);
+    let _ = target.addcdiv_(&(&*m * (-lr / bias1)), &denom);
 }
 
 /// How the learning rate decays after warmup.

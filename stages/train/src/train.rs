@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
 use haloflow_ml::dataset::{self, DataKind, EncodedRow, ScoredRow};
-use haloflow_ml::device::{parse_device, parse_dtype};
+use haloflow_ml::device::parse_dtype;
 use haloflow_ml::fingerprint::Fingerprint;
 use haloflow_ml::logprobs::{sequence_logps, target_logps, token_logps, Batch, Sequence};
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
@@ -20,10 +20,12 @@ use serde_json::{json, Map, Value};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{self, OptimizerState, TrainState};
 use crate::data::{self, Split};
 use crate::metrics::{self, Row};
 use crate::optim::{self, AdamW, AdamWConfig};
+use crate::parallel::Ranks;
+use crate::zero::ShardedAdamW;
 use crate::refs::{self, RefRow};
 use crate::{report, Args};
 
@@ -69,7 +71,7 @@ fn loss_params(args: &Args) -> Result<Map<String, Value>> {
     Ok(params)
 }
 
-/// Reads the data; CSFT puts its control token before every completion.
+/// Reads the data, with the completions rewritten as the loss asks (CSFT's control tokens).
 fn read_data(args: &Args, halo: &dyn Halo) -> Result<(DataKind, Vec<ScoredRow>, HashMap<String, Label>, BTreeMap<String, i64>, Option<(f64, f64)>)> {
     let (kind, mut rows) = dataset::read_rows(&args.data)?;
     match (halo.data(), kind) {
@@ -87,14 +89,71 @@ fn read_data(args: &Args, halo: &dyn Halo) -> Result<(DataKind, Vec<ScoredRow>, 
         let meta = |k: &str| table.metadata(k).and_then(|v| v.parse::<f64>().ok());
         lambdas = meta(plan_meta::LAMBDA_D).zip(meta(plan_meta::LAMBDA_U));
     }
-    if halo.name() == "csft" {
-        for row in &mut rows {
-            let first_desirable = labels.get(&row.id).map(|l| l.desirable).unwrap_or(true);
-            row.first = losses::sft::with_control_token(&row.first, first_desirable);
-            row.second = losses::sft::with_control_token(&row.second, kind == DataKind::Plan && first_desirable);
+    for row in &mut rows {
+        let first_desirable = labels.get(&row.id).map(|l| l.desirable).unwrap_or(true);
+        if let Some(first) = halo.rewrite_completion(&row.first, first_desirable) {
+            row.first = first;
+        }
+        if let Some(second) = halo.rewrite_completion(&row.second, kind == DataKind::Plan && first_desirable) {
+            row.second = second;
         }
     }
     Ok((kind, rows, labels, batch_of, lambdas))
+}
+
+/// The optimizer: plain AdamW (its state on every rank) or ZeRO-1.
+enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW),
+}
+
+impl Optimizer {
+    fn zero_grad(&mut self) {
+        match self {
+            Optimizer::Full(opt) => opt.zero_grad(),
+            Optimizer::Sharded(opt) => opt.zero_grad(),
+        }
+    }
+
+    /// Sums the step's gradients over the ranks, divides them by its example count and clips
+    /// them by global norm; returns the step's loss and the norm before clipping.
+    fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64) -> Result<(f64, f64)> {
+        match self {
+            Optimizer::Full(opt) => {
+                ranks.sum_gradients(params)?;
+                let loss = acc.finish(params);
+                Ok((loss, opt.clip_grad_norm(max_norm)))
+            }
+            Optimizer::Sharded(opt) => {
+                let (loss, scale) = acc.totals();
+                Ok((loss, opt.sync_and_clip(ranks, scale, max_norm)?))
+            }
+        }
+    }
+
+    fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => {
+                opt.step(lr);
+                Ok(())
+            }
+            Optimizer::Sharded(opt) => opt.update(ranks, lr),
+        }
+    }
+
+    fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+        match self {
+            Optimizer::Full(opt) => opt.load(dir),
+            Optimizer::Sharded(opt) => opt.load(dir),
+        }
+    }
+
+    fn state(&self) -> OptimizerState<'_> {
+        match self {
+            Optimizer::Full(opt) => OptimizerState::Full(opt),
+            Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
+        }
+    }
 }
 
 /// Runs the stage.
@@ -102,12 +161,15 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
     }
-    let device = parse_device(&args.device)?;
+    let (ranks, device) = Ranks::join(args)?;
     let kind = parse_dtype(&args.dtype, device)?;
     let adam = AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_eps, weight_decay: args.weight_decay };
     optim::validate(args.lr, &adam)?;
     ensure!(args.grad_accum >= 1, "grad_accum must be at least 1");
-    let halo = losses::by_name(&args.loss, &loss_params(args)?)?;
+    let mut halo = losses::by_name(&args.loss, &loss_params(args)?)?;
+    if let Some(reduce) = ranks.loss_reduce() {
+        halo.set_all_reduce(reduce);
+    }
     let (data_kind, rows, labels, batch_of, lambdas) = read_data(args, halo.as_ref())?;
     let tok = Tokenizer::from_dir(&args.model)?;
     let (encoded, stats) = dataset::encode_rows(&tok, &rows, args.max_prompt_length, args.max_length)?;
@@ -115,26 +177,26 @@ pub fn run(args: &Args) -> Result<()> {
         tracing::warn!(skipped = stats.skipped, "rows skipped: a completion is empty after truncation");
     }
     let split = data::split(data_kind, &encoded, &batch_of, args.microbatch_size, args.eval_batches)?;
-    if halo.name() == "kto" {
-        if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < 2) {
-            bail!("KTO needs microbatches of at least 2 rows for its mismatched KL pairs; microbatch of row `{}` has {}", encoded[small[0]].id, small.len());
-        }
+    let min_rows = halo.min_rows_per_microbatch();
+    if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < min_rows) {
+        bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
     let reference = reference(args, halo.as_ref(), device, kind)?;
     let policy = CausalLm::load(&args.model, device, kind)?;
     let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
     let value_vs = VarStore::new(device);
-    let value_head = (halo.name() == "ppo").then(|| {
+    let value_head = halo.needs_value_head().then(|| {
         tch::manual_seed(args.seed as i64);
         ValueHead::new(&(value_vs.root() / "value_head"), policy.config.hidden_size as i64, VALUE_HEAD_WIDTH)
     });
     params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
-    let mut opt = AdamW::new(params, adam);
+    let mut opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam)) };
 
-    let steps_per_epoch = split.train.len() / args.grad_accum;
-    ensure!(steps_per_epoch > 0, "{} training microbatches are fewer than grad_accum = {}", split.train.len(), args.grad_accum);
+    ranks.check_microbatches(split.train.len(), args.grad_accum)?;
+    let per_step = args.grad_accum * ranks.world();
+    let steps_per_epoch = split.train.len() / per_step;
     let total = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));
     ensure!(total > 0, "no optimizer step to take (epochs = {}, max_steps = {:?})", args.epochs, args.max_steps);
 
@@ -144,7 +206,7 @@ pub fn run(args: &Args) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("HALO_SCRATCH_DIR").map(|d| PathBuf::from(d).join("checkpoints")))
         .unwrap_or_else(|| args.policy.with_extension("checkpoints"));
-    let run_id = checkpoint::run_id(args, &policy.dir, &args.data)?;
+    let run_id = checkpoint::run_id(args, per_step, &policy.dir, &args.data)?;
     let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
     if let Some(found) = checkpoint::latest(&ckpt_root, &run_id)? {
         haloflow_ml::weights::load(&policy.vs, &found.join("model"))?;
@@ -160,22 +222,25 @@ pub fn run(args: &Args) -> Result<()> {
         state.metrics.push(row);
     }
 
-    let bar = haloflow::stage_cli::progress(total as u64, "training steps");
+    let bar = if ranks.is_main() { haloflow::stage_cli::progress(total as u64, "training steps") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(state.step as u64);
     let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
     for step in state.step..total {
         let started = Instant::now();
         let epoch = step / steps_per_epoch;
         let order = orders.entry(epoch).or_insert_with(|| data::epoch_order(split.train.len(), epoch, args.seed));
-        let at = (step % steps_per_epoch) * args.grad_accum;
+        let at = (step % steps_per_epoch) * per_step;
+        let step_microbatches = &order[at..at + per_step];
+        let mine: Vec<&[usize]> = ranks.share(step_microbatches).map(|&mb| split.train[mb].as_slice()).collect();
         let lr = optim::learning_rate(args.lr, step, args.warmup_steps, total, args.decay);
         opt.zero_grad();
         let mut acc = Accumulator::new();
         let mut row = Row::new(step + 1, epoch);
         let mut tokens = 0usize;
-        for &mb in &order[at..at + args.grad_accum] {
-            let members = &split.train[mb];
-            let (out, policy_logps) = microbatch_loss(&job, &policy, members, true)?;
+        let step_kl = step_kl(&job, &policy, &mine)?;
+        for (k, members) in mine.iter().enumerate() {
+            let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
+            let (out, policy_logps) = microbatch_loss(&job, &policy, members, true, fixed)?;
             let loss = out.loss.double_value(&[]);
             if !loss.is_finite() {
                 let ids: Vec<&str> = members.iter().map(|&i| encoded[i].id.as_str()).collect();
@@ -185,14 +250,18 @@ pub fn run(args: &Args) -> Result<()> {
             row.add_microbatch(&out, policy_logps);
             tokens += members.iter().map(|&i| encoded[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
         }
+        if let Some(reduce) = ranks.loss_reduce() {
+            acc.all_reduce(reduce.as_ref())?;
+            row.sum_over(&ranks)?;
+            tokens = ranks.sum(&Tensor::from_slice(&[tokens as f64]))?.double_value(&[0]).round() as usize;
+        }
         let examples = acc.examples();
-        let loss = acc.finish(&param_list);
-        let grad_norm = opt.clip_grad_norm(args.max_grad_norm);
+        let (loss, grad_norm) = opt.sync_and_clip(&ranks, &param_list, acc, args.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            let ids: Vec<&str> = order[at..at + args.grad_accum].iter().flat_map(|&mb| &split.train[mb]).map(|&i| encoded[i].id.as_str()).collect();
+            let ids: Vec<&str> = step_microbatches.iter().flat_map(|&mb| &split.train[mb]).map(|&i| encoded[i].id.as_str()).collect();
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
         }
-        opt.step(lr);
+        opt.update(&ranks, lr)?;
         let seconds = started.elapsed().as_secs_f64();
         row.finish(loss, lr, grad_norm, examples, tokens, seconds);
         let last = step + 1 == total;
@@ -200,18 +269,23 @@ pub fn run(args: &Args) -> Result<()> {
             evaluate(&job, &policy, &split, &mut row)?;
         }
         bar.set_message(format!("loss {loss:.4}"));
-        if (step + 1) % 10 == 0 || last {
+        if ranks.is_main() && ((step + 1) % 10 == 0 || last) {
             tracing::info!(step = step + 1, total, loss = %format!("{loss:.4}"), grad_norm = %format!("{grad_norm:.3}"), lr, "step");
         }
         bar.inc(1);
         state.metrics.push(row);
         state.step = step + 1;
         if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
-            checkpoint::save(&ckpt_root, &policy, value_head.is_some().then_some(&value_vs), &opt, &state)?;
+            checkpoint::save(&ckpt_root, &ranks, &policy, value_head.is_some().then_some(&value_vs), opt.state(), &state)?;
         }
         haloflow::stage_cli::fault_point("after_steps", step + 1);
     }
     bar.finish_and_clear();
+    // Every rank finished every step before anything is written.
+    ranks.barrier()?;
+    if !ranks.is_main() {
+        return Ok(());
+    }
 
     policy.save(&args.policy)?;
     metrics::write(&args.metrics, &state.metrics)?;
@@ -226,6 +300,9 @@ pub fn run(args: &Args) -> Result<()> {
         "truncated_completions": stats.truncated_completions,
         "train_microbatches": split.train.len(),
         "eval_microbatches": split.eval.len(),
+        "microbatches_per_step": per_step,
+        "ranks": ranks.world(),
+        "shard_optimizer": args.shard_optimizer,
         "lambdas_from_plan": lambdas,
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
@@ -266,34 +343,55 @@ fn logps(model: &CausalLm, seqs: &[&Sequence], device: Device, grad: bool) -> (T
     }
 }
 
-/// Reference sums of the rows' first and second sequences.
-fn reference_sums(job: &Job, members: &[usize]) -> Result<Option<(Tensor, Tensor)>> {
+/// Reference sums of the rows' sequences `side` (0: first, 1: second).
+fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Tensor>> {
     let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
     Ok(match job.reference {
         Reference::Free => None,
         Reference::Cache(map) => {
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-            let found = refs::lookup(map, &ids)?;
-            let first: Vec<f64> = found.iter().map(|r| r.sums[0]).collect();
-            let second: Vec<f64> = found.iter().map(|r| r.sums[1]).collect();
-            Some((Tensor::from_slice(&first).to_device(job.device), Tensor::from_slice(&second).to_device(job.device)))
+            let sums: Vec<f64> = refs::lookup(map, &ids)?.iter().map(|r| r.sums[side]).collect();
+            Some(Tensor::from_slice(&sums).to_device(job.device))
         }
         Reference::Live(model) => {
-            let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
-            let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
-            let (a, _) = logps(model, &first, job.device, false);
-            let (b, _) = logps(model, &second, job.device, false);
-            Some((a.to_kind(Kind::Double), b.to_kind(Kind::Double)))
+            let seqs: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[side]).collect();
+            Some(logps(model, &seqs, job.device, false).0.to_kind(Kind::Double))
         }
     })
 }
 
+/// The KL partners of a microbatch of a plan: policy (no gradient) and reference sums of
+/// the rows' second sequences.
+fn kl_partners(job: &Job, policy: &CausalLm, members: &[usize]) -> Result<KlPartners> {
+    let second: Vec<&Sequence> = members.iter().map(|&i| &job.rows[i].seqs[1]).collect();
+    let (kl_pol, _) = logps(policy, &second, job.device, false);
+    let reference = reference_side(job, members, 1)?.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
+    Ok(KlPartners { policy: kl_pol, reference })
+}
+
+/// The KL partners of this rank's microbatches of an optimizer step and the step's
+/// reference point, for a loss that reads KL partners.
+struct StepKl {
+    partners: Vec<KlPartners>,
+    z0: Option<Tensor>,
+}
+
+fn step_kl(job: &Job, policy: &CausalLm, mine: &[&[usize]]) -> Result<Option<StepKl>> {
+    if job.kind != DataKind::Plan || !job.halo.needs_kl_partners() {
+        return Ok(None);
+    }
+    let partners: Vec<KlPartners> = mine.iter().map(|m| kl_partners(job, policy, m)).collect::<Result<_>>()?;
+    let z0 = job.halo.step_reference_point(&partners.iter().collect::<Vec<_>>())?;
+    Ok(Some(StepKl { partners, z0 }))
+}
+
 /// The loss of one microbatch and the mean policy log-probs of its (first, second) sequences.
-fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) -> Result<(LossOutput, (f64, f64))> {
+/// `fixed` gives KL partners computed beforehand and the step's reference point; without it
+/// the loss takes them from the microbatch alone (evaluation).
+fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool, fixed: Option<(&KlPartners, Option<&Tensor>)>) -> Result<(LossOutput, (f64, f64))> {
     let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
     let first: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[0]).collect();
     let second: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[1]).collect();
-    let refs = reference_sums(job, members)?;
     let m = rows.len() as i64;
     let (inputs, means) = match job.kind {
         DataKind::Plan => {
@@ -301,17 +399,20 @@ fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) 
             let desirable: Vec<bool> = rows.iter().map(|r| job.labels[&r.id].desirable).collect();
             let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
             let means = (s_pol.mean(Kind::Double).double_value(&[]), f64::NAN);
-            let (ref_first, ref_second) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
             let desirable = Tensor::from_slice(&desirable).to_device(job.device);
             if let Some(head) = job.value_head {
                 let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
                 return Ok((job.halo.loss(&inputs)?, means));
             }
-            let mut inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable);
-            if job.halo.name() == "kto" {
-                let (kl_pol, _) = logps(policy, &second, job.device, false);
-                let kl_ref = ref_second.context("KTO needs reference log-probs of the KL partners")?;
-                inputs = inputs.with_kl(KlPartners { policy: kl_pol, reference: kl_ref });
+            let mut inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
+            if job.halo.needs_kl_partners() {
+                inputs = inputs.with_kl(match fixed {
+                    Some((kl, _)) => KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() },
+                    None => kl_partners(job, policy, members)?,
+                });
+            }
+            if let Some((_, Some(z0))) = fixed {
+                inputs = inputs.with_reference_point(z0.shallow_clone());
             }
             if weights.iter().any(|&w| w != 1.0) {
                 inputs = inputs.with_weights(Tensor::from_slice(&weights).to_device(job.device));
@@ -326,9 +427,8 @@ fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bool) 
             let (s_pol, n) = logps(policy, &both, job.device, grad);
             let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
             let means = (c.mean(Kind::Double).double_value(&[]), r.mean(Kind::Double).double_value(&[]));
-            let (rc, rr) = refs.map(|(a, b)| (Some(a), Some(b))).unwrap_or((None, None));
-            let chosen = Sums::new(c, rc, n.narrow(0, 0, m));
-            let rejected = Sums::new(r, rr, n.narrow(0, m, m));
+            let chosen = Sums::new(c, reference_side(job, members, 0)?, n.narrow(0, 0, m));
+            let rejected = Sums::new(r, reference_side(job, members, 1)?, n.narrow(0, m, m));
             (LossInputs::paired(chosen, rejected), means)
         }
     };
@@ -376,7 +476,7 @@ fn evaluate(job: &Job, policy: &CausalLm, split: &Split, row: &mut Row) -> Resul
     let mut eval = Row::new(row.step, row.epoch);
     let mut total = (0.0, 0usize);
     for members in &split.eval {
-        let (out, means) = tch::no_grad(|| microbatch_loss(job, policy, members, false))?;
+        let (out, means) = tch::no_grad(|| microbatch_loss(job, policy, members, false, None))?;
         total.0 += out.loss.double_value(&[]) * out.count as f64;
         total.1 += out.count;
         eval.add_microbatch(&out, means);

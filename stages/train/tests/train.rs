@@ -2,120 +2,12 @@
 //! shows on held-out prompts, the refcache and live references agree, a killed run resumes
 //! with identical metrics, and bad input is refused clearly.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use haloflow::records::{paired_batch, plan_batch, prompt_id, BinaryRow, Message, PairedRow, PlanRow};
+use std::path::Path;
+use std::process::Command;
 
-fn model_dir() -> Option<PathBuf> {
-    haloflow::shared::path("models/stories260K")
-}
-
-const ANIMALS: [&str; 12] = ["cat", "dog", "bird", "fish", "frog", "bear", "duck", "cow", "pig", "fox", "owl", "bee"];
-const NAMES: [&str; 8] = ["Lily", "Tom", "Sue", "Ben", "Amy", "Max", "Mia", "Sam"];
-
-/// Prompt i, and its desirable ("happy") and undesirable ("sad") completions.
-fn example(i: usize) -> (Vec<Message>, String, String) {
-    let (animal, name) = (ANIMALS[i % ANIMALS.len()], NAMES[(i / ANIMALS.len()) % NAMES.len()]);
-    let prompt = vec![Message::new("user", format!("{name} had a {animal}."))];
-    (prompt, format!(" The {animal} was happy and they played."), format!(" The {animal} was sad and it cried."))
-}
-
-/// A plan of `batches` microbatches of 8 rows (4 desirable, 4 undesirable, distinct prompts).
-fn write_plan(path: &Path, batches: usize, singleton_batch: bool) {
-    let mut rows = Vec::new();
-    for b in 0..batches {
-        let members: Vec<BinaryRow> = (0..8)
-            .map(|j| {
-                let i = b * 8 + j;
-                let (prompt, good, bad) = example(i);
-                BinaryRow {
-                    example_id: format!("e{i}"),
-                    prompt_id: prompt_id(&prompt),
-                    prompt,
-                    completion: if j % 2 == 0 { good } else { bad },
-                    label: j % 2 == 0,
-                    weight: 1.0,
-                    source: None,
-                }
-            })
-            .take(if singleton_batch && b == 0 { 1 } else { 8 })
-            .collect();
-        let m = members.len();
-        for k in 0..m {
-            let partner = &members[(k + 1) % m];
-            rows.push(PlanRow {
-                example: members[k].clone(),
-                batch: b as i64,
-                kl_example_id: partner.example_id.clone(),
-                kl_completion: partner.completion.clone(),
-            });
-        }
-    }
-    let batch = plan_batch(&rows).unwrap();
-    let meta = BTreeMap::from([("haloflow.lambda_d", "1"), ("haloflow.lambda_u", "1")]);
-    haloflow::io::write_arrow(path, &batch.schema(), &[batch], meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap();
-}
-
-fn write_pairs(path: &Path, n: usize) {
-    let rows: Vec<PairedRow> = (0..n)
-        .map(|i| {
-            let (prompt, good, bad) = example(i);
-            PairedRow { prompt_id: prompt_id(&prompt), pair_id: format!("p{i}"), prompt, chosen: good, rejected: bad, score_chosen: None, score_rejected: None, source: None }
-        })
-        .collect();
-    let batch = paired_batch(&rows).unwrap();
-    haloflow::io::write_arrow(path, &batch.schema(), &[batch], Default::default()).unwrap();
-}
-
-struct Run {
-    dir: PathBuf,
-}
-
-impl Run {
-    fn metrics(&self) -> BTreeMap<String, Vec<Option<f64>>> {
-        let table = haloflow::io::read_parquet(&self.dir.join("metrics.parquet")).unwrap();
-        let mut out = BTreeMap::new();
-        for batch in &table.batches {
-            for (field, column) in table.schema.fields().iter().zip(batch.columns()) {
-                let values: Vec<Option<f64>> = match column.as_any().downcast_ref::<arrow_array::Float64Array>() {
-                    Some(f) => f.iter().collect(),
-                    None => {
-                        let i = column.as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
-                        i.iter().map(|v| v.map(|v| v as f64)).collect()
-                    }
-                };
-                out.entry(field.name().clone()).or_insert_with(Vec::new).extend(values);
-            }
-        }
-        out
-    }
-
-    fn first_and_last(&self, name: &str) -> (f64, f64) {
-        let values: Vec<f64> = self.metrics()[name].iter().flatten().copied().collect();
-        (values[0], *values.last().unwrap())
-    }
-}
-
-fn train(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Output, Run) {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo-train"));
-    cmd.args(["--data", data.to_str().unwrap(), "--model", model.to_str().unwrap()])
-        .args(["--policy", out.join("policy").to_str().unwrap(), "--metrics", out.join("metrics.parquet").to_str().unwrap()])
-        .args(["--report", out.join("report").to_str().unwrap(), "--summary", out.join("summary.json").to_str().unwrap()])
-        .args(["--device", "cpu", "--threads", "1", "--max-prompt-length", "32", "--max-length", "64"])
-        .args(["--checkpoint-dir", out.join("ckpt").to_str().unwrap()])
-        .args(extra)
-        .env_remove("HALO_SCRATCH_DIR");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let output = cmd.output().unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    (output, Run { dir: out })
-}
+use common::{model_dir, train, write_pairs, write_plan};
 
 #[test]
 fn kto_learns_the_preference_on_held_out_prompts() {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tch::Tensor;
 
-use super::LossOutput;
+use super::{AllReduce, LossOutput};
 
 /// Accumulates the microbatches of one optimizer step.
 ///
@@ -43,21 +43,40 @@ impl Accumulator {
         self.examples
     }
 
+    /// Sums the example count and weighted loss over the processes of a distributed run (a
+    /// collective), so that the step's loss and gradient scale are those of the whole batch
+    /// the processes ran together (their gradients are summed separately).
+    pub fn all_reduce(&mut self, reduce: &dyn AllReduce) -> Result<()> {
+        let totals = reduce.sum(&Tensor::from_slice(&[self.examples as f64, self.weighted_loss]))?;
+        self.examples = totals.double_value(&[0]).round() as usize;
+        self.weighted_loss = totals.double_value(&[1]);
+        Ok(())
+    }
+
+    /// The step's loss and the factor its summed gradients are multiplied by (`None`, and a
+    /// loss of 0, for a step without examples, whose gradients stay untouched).
+    pub fn totals(&self) -> (f64, Option<f64>) {
+        if self.examples == 0 {
+            return (0.0, None);
+        }
+        let scale = 1.0 / self.examples as f64;
+        (self.weighted_loss * scale, Some(scale))
+    }
+
     /// Divides the gradients of `params` by the step's example count and returns the step's
     /// loss (0 for a step without examples, whose gradients stay untouched).
     pub fn finish(self, params: &[Tensor]) -> f64 {
-        if self.examples == 0 {
-            return 0.0;
-        }
-        let scale = 1.0 / self.examples as f64;
-        tch::no_grad(|| {
-            for p in params {
-                let mut grad = p.grad();
-                if grad.defined() {
-                    grad *= scale;
+        let (loss, scale) = self.totals();
+        if let Some(scale) = scale {
+            tch::no_grad(|| {
+                for p in params {
+                    let mut grad = p.grad();
+                    if grad.defined() {
+                        grad *= scale;
+                    }
                 }
-            }
-        });
-        self.weighted_loss * scale
+            });
+        }
+        loss
     }
 }

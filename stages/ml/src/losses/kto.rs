@@ -8,8 +8,9 @@
 //!
 //! averaged over the rows of the microbatch (which may hold one class only). `y'_i` is row
 //! i's mismatched KL partner `y_{(i+1) mod m}`; a microbatch of m < 2 rows is refused, since
-//! the "mismatched" pair of a single row is its matched one. With several processes, the KL
-//! mean is all-reduced before the clamp.
+//! the "mismatched" pair of a single row is its matched one. The KL mean is taken over a whole
+//! optimizer step when the trainer gives one ([`Halo::step_reference_point`]), else over the
+//! microbatch; with several processes it is all-reduced before the clamp.
 
 use std::sync::Arc;
 
@@ -47,12 +48,21 @@ impl Kto {
     /// The reference point z0 of a microbatch's KL partners: a detached scalar computed under
     /// no-grad, the mean all-reduced over processes, then clamped at 0.
     pub fn reference_point(&self, kl: &KlPartners) -> Result<Tensor> {
+        self.pooled_reference_point(&[kl])
+    }
+
+    /// z0 of the KL partners of several microbatches: their (count, sum) all-reduced, the
+    /// mean clamped at 0 (clamping per process and averaging would be biased).
+    pub fn pooled_reference_point(&self, kls: &[&KlPartners]) -> Result<Tensor> {
+        ensure!(!kls.is_empty(), "`kto`: no KL partners to take the reference point of");
         tch::no_grad(|| {
-            let diff = kl.policy.detach() - kl.reference.detach();
-            let sum = diff.sum(Kind::Double);
-            let stats = Tensor::stack(&[sum.ones_like() * diff.numel() as f64, sum], 0);
+            let diffs: Vec<Tensor> = kls.iter().map(|kl| kl.policy.detach() - kl.reference.detach()).collect();
+            let kind = diffs[0].kind();
+            let count: i64 = diffs.iter().map(|d| d.numel() as i64).sum();
+            let sum = diffs.iter().map(|d| d.sum(Kind::Double)).reduce(|a, b| a + b).expect("non-empty");
+            let stats = Tensor::stack(&[sum.ones_like() * count as f64, sum], 0);
             let total = self.reduce.sum(&stats)?;
-            Ok((total.get(1) / total.get(0)).clamp_min(0.0).to_kind(diff.kind()))
+            Ok((total.get(1) / total.get(0)).clamp_min(0.0).to_kind(kind))
         })
     }
 }
@@ -70,6 +80,18 @@ impl Halo for Kto {
         true
     }
 
+    fn min_rows_per_microbatch(&self) -> usize {
+        2
+    }
+
+    fn needs_kl_partners(&self) -> bool {
+        true
+    }
+
+    fn step_reference_point(&self, kl: &[&KlPartners]) -> Result<Option<Tensor>> {
+        self.pooled_reference_point(kl).map(Some)
+    }
+
     fn loss(&self, inputs: &LossInputs) -> Result<LossOutput> {
         let name = self.name();
         let (rows, desirable) = inputs.binary_rows(name)?;
@@ -79,7 +101,10 @@ impl Halo for Kto {
         for (t, what) in [(&kl.policy, "policy"), (&kl.reference, "reference")] {
             ensure!(t.size() == [m as i64], "`kto`: the KL partners' {what} log-probs must have shape [{m}], got {:?}", t.size());
         }
-        let z0 = self.reference_point(kl)?;
+        let z0 = match &inputs.reference_point {
+            Some(z0) => z0.shallow_clone(),
+            None => self.reference_point(kl)?,
+        };
         let r = rows.reward(name, "rows")?;
         let lambda_d = self.lambda_d.or(inputs.lambda_d).unwrap_or(1.0);
         let lambda_u = self.lambda_u.or(inputs.lambda_u).unwrap_or(1.0);

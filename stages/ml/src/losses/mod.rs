@@ -67,6 +67,31 @@ pub trait Halo: Send {
     fn needs_reference(&self) -> bool;
     /// The loss of one microbatch: the mean over its examples, differentiable w.r.t. `S_pol`.
     fn loss(&self, inputs: &LossInputs) -> Result<LossOutput>;
+    /// The fewest rows a microbatch may hold (KTO: 2, for its mismatched KL pairs).
+    fn min_rows_per_microbatch(&self) -> usize {
+        1
+    }
+    /// Whether it reads the rows' KL partners ([`LossInputs::kl`], KTO).
+    fn needs_kl_partners(&self) -> bool {
+        false
+    }
+    /// Whether it trains a value head beside the policy and reads per-token log-probs (PPO).
+    fn needs_value_head(&self) -> bool {
+        false
+    }
+    /// The completion the loss learns from for a completion of label `desirable` (CSFT puts
+    /// its control token first); `None` keeps it as it is.
+    fn rewrite_completion(&self, _completion: &str, _desirable: bool) -> Option<String> {
+        None
+    }
+    /// The reference point of a whole optimizer step, from the KL partners of every
+    /// microbatch this process runs in it, all-reduced over processes (KTO's z0). Given to each
+    /// of the step's microbatches with [`LossInputs::with_reference_point`], it makes z0 the
+    /// estimate over the step's whole batch, so N processes equal one process accumulating the
+    /// same microbatches. `None` for losses without one.
+    fn step_reference_point(&self, _kl: &[&KlPartners]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// Installs the all-reduce of a distributed run. Losses with a batch statistic (KTO's
     /// reference point, PPO's advantage whitening) reduce it with it; the others ignore it.
     fn set_all_reduce(&mut self, _reduce: Arc<dyn AllReduce>) {}
@@ -192,6 +217,9 @@ pub struct LossInputs {
     pub lambda_u: Option<f64>,
     /// Per-token log-probs and values, for PPO.
     pub tokens: Option<ppo::TokenLogps>,
+    /// A reference point fixed for the optimizer step ([`Halo::step_reference_point`]); when
+    /// absent, KTO computes it from this microbatch's KL partners.
+    pub reference_point: Option<Tensor>,
 }
 
 impl LossInputs {
@@ -206,7 +234,7 @@ impl LossInputs {
     }
 
     fn of(examples: Examples) -> LossInputs {
-        LossInputs { examples, kl: None, weights: None, lambda_d: None, lambda_u: None, tokens: None }
+        LossInputs { examples, kl: None, weights: None, lambda_d: None, lambda_u: None, tokens: None, reference_point: None }
     }
 
     /// With KTO's KL partners.
@@ -222,6 +250,11 @@ impl LossInputs {
     /// With the batch plan's λ_D and λ_U.
     pub fn with_lambdas(self, lambda_d: f64, lambda_u: f64) -> LossInputs {
         LossInputs { lambda_d: Some(lambda_d), lambda_u: Some(lambda_u), ..self }
+    }
+
+    /// With the optimizer step's reference point (see [`Halo::step_reference_point`]).
+    pub fn with_reference_point(self, z0: Tensor) -> LossInputs {
+        LossInputs { reference_point: Some(z0), ..self }
     }
 
     /// With PPO's per-token log-probs and values.

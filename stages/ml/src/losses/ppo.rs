@@ -174,6 +174,10 @@ impl Halo for Ppo {
         finish(self.name(), per_row, None, inputs, Metrics { extra, ..Metrics::default() })
     }
 
+    fn needs_value_head(&self) -> bool {
+        true
+    }
+
     fn set_all_reduce(&mut self, reduce: Arc<dyn AllReduce>) {
         self.reduce = reduce;
     }

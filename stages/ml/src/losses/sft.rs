@@ -53,6 +53,10 @@ impl Halo for Sft {
         false
     }
 
+    fn rewrite_completion(&self, completion: &str, desirable: bool) -> Option<String> {
+        self.control.then(|| with_control_token(completion, desirable))
+    }
+
     fn loss(&self, inputs: &LossInputs) -> Result<LossOutput> {
         let name = self.name();
         match &inputs.examples {

@@ -1,0 +1,163 @@
+//! The process group behind [`crate::Dist`]: the C ABI of shim/c10d_shim.cpp when the crate was
+//! built with it (cfg `halo_c10d`), else an uninhabited type, so nothing can be called.
+
+/// A reduction a shim knows: SUM, MAX, MIN (average is a sum divided in Rust).
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Sum = 0,
+    Max = 1,
+    Min = 2,
+}
+
+#[cfg(halo_c10d)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::ptr::NonNull;
+    use std::time::Duration;
+
+    use anyhow::{bail, Result};
+    use tch::Tensor;
+
+    use super::Op;
+    use crate::env::Rendezvous;
+
+    extern "C" {
+        fn halo_dist_new(backend: *const c_char, host: *const c_char, port: u16, rank: c_int, world: c_int, serve: c_int, prefix: *const c_char, timeout_ms: i64, err: *mut *mut c_char) -> *mut c_void;
+        fn halo_dist_free(g: *mut c_void);
+        fn halo_dist_free_message(message: *mut c_char);
+        fn halo_dist_all_reduce(g: *mut c_void, ts: *const *mut c_void, n: usize, op: c_int, coalesced: c_int, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_broadcast(g: *mut c_void, t: *mut c_void, root: c_int, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_all_gather(g: *mut c_void, outs: *const *mut c_void, n: usize, input: *mut c_void, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_reduce_scatter(g: *mut c_void, out: *mut c_void, ins: *const *mut c_void, n: usize, op: c_int, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_barrier(g: *mut c_void, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_probe(g: *mut c_void, timeout_ms: i64, lost: *mut c_int, cap: usize, n_lost: *mut usize, err: *mut *mut c_char) -> c_int;
+    }
+
+    /// A c10d process group (and its store), owned.
+    pub struct Group(NonNull<c_void>);
+
+    // SAFETY: c10d process groups are used from several threads by torch itself; the shim
+    // holds no thread-local state.
+    unsafe impl Send for Group {}
+    unsafe impl Sync for Group {}
+
+    impl Drop for Group {
+        fn drop(&mut self) {
+            // SAFETY: created by halo_dist_new, freed once.
+            unsafe { halo_dist_free(self.0.as_ptr()) }
+        }
+    }
+
+    /// Runs a shim call, turning its error message into an `Err`.
+    fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), String> {
+        let mut err: *mut c_char = std::ptr::null_mut();
+        if f(&mut err) == 0 {
+            return Ok(());
+        }
+        if err.is_null() {
+            return Err("out of memory for the error message".into());
+        }
+        // SAFETY: a NUL-terminated string malloc'd by the shim, freed here once.
+        let text = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        unsafe { halo_dist_free_message(err) };
+        Err(text)
+    }
+
+    fn ptrs(ts: &[Tensor]) -> Vec<*mut c_void> {
+        ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+    }
+
+    impl Group {
+        pub fn new(backend: &str, rv: &Rendezvous, timeout: Duration) -> Result<Group> {
+            let c = |s: &str| CString::new(s).map_err(|_| anyhow::anyhow!("NUL byte in {s:?}"));
+            let (backend_c, host, prefix) = (c(backend)?, c(&rv.master_addr)?, c(&rv.prefix)?);
+            let mut group = std::ptr::null_mut();
+            let made = call(|err| {
+                // SAFETY: valid C strings for the call's duration.
+                group = unsafe { halo_dist_new(backend_c.as_ptr(), host.as_ptr(), rv.master_port, rv.rank as c_int, rv.world_size as c_int, rv.serve_store as c_int, prefix.as_ptr(), timeout.as_millis() as i64, err) };
+                c_int::from(group.is_null())
+            });
+            match (made, NonNull::new(group)) {
+                (Ok(()), Some(g)) => Ok(Group(g)),
+                (Err(e), _) => bail!("{e}"),
+                (Ok(()), None) => bail!("the c10d shim returned no process group"),
+            }
+        }
+
+        pub fn all_reduce(&self, ts: &[Tensor], op: Op, coalesced: bool) -> Result<(), String> {
+            let p = ptrs(ts);
+            // SAFETY: live tensors for the call's duration.
+            call(|err| unsafe { halo_dist_all_reduce(self.0.as_ptr(), p.as_ptr(), p.len(), op as c_int, c_int::from(coalesced), err) })
+        }
+
+        pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<(), String> {
+            call(|err| unsafe { halo_dist_broadcast(self.0.as_ptr(), t.as_ptr() as *mut c_void, root as c_int, err) })
+        }
+
+        pub fn all_gather(&self, outs: &[Tensor], input: &Tensor) -> Result<(), String> {
+            let p = ptrs(outs);
+            call(|err| unsafe { halo_dist_all_gather(self.0.as_ptr(), p.as_ptr(), p.len(), input.as_ptr() as *mut c_void, err) })
+        }
+
+        pub fn reduce_scatter(&self, out: &Tensor, inputs: &[Tensor], op: Op) -> Result<(), String> {
+            let p = ptrs(inputs);
+            call(|err| unsafe { halo_dist_reduce_scatter(self.0.as_ptr(), out.as_ptr() as *mut c_void, p.as_ptr(), p.len(), op as c_int, err) })
+        }
+
+        pub fn barrier(&self) -> Result<(), String> {
+            call(|err| unsafe { halo_dist_barrier(self.0.as_ptr(), err) })
+        }
+
+        /// The ranks that do not answer within `timeout`.
+        pub fn probe(&self, world: usize, timeout: Duration) -> Result<Vec<usize>, String> {
+            let mut lost: Vec<c_int> = vec![0; world];
+            let mut n = 0usize;
+            call(|err| unsafe { halo_dist_probe(self.0.as_ptr(), timeout.as_millis() as i64, lost.as_mut_ptr(), world, &mut n, err) })?;
+            Ok(lost[..n].iter().map(|&r| r as usize).collect())
+        }
+    }
+}
+
+#[cfg(not(halo_c10d))]
+mod ffi {
+    use std::time::Duration;
+
+    use anyhow::{bail, Result};
+    use tch::Tensor;
+
+    use super::Op;
+    use crate::env::Rendezvous;
+
+    /// No process group can exist in a build without the shim.
+    pub enum Group {}
+
+    impl Group {
+        pub fn new(_backend: &str, rv: &Rendezvous, _timeout: Duration) -> Result<Group> {
+            bail!(
+                "this is a {}-process run, but haloflow was built without distributed support: install gloo's headers \
+                 (`apt-get install libgloo-dev`, or run ci/bootstrap.sh) and rebuild with the default feature `distributed`",
+                rv.world_size
+            )
+        }
+        pub fn all_reduce(&self, _: &[Tensor], _: Op, _: bool) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn broadcast(&self, _: &Tensor, _: usize) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn all_gather(&self, _: &[Tensor], _: &Tensor) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn reduce_scatter(&self, _: &Tensor, _: &[Tensor], _: Op) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn barrier(&self) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn probe(&self, _: usize, _: Duration) -> Result<Vec<usize>, String> {
+            match *self {}
+        }
+    }
+}
+
+pub use ffi::Group;

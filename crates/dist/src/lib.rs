@@ -1,0 +1,225 @@
+//! Data-parallel collectives for haloflow on libtorch's own c10d: a TCPStore rendezvous and a
+//! Gloo (CPU) or NCCL (GPU) process group, driven from Rust on `tch` tensors through a small
+//! C++ shim (shim/c10d_shim.cpp). [`Dist::from_env`] reads torchrun's or Slurm's environment.
+//! Every failure of a collective is an error naming the collective, this rank and, where Gloo
+//! can tell, the rank that no longer answers.
+//!
+//! Built without the `distributed` feature or without gloo's headers, the crate still builds;
+//! a single-process run works and a multi-process one fails saying how to enable it.
+
+mod env;
+mod group;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+pub use env::{first_host, Rendezvous};
+use group::{Group, Op};
+
+/// How a collective combines the processes' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise mean (a sum divided by the world size; floating-point tensors only).
+    Avg,
+    /// Element-wise maximum.
+    Max,
+    /// Element-wise minimum.
+    Min,
+}
+
+impl ReduceOp {
+    fn shim(self) -> Op {
+        match self {
+            ReduceOp::Sum | ReduceOp::Avg => Op::Sum,
+            ReduceOp::Max => Op::Max,
+            ReduceOp::Min => Op::Min,
+        }
+    }
+}
+
+/// The backend for a requested name and the training device: `auto` is NCCL on CUDA and
+/// Gloo on CPU; NCCL without a CUDA device is an error.
+pub fn backend_for(requested: &str, device: Device) -> Result<&'static str> {
+    match (requested, device.is_cuda()) {
+        ("gloo", _) => Ok("gloo"),
+        ("nccl", true) | ("auto", true) => Ok("nccl"),
+        ("auto", false) => Ok("gloo"),
+        ("nccl", false) => bail!("the nccl backend needs a CUDA device, and this process has none (use --dist-backend gloo on CPU)"),
+        (other, _) => bail!("unknown distributed backend `{other}` (auto, gloo or nccl)"),
+    }
+}
+
+/// This process's membership of a distributed run: the rendezvous store and process group.
+pub struct Dist {
+    group: Group,
+    rv: Rendezvous,
+    backend: &'static str,
+    timeout: Duration,
+}
+
+impl Dist {
+    /// Joins the run described by the environment: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE with TORCHELASTIC_RESTART_COUNT)
+    /// or Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
+    /// SLURM_JOB_NODELIST, MASTER_PORT). `None` when WORLD_SIZE is unset or 1. `backend` is
+    /// `gloo`, `nccl` or `auto` (NCCL when CUDA is available). Collectives and the rendezvous
+    /// give up after `timeout`.
+    pub fn from_env(backend: &str, timeout: Duration) -> Result<Option<Dist>> {
+        let Some(rv) = env::read(|k| std::env::var(k).ok())? else { return Ok(None) };
+        let device = if backend == "auto" { Device::cuda_if_available() } else { Device::Cpu };
+        let backend = backend_for(backend, if backend == "nccl" { Device::Cuda(rv.local_rank) } else { device })?;
+        if backend == "nccl" {
+            ensure!(tch::Cuda::is_available(), "the nccl backend needs CUDA, and this machine has none (use --dist-backend gloo)");
+        }
+        Dist::connect(backend, rv, timeout).map(Some)
+    }
+
+    /// Joins the run `rv` with `backend` (`gloo` or `nccl`).
+    pub fn connect(backend: &'static str, rv: Rendezvous, timeout: Duration) -> Result<Dist> {
+        let group = Group::new(backend, &rv, timeout).with_context(|| {
+            format!("rank {} of {}: cannot join the {backend} process group through the store at {}:{} (timeout {:?})", rv.rank, rv.world_size, rv.master_addr, rv.master_port, timeout)
+        })?;
+        tracing::debug!(rank = rv.rank, world = rv.world_size, backend, "joined the process group");
+        Ok(Dist { group, rv, backend, timeout })
+    }
+
+    /// This process's rank, `0..world_size()`.
+    pub fn rank(&self) -> usize {
+        self.rv.rank
+    }
+
+    /// The number of processes.
+    pub fn world_size(&self) -> usize {
+        self.rv.world_size
+    }
+
+    /// This process's rank on its node: its GPU.
+    pub fn local_rank(&self) -> usize {
+        self.rv.local_rank
+    }
+
+    /// `gloo` or `nccl`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// The device collectives' tensors live on: CUDA `local_rank` under NCCL, else the CPU.
+    pub fn device(&self) -> Device {
+        if self.backend == "nccl" {
+            Device::Cuda(self.rv.local_rank)
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// The error of a failed collective: its name, this rank and which rank no longer answers.
+    fn failed(&self, what: &str, cause: String) -> anyhow::Error {
+        let (rank, world) = (self.rv.rank, self.rv.world_size);
+        let lost = match self.group.probe(world, self.timeout.min(Duration::from_secs(5))) {
+            Ok(lost) if lost.is_empty() => "; every other rank still answers".to_string(),
+            Ok(lost) => {
+                let ranks: Vec<String> = lost.iter().map(|r| r.to_string()).collect();
+                format!("; lost rank(s) {} (no answer: killed, crashed or hung)", ranks.join(", "))
+            }
+            Err(e) => format!("; could not tell which rank is lost: {e}"),
+        };
+        anyhow!("`{what}` failed on rank {rank} of {world} ({}): {cause}{lost}", self.backend)
+    }
+
+    fn average(&self, ts: &mut [Tensor], op: ReduceOp) -> Result<()> {
+        if op == ReduceOp::Avg {
+            for t in ts.iter_mut() {
+                ensure!(t.is_floating_point(), "ReduceOp::Avg needs floating-point tensors, got {:?}", t.kind());
+                let _ = t.g_div_scalar_(self.rv.world_size as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reduces `t` in place over all processes.
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.group.all_reduce(std::slice::from_ref(t), op.shim(), false).map_err(|e| self.failed("all_reduce", e))?;
+        self.average(std::slice::from_mut(t), op)
+    }
+
+    /// Reduces several tensors in place in one collective (Gloo: one flattened buffer).
+    pub fn all_reduce_coalesced(&self, ts: &mut [Tensor], op: ReduceOp) -> Result<()> {
+        if ts.is_empty() {
+            return Ok(());
+        }
+        self.group.all_reduce(ts, op.shim(), true).map_err(|e| self.failed("all_reduce_coalesced", e))?;
+        self.average(ts, op)
+    }
+
+    /// Copies rank `root`'s `t` into every other rank's `t`.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        ensure!(root < self.rv.world_size, "broadcast from rank {root} in a world of {}", self.rv.world_size);
+        self.group.broadcast(t, root).map_err(|e| self.failed("broadcast", e))
+    }
+
+    /// Fills `out[r]` with rank r's `input` (one output per rank, each shaped like `input`).
+    pub fn all_gather(&self, out: &mut [Tensor], input: &Tensor) -> Result<()> {
+        ensure!(out.len() == self.rv.world_size, "all_gather needs {} outputs, got {}", self.rv.world_size, out.len());
+        self.group.all_gather(out, input).map_err(|e| self.failed("all_gather", e))
+    }
+
+    /// Reduces `inputs[r]` over all processes into rank r's `out` (one input per rank).
+    pub fn reduce_scatter(&self, out: &mut Tensor, inputs: &[Tensor], op: ReduceOp) -> Result<()> {
+        ensure!(inputs.len() == self.rv.world_size, "reduce_scatter needs {} inputs, got {}", self.rv.world_size, inputs.len());
+        self.group.reduce_scatter(out, inputs, op.shim()).map_err(|e| self.failed("reduce_scatter", e))?;
+        self.average(std::slice::from_mut(out), op)
+    }
+
+    /// Waits until every process arrives.
+    pub fn barrier(&self) -> Result<()> {
+        self.group.barrier().map_err(|e| self.failed("barrier", e))
+    }
+
+    /// Every rank's `bytes`, in rank order (for small records such as metrics).
+    pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let device = self.device();
+        let mut len = Tensor::from_slice(&[bytes.len() as i64]).to_device(device);
+        self.all_reduce(&mut len, ReduceOp::Max)?;
+        let max = len.int64_value(&[0]) as usize;
+        let mut padded = bytes.to_vec();
+        padded.resize(max + 8, 0);
+        padded[max..].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        let input = Tensor::from_slice(&padded).to_device(device);
+        let mut out: Vec<Tensor> = (0..self.rv.world_size).map(|_| Tensor::zeros([(max + 8) as i64], (Kind::Uint8, device))).collect();
+        self.all_gather(&mut out, &input)?;
+        out.iter()
+            .map(|t| {
+                let all = Vec::<u8>::try_from(&t.to_device(Device::Cpu))?;
+                let n = u64::from_le_bytes(all[max..].try_into()?) as usize;
+                Ok(all[..n].to_vec())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends() {
+        assert_eq!(backend_for("auto", Device::Cpu).unwrap(), "gloo");
+        assert_eq!(backend_for("auto", Device::Cuda(0)).unwrap(), "nccl");
+        assert_eq!(backend_for("gloo", Device::Cuda(0)).unwrap(), "gloo");
+        assert!(backend_for("nccl", Device::Cpu).unwrap_err().to_string().contains("needs a CUDA device"));
+        assert!(backend_for("mpi", Device::Cpu).unwrap_err().to_string().contains("unknown distributed backend `mpi`"));
+    }
+
+    /// Built without the shim (`--no-default-features`), a multi-process run says how to get it.
+    #[cfg(not(halo_c10d))]
+    #[test]
+    fn without_the_shim_a_multi_process_run_says_how_to_enable_it() {
+        let rv = env::read(|k| [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1")].iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap().unwrap();
+        let err = format!("{:#}", Dist::connect("gloo", rv, Duration::from_secs(1)).err().unwrap());
+        assert!(err.contains("libgloo-dev") && err.contains("distributed"), "{err}");
+    }
+}

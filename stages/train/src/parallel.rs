@@ -1,0 +1,177 @@
+//! The processes of a data-parallel run as the trainer sees them: one process without a
+//! launcher, else a [`Dist`] process group. Each rank runs its share of every optimizer step's
+//! microbatches; gradients, example counts, metrics and KTO's reference point are summed
+//! over the ranks so that N ranks equal one process accumulating the same microbatches.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use haloflow_dist::{Dist, ReduceOp};
+use haloflow_ml::device::parse_device;
+use haloflow_ml::losses::AllReduce;
+use tch::{Device, Kind, Tensor};
+
+use crate::Args;
+
+/// Elements per all-reduce of gradients (about 25 MB of f32, as torch's DDP buckets).
+const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
+
+/// This process's place in the run.
+pub struct Ranks {
+    dist: Option<Arc<Dist>>,
+}
+
+/// [`AllReduce`] for the losses' batch statistics over a process group.
+struct DistSum(Arc<Dist>);
+
+impl AllReduce for DistSum {
+    fn sum(&self, stats: &Tensor) -> Result<Tensor> {
+        let mut out = stats.to_device(self.0.device()).copy();
+        self.0.all_reduce(&mut out, ReduceOp::Sum)?;
+        Ok(out.to_device(stats.device()))
+    }
+}
+
+impl Ranks {
+    /// Joins the run the environment describes (torchrun's or Slurm's variables) and picks the
+    /// device: with several ranks, `--device auto` or `cuda` means CUDA device LOCAL_RANK.
+    pub fn join(args: &Args) -> Result<(Ranks, Device)> {
+        let requested = parse_device(&args.device)?;
+        let backend = haloflow_dist::backend_for(&args.dist_backend, requested)?;
+        let dist = Dist::from_env(backend, Duration::from_secs_f64(args.dist_timeout_s))?;
+        let device = match (&dist, requested) {
+            (Some(d), Device::Cuda(_)) if !args.device.starts_with("cuda:") => Device::Cuda(d.local_rank()),
+            _ => requested,
+        };
+        if let Some(d) = &dist {
+            tracing::info!(rank = d.rank(), world = d.world_size(), backend = d.backend(), device = ?device, "data-parallel run");
+        }
+        Ok((Ranks { dist: dist.map(Arc::new) }, device))
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rank())
+    }
+
+    /// The number of processes.
+    pub fn world(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.world_size())
+    }
+
+    /// Whether this is rank 0, which alone writes outputs, checkpoints and the progress bar.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// The sum the losses reduce their batch statistics with (`None` for one process).
+    pub fn loss_reduce(&self) -> Option<Arc<dyn AllReduce>> {
+        self.dist.as_ref().map(|d| Arc::new(DistSum(d.clone())) as Arc<dyn AllReduce>)
+    }
+
+    /// Sums `t` (any device, f64 or f32) over the ranks.
+    pub fn sum(&self, t: &Tensor) -> Result<Tensor> {
+        match &self.dist {
+            Some(d) => DistSum(d.clone()).sum(t),
+            None => Ok(t.shallow_clone()),
+        }
+    }
+
+    /// This rank's share of a step's microbatches: positions rank, rank + world, …
+    pub fn share<'a, T>(&self, step: &'a [T]) -> impl Iterator<Item = &'a T> + 'a {
+        let (rank, world) = (self.rank(), self.world());
+        step.iter().skip(rank).step_by(world)
+    }
+
+    /// Sums the gradients of `params` over the ranks, in buckets of coalesced all-reduces.
+    /// Gradients a rank never produced (no example in its share) count as zeros.
+    pub fn sum_gradients(&self, params: &[Tensor]) -> Result<()> {
+        let Some(dist) = &self.dist else { return Ok(()) };
+        let grads = defined_grads(params);
+        let mut bucket: Vec<Tensor> = Vec::new();
+        let mut elements = 0;
+        for g in grads {
+            let same_kind = bucket.first().is_none_or(|b| b.kind() == g.kind());
+            if !bucket.is_empty() && (elements + g.numel() as i64 > BUCKET_ELEMENTS || !same_kind) {
+                dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)?;
+                bucket.clear();
+                elements = 0;
+            }
+            elements += g.numel() as i64;
+            bucket.push(g);
+        }
+        dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)
+    }
+
+    /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's
+    /// slice `rank`.
+    pub fn reduce_scatter(&self, flat: &Tensor) -> Result<Tensor> {
+        let chunks = flat.chunk(self.world() as i64, 0);
+        match &self.dist {
+            Some(d) => {
+                let mut out = chunks[0].zeros_like();
+                d.reduce_scatter(&mut out, &chunks, ReduceOp::Sum)?;
+                Ok(out)
+            }
+            None => Ok(chunks[0].copy()),
+        }
+    }
+
+    /// Every rank's `slice`, concatenated in rank order.
+    pub fn all_gather(&self, slice: &Tensor) -> Result<Tensor> {
+        match &self.dist {
+            Some(d) => {
+                let mut out: Vec<Tensor> = (0..d.world_size()).map(|_| slice.zeros_like()).collect();
+                d.all_gather(&mut out, slice)?;
+                Ok(Tensor::cat(&out, 0))
+            }
+            None => Ok(slice.shallow_clone()),
+        }
+    }
+
+    /// Adds up the ranks' pending metric sums (name → (weighted sum, weight)), in rank order.
+    pub fn merge_sums(&self, mine: &BTreeMap<String, (f64, f64)>) -> Result<BTreeMap<String, (f64, f64)>> {
+        let Some(dist) = &self.dist else { return Ok(mine.clone()) };
+        let mut merged: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for bytes in dist.all_gather_bytes(&serde_json::to_vec(mine)?)? {
+            let theirs: BTreeMap<String, (f64, f64)> = serde_json::from_slice(&bytes).context("metrics from another rank")?;
+            for (name, (sum, weight)) in theirs {
+                let slot = merged.entry(name).or_default();
+                slot.0 += sum;
+                slot.1 += weight;
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) -> Result<()> {
+        self.dist.as_ref().map_or(Ok(()), |d| d.barrier())
+    }
+
+    /// Checks that each rank gets at least one microbatch per step.
+    pub fn check_microbatches(&self, train_microbatches: usize, grad_accum: usize) -> Result<()> {
+        let world = self.world();
+        ensure!(
+            train_microbatches >= grad_accum * world,
+            "{train_microbatches} training microbatches are fewer than grad_accum × WORLD_SIZE = {grad_accum} × {world}: lower --grad-accum or the number of ranks"
+        );
+        Ok(())
+    }
+}
+
+/// The gradients of `params`, zeros where a parameter has none yet (so that every rank
+/// reduces the same tensors).
+pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| {
+            if !p.grad().defined() {
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+            p.grad()
+        })
+        .collect()
+}

@@ -1,0 +1,209 @@
+//! Data-parallel halo-train: two ranks over Gloo on CPU (the halo-train binary spawned twice
+//! with torchrun's variables) against one process accumulating the same microbatches, on
+//! stories260K from ../shared.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+use std::time::Instant;
+
+use common::{command, model_dir, train, write_pairs, write_plan, write_plan_batches, Run};
+use tch::{Kind, Tensor};
+
+/// Metrics that measure time, not training.
+const TIMING: [&str; 3] = ["seconds", "tokens_per_s", "examples_per_s"];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `name` as two ranks; `env_of(rank)` adds variables to a rank. Returns both outputs
+/// (rank 0 first), the run, and the seconds until the last rank exited.
+fn train_2_ranks(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&str], env_of: impl Fn(usize) -> Vec<(&'static str, String)>) -> (Vec<Output>, Run, f64) {
+    let port = free_port().to_string();
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut run = None;
+    for rank in 0..2 {
+        let (mut cmd, r) = command(dir, name, data, model, extra);
+        cmd.env("WORLD_SIZE", "2").env("RANK", rank.to_string()).env("LOCAL_RANK", rank.to_string());
+        cmd.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
+        for (k, v) in env_of(rank) {
+            cmd.env(k, v);
+        }
+        children.push(cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap());
+        run = Some(r);
+    }
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let seconds = started.elapsed().as_secs_f64();
+    for (rank, o) in outputs.iter().enumerate() {
+        eprintln!("--- rank {rank} ({}):\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    }
+    (outputs, run.unwrap(), seconds)
+}
+
+fn no_env(_: usize) -> Vec<(&'static str, String)> {
+    Vec::new()
+}
+
+fn policy(run: &Run) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(run.dir.join("policy/model.safetensors")).unwrap().into_iter().collect()
+}
+
+/// The largest absolute difference between two policies' weights.
+fn max_weight_diff(a: &Run, b: &Run) -> f64 {
+    let (a, b) = (policy(a), policy(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().map(|(k, t)| (t.to_kind(Kind::Double) - b[k].to_kind(Kind::Double)).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+/// The largest absolute difference between two runs' metrics (timing left out); both must
+/// have the same metrics and steps.
+fn max_metric_diff(a: &Run, b: &Run) -> f64 {
+    let (a, b) = (a.metrics(), b.metrics());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst = 0.0f64;
+    for (name, xs) in a.iter().filter(|(n, _)| !TIMING.contains(&n.as_str())) {
+        assert_eq!(xs.len(), b[name].len(), "{name}: step counts differ");
+        for (x, y) in xs.iter().zip(&b[name]) {
+            match (x, y) {
+                (Some(x), Some(y)) => worst = worst.max((x - y).abs()),
+                (None, None) => {}
+                _ => panic!("{name}: {x:?} vs {y:?}"),
+            }
+        }
+    }
+    worst
+}
+
+fn seconds_per_step(run: &Run) -> f64 {
+    let s: Vec<f64> = run.metrics()["seconds"].iter().flatten().copied().collect();
+    s.iter().sum::<f64>() / s.len() as f64
+}
+
+/// 2 ranks (DDP and ZeRO-1) against 1 process with grad_accum 2 on the same data.
+fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (one, single) = train(dir.path(), "one", data, &model, &[args, &["--grad-accum", "2"]].concat(), &[]);
+    assert!(one.status.success());
+    let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp", data, &model, args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (outs, zero, _) = train_2_ranks(dir.path(), "zero", data, &model, &[args, &["--shard-optimizer"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let steps = single.metrics()["loss"].len();
+    assert!(steps >= 3, "{steps} steps");
+    let (dm, dw) = (max_metric_diff(&single, &ddp), max_weight_diff(&single, &ddp));
+    let (zm, zw) = (max_metric_diff(&ddp, &zero), max_weight_diff(&ddp, &zero));
+    eprintln!(
+        "{what}, {steps} steps: 2 ranks vs 1 process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}; ZeRO-1 vs DDP: {zm:.3e}, {zw:.3e}; s/step 1 process {:.3}, DDP {:.3}, ZeRO-1 {:.3}",
+        seconds_per_step(&single),
+        seconds_per_step(&ddp),
+        seconds_per_step(&zero)
+    );
+    assert!(dm < 1e-5 && dw < 1e-5, "DDP differs from one process: metrics {dm}, weights {dw}");
+    assert!(zm < 1e-5 && zw < 1e-5, "ZeRO-1 differs from DDP: metrics {zm}, weights {zw}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(ddp.dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["ranks"].as_u64(), summary["microbatches_per_step"].as_u64()), (Some(2), Some(2)));
+}
+
+#[test]
+fn ddp_and_zero1_kto_equal_one_process_accumulating_the_same_microbatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    two_ranks_equal_one_process(&plan, &["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3", "--eval-batches", "2"], "KTO");
+}
+
+#[test]
+fn ddp_and_zero1_dpo_equal_one_process_accumulating_the_same_microbatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.arrow");
+    write_pairs(&pairs, 32);
+    two_ranks_equal_one_process(&pairs, &["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--microbatch-size", "4", "--max-steps", "3"], "DPO");
+}
+
+/// Without gradient sync each rank would train on its own share alone: the 2-rank policy
+/// must differ from one process trained on rank 0's share (microbatches 0, 2, 4) as much as
+/// it equals the one trained on both shares.
+#[test]
+fn two_ranks_learn_from_both_shares() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, share0) = (dir.path().join("plan.arrow"), dir.path().join("share0.arrow"));
+    write_plan(&plan, 6, false);
+    write_plan_batches(&share0, &[0, 2, 4], false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
+    let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (one, rank0_alone) = train(dir.path(), "share0", &share0, &model, &args, &[]);
+    assert!(one.status.success());
+    let (both, accumulated) = train(dir.path(), "both", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+    assert!(both.status.success());
+    let (apart, together) = (max_weight_diff(&ddp, &rank0_alone), max_weight_diff(&ddp, &accumulated));
+    eprintln!("2-rank policy vs rank 0's share alone: max |Δ weight| {apart:.3e}; vs both shares accumulated: {together:.3e}");
+    assert!(apart > 1e-3 && together < 1e-5, "apart {apart}, together {together}");
+}
+
+/// Rank 1 is SIGKILLed after step 2: rank 0 fails within the timeout naming it and writes no
+/// output; the rerun resumes from the step-2 checkpoint and ends as an uninterrupted run.
+#[test]
+fn a_killed_rank_stops_the_run_and_the_rerun_resumes() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "4", "--save-every", "1", "--dist-timeout-s", "60"];
+    let (outs, whole, _) = train_2_ranks(dir.path(), "whole", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let fault = |rank: usize| if rank == 1 { vec![("HALO_FAULT_AFTER_STEPS", "2".to_string())] } else { Vec::new() };
+    let (outs, run, seconds) = train_2_ranks(dir.path(), "resumed", &plan, &model, &args, fault);
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&outs[1].status), Some(9), "rank 1 killed by SIGKILL");
+    let err = String::from_utf8_lossy(&outs[0].stderr);
+    eprintln!("rank 0 exited {seconds:.1} s after the start");
+    assert!(!outs[0].status.success() && err.contains("lost rank(s) 1") && err.contains("on rank 0 of 2"), "{err}");
+    assert!(seconds < 60.0);
+    assert!(!run.dir.join("policy").exists() && !run.dir.join("metrics.parquet").exists(), "no output after a failure");
+    let (outs, run, _) = train_2_ranks(dir.path(), "resumed", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    assert!(String::from_utf8_lossy(&outs[0].stderr).contains("resuming"));
+    let (dm, dw) = (max_metric_diff(&whole, &run), max_weight_diff(&whole, &run));
+    eprintln!("resumed vs uninterrupted 2-rank run: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}");
+    assert!(dm < 1e-12 && dw == 0.0, "resumed run differs: metrics {dm}, weights {dw}");
+}
+
+/// A ZeRO-1 checkpoint written by 2 ranks is re-sliced by a single process with the same
+/// global batch (grad_accum 2), which ends as the uninterrupted 2-rank run.
+#[test]
+fn zero1_checkpoints_resume_on_another_number_of_ranks() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "4", "--save-every", "1", "--shard-optimizer"];
+    let (outs, whole, _) = train_2_ranks(dir.path(), "whole", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let fault = |_: usize| vec![("HALO_FAULT_AFTER_STEPS", "2".to_string())];
+    let (outs, _, _) = train_2_ranks(dir.path(), "resumed", &plan, &model, &args, fault);
+    assert!(outs.iter().all(|o| !o.status.success()));
+    let (one, run) = train(dir.path(), "resumed", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+    assert!(one.status.success() && String::from_utf8_lossy(&one.stderr).contains("resuming"));
+    let (dm, dw) = (max_metric_diff(&whole, &run), max_weight_diff(&whole, &run));
+    eprintln!("ZeRO-1 2 ranks → resumed on 1: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}");
+    assert!(dm < 1e-5 && dw < 1e-5, "metrics {dm}, weights {dw}");
+}
+
+#[test]
+fn more_ranks_than_microbatches_is_refused() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 3, false);
+    let (outs, _, _) = train_2_ranks(dir.path(), "few", &plan, &model, &["--loss", "kto", "--reference", "live", "--grad-accum", "2", "--eval-batches", "0"], no_env);
+    for o in &outs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("fewer than grad_accum × WORLD_SIZE = 2 × 2"), "{err}");
+    }
+}
