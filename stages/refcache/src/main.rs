@@ -22,7 +22,8 @@ continues where it stopped and writes the same file as an uninterrupted run.
 Under a launcher that sets WORLD_SIZE > 1 (`ranks = N` in a pipeline, torchrun, srun), chunk c
 is scored by rank c % WORLD_SIZE (on CUDA, on GPU LOCAL_RANK) into the shared scratch
 directory; rank 0 then reads every chunk and alone writes the outputs, which equal a single
-process's (batches never cross chunks). A killed multi-rank run resumes on any rank count.";
+process's (batches never cross chunks). A killed multi-rank run resumes on any rank count.
+The scratch directory must be one that every rank sees (one machine, or a shared file system).";
 
 /// Precompute reference log-probs to Parquet.
 #[derive(Parser, Debug, Clone)]
