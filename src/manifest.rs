@@ -23,6 +23,18 @@ pub struct KeyParts {
     pub inputs: BTreeMap<String, String>,
     /// Declared schema of each output.
     pub outputs: BTreeMap<String, String>,
+    /// Rank count, for stages whose results depend on it (left out when 1, so keys of
+    /// single-process stages are what they were before ranks existed).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub ranks: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl KeyParts {
@@ -220,6 +232,9 @@ pub fn explain_change(prev: &KeyParts, now: &KeyParts) -> Vec<String> {
     if prev.outputs != now.outputs {
         why.push("declared outputs changed".into());
     }
+    if prev.ranks != now.ranks {
+        why.push(format!("ranks {} → {}", prev.ranks, now.ranks));
+    }
     why
 }
 
@@ -233,6 +248,7 @@ mod tests {
             params: serde_json::from_value(serde_json::json!({ "beta": beta })).unwrap(),
             inputs: BTreeMap::from([("pairs".to_string(), input.to_string())]),
             outputs: BTreeMap::new(),
+            ranks: 1,
         }
     }
 
@@ -242,5 +258,10 @@ mod tests {
         assert_eq!(why, ["params.beta 0.1 → 0.2", "input pairs changed"]);
         assert!(explain_change(&parts(0.1, "a"), &parts(0.1, "a")).is_empty());
         assert_ne!(parts(0.1, "a").key(), parts(0.2, "a").key());
+        let two = KeyParts { ranks: 2, ..parts(0.1, "a") };
+        assert_eq!(explain_change(&parts(0.1, "a"), &two), ["ranks 1 → 2"]);
+        assert_ne!(two.key(), parts(0.1, "a").key());
+        // One rank leaves the key as it was before the field existed.
+        assert!(!serde_json::to_string(&parts(0.1, "a")).unwrap().contains("ranks"));
     }
 }

@@ -19,6 +19,8 @@
 //! outputs = { kept = "paired" }         # output name = schema it must satisfy
 //! params = { min_chars = 20 }
 //! version = "1"
+//! ranks = 2                   # optional: N local processes with the torchrun environment
+//! launcher = "torchrun"       # optional: start them with `torchrun --no-python` instead
 //! ```
 //!
 //! `{vars.NAME}` is replaced in inputs, params and argv; a param that is exactly `{vars.NAME}`
@@ -82,6 +84,21 @@ pub struct Stage {
     pub params: Params,
     /// Optional user-given version, part of a command stage's identity.
     pub version: Option<String>,
+    /// Processes the stage runs as (`ranks = N`, default 1), each with the torchrun
+    /// environment (RANK, WORLD_SIZE, ...).
+    pub ranks: usize,
+    /// How those processes are started.
+    pub launcher: Launcher,
+}
+
+/// How the runner starts the processes of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Launcher {
+    /// The runner starts each rank itself (default).
+    #[default]
+    Local,
+    /// `torchrun --standalone --nproc-per-node N --no-python PROGRAM ARGS...`.
+    Torchrun,
 }
 
 impl Stage {
@@ -144,6 +161,8 @@ struct RawStage {
     #[serde(default)]
     params: Params,
     version: Option<String>,
+    ranks: Option<Value>,
+    launcher: Option<String>,
 }
 
 impl Pipeline {
@@ -380,7 +399,35 @@ fn resolve_stage(
             (StageKind::Command(argv), outputs)
         }
     };
-    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version })
+    let ranks = match raw.ranks {
+        None => 1,
+        Some(v) => parse_ranks(expand_value(v, vars)?)?,
+    };
+    if let StageKind::Builtin(uses) = &kind {
+        if ranks > 1 && stages::builtin(uses)?.ranks == stages::Ranks::One {
+            bail!("built-in stage `{uses}` cannot run on several ranks (ranks = {ranks}); only refcache, train and sample can shard their work");
+        }
+    }
+    let launcher = match raw.launcher.as_deref() {
+        None | Some("local") => Launcher::Local,
+        Some("torchrun") => Launcher::Torchrun,
+        Some(other) => bail!("launcher = \"{other}\": expected \"local\" or \"torchrun\""),
+    };
+    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher })
+}
+
+/// The `ranks` of a stage: a positive integer, given as a number or a string such as
+/// `"{vars.ranks}"` (after substitution).
+fn parse_ranks(value: Value) -> Result<usize> {
+    let n = match &value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n >= 1 => Ok(n as usize),
+        _ => bail!("ranks = {value}: expected a positive integer (processes to run the stage as)"),
+    }
 }
 
 /// The `{in.X}`, `{out.Y}`, `{params.Z}` and `{out_dir}` placeholders of an argv element.
@@ -559,6 +606,38 @@ outputs = { o = "json" }
 "#;
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("cycle") && err.contains("a -> b -> a") || err.contains("b -> a -> b"), "{err}");
+    }
+
+    #[test]
+    fn ranks_come_from_numbers_or_vars_and_are_checked() {
+        let text = r#"
+[vars]
+ranks = 3
+[stages.a]
+run = ["x", "{out.o}"]
+outputs = { o = "json" }
+ranks = "{vars.ranks}"
+launcher = "torchrun"
+[stages.b]
+run = ["x", "{out.o}"]
+outputs = { o = "json" }
+"#;
+        let p = parse(text).unwrap();
+        assert_eq!((p.stage("a").unwrap().ranks, p.stage("a").unwrap().launcher), (3, Launcher::Torchrun));
+        assert_eq!((p.stage("b").unwrap().ranks, p.stage("b").unwrap().launcher), (1, Launcher::Local));
+        let p = Pipeline::parse(text, Path::new("/tmp/p/pipe.toml"), &["ranks=2".into()]).unwrap();
+        assert_eq!(p.stage("a").unwrap().ranks, 2);
+        let cases = [
+            (text.replace("ranks = 3", "ranks = 0"), "ranks = 0: expected a positive integer"),
+            (text.replace("ranks = 3", "ranks = \"two\""), "ranks = \"two\": expected a positive integer"),
+            (text.replace("\"torchrun\"", "\"mpirun\""), "launcher = \"mpirun\""),
+            (BASE.replace("params = { seed", "ranks = 2\nparams = { seed"), "stage `resample`: built-in stage `resample` cannot run on several ranks"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        assert_eq!(parse(&BASE.replace("params = { seed", "ranks = 1\nparams = { seed")).unwrap().stage("resample").unwrap().ranks, 1);
     }
 
     #[test]

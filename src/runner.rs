@@ -17,7 +17,7 @@ use dagrs::{Action, Content, DefaultNode, EnvVar, Graph, InChannels, Node, NodeT
 use crate::cache::{Cache, Entry, Lookup, StoredOutput, LOG_FILE};
 use crate::hashing::{self, HashMemo};
 use crate::manifest::{self, Identity, KeyParts, Manifest, OutputRecord, StageRecord, Status};
-use crate::pipeline::{self, InputRef, Pipeline, Stage, StageKind};
+use crate::pipeline::{self, InputRef, Launcher, Pipeline, Stage, StageKind};
 use crate::progress::Progress;
 use crate::schema;
 
@@ -141,6 +141,7 @@ impl Workspace {
             params: stage.params.clone(),
             inputs,
             outputs: stage.outputs.iter().map(|(n, s)| (n.clone(), s.name.to_string())).collect(),
+            ranks: keyed_ranks(stage)?,
         })
     }
 
@@ -290,6 +291,15 @@ pub fn builtin_binary(name: &str) -> Result<PathBuf> {
         .map(|d| d.join(&file))
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow!("cannot find the binary `{file}` of built-in stage `{name}` (build it with `cargo build --release --workspace`)"))
+}
+
+/// The rank count as far as it can change a stage's results: built-in stages whose sharded
+/// output equals a single process's ([`crate::stages::Ranks::Same`]) leave it out of the key.
+fn keyed_ranks(stage: &Stage) -> Result<usize> {
+    Ok(match &stage.kind {
+        StageKind::Builtin(name) if crate::stages::builtin(name)?.ranks == crate::stages::Ranks::Same => 1,
+        _ => stage.ranks,
+    })
 }
 
 struct RunContext {
@@ -474,29 +484,8 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
     let started = Instant::now();
     let result = async {
         let argv = command_line(ws, stage, &temp, upstream)?;
-        tracing::debug!(stage = %stage.name, ?argv, "starting");
-        let log_path = temp.join(LOG_FILE);
-        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut command = tokio::process::Command::new(&argv[0]);
-        command
-            .args(&argv[1..])
-            .current_dir(&ws.pipeline.dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("HALO_STAGE", &stage.name)
-            .env("HALO_OUT_DIR", &temp)
-            .env("HALO_SCRATCH_DIR", &scratch)
-            .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
-            .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
-            .kill_on_drop(true);
-        die_with_parent(&mut command);
-        let mut child = command.spawn().with_context(|| format!("stage `{}`: cannot start `{}`", stage.name, argv[0]))?;
-        let status = child.wait().await?;
-        if !status.success() {
-            let disk = low_disk_note(&ws.pipeline.work_dir);
-            bail!("stage `{}` failed ({}){disk}; last lines of its output:\n{}", stage.name, describe_exit(&status), tail(&log_path, 20));
-        }
+        tracing::debug!(stage = %stage.name, ranks = stage.ranks, ?argv, "starting");
+        launch(ws, stage, &argv, &temp, &scratch).await?;
         let (ctx2, stage_name, temp2) = (ctx.clone(), stage.name.clone(), temp.clone());
         let key = key.to_string();
         let duration_s = started.elapsed().as_secs_f64();
@@ -528,19 +517,140 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
     if result.is_err() && temp.exists() {
         let logs = ws.pipeline.work_dir.join("logs");
         let _ = std::fs::create_dir_all(&logs);
-        let _ = std::fs::rename(temp.join(LOG_FILE), logs.join(format!("{}.failed.log", stage.name)));
+        for rank in 0..stage.ranks {
+            let failed = match rank {
+                0 => format!("{}.failed.log", stage.name),
+                r => format!("{}.rank{r}.failed.log", stage.name),
+            };
+            let _ = std::fs::rename(temp.join(rank_log(rank)), logs.join(failed));
+        }
         let _ = std::fs::remove_dir_all(&temp);
     }
     result
 }
 
-/// Asks the kernel to kill the stage process if `halo` itself dies, so a killed run leaves no
-/// orphan writing into the work dir.
-fn die_with_parent(command: &mut tokio::process::Command) {
+/// The log file of a rank inside the stage's directory: rank 0 writes the stage log, rank r
+/// `stage.rankR.log` beside it.
+fn rank_log(rank: usize) -> String {
+    match rank {
+        0 => LOG_FILE.to_string(),
+        r => format!("stage.rank{r}.log"),
+    }
+}
+
+/// Starts the processes of a stage and waits for all of them. With `ranks = N` (N > 1) and the
+/// local launcher, N processes get the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE,
+/// LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT = a free port, and OMP_NUM_THREADS=1
+/// unless set, as torchrun does); the first rank to fail gets the others killed and its exit
+/// status and log tail make the error. A single process gets RANK=0 and WORLD_SIZE=1. With
+/// `launcher = "torchrun"` one `torchrun --no-python` process starts the ranks instead.
+async fn launch(ws: &Workspace, stage: &Stage, argv: &[String], temp: &Path, scratch: &Path) -> Result<()> {
+    let world = stage.ranks;
+    let (argv, processes): (Vec<String>, usize) = match stage.launcher {
+        Launcher::Local => (argv.to_vec(), world),
+        Launcher::Torchrun => {
+            let mut wrapped: Vec<String> =
+                ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", &world.to_string(), "--no-python"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            wrapped.extend(argv.iter().cloned());
+            (wrapped, 1)
+        }
+    };
+    let port = if processes > 1 { free_port()? } else { 0 };
+    let mut running = tokio::task::JoinSet::new();
+    let mut pids = BTreeMap::new();
+    for rank in 0..processes {
+        let log_path = temp.join(rank_log(rank));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .current_dir(&ws.pipeline.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("HALO_STAGE", &stage.name)
+            .env("HALO_OUT_DIR", temp)
+            .env("HALO_SCRATCH_DIR", scratch)
+            .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
+            .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+            .kill_on_drop(true);
+        if stage.launcher == Launcher::Local {
+            command
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string());
+            if world > 1 {
+                command.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+                // As torchrun does: N ranks on one machine would oversubscribe its cores.
+                if std::env::var_os("OMP_NUM_THREADS").is_none() {
+                    command.env("OMP_NUM_THREADS", "1");
+                }
+            } else {
+                command.env_remove("MASTER_ADDR").env_remove("MASTER_PORT");
+            }
+        }
+        die_with_parent(&mut command, if stage.launcher == Launcher::Torchrun { libc::SIGTERM } else { libc::SIGKILL });
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && stage.launcher == Launcher::Torchrun => {
+                bail!("stage `{}`: launcher = \"torchrun\" but `torchrun` is not on PATH (it comes with PyTorch: pip install torch)", stage.name)
+            }
+            Err(e) => return Err(e).with_context(|| format!("stage `{}`: cannot start `{}`", stage.name, argv[0])),
+        };
+        if let Some(pid) = child.id() {
+            pids.insert(rank, pid);
+        }
+        running.spawn(async move { (rank, child.wait().await) });
+    }
+    let mut failure: Option<(usize, String)> = None;
+    while let Some(joined) = running.join_next().await {
+        let (rank, status) = joined.map_err(|e| anyhow!("waiting for stage `{}`: {e}", stage.name))?;
+        pids.remove(&rank);
+        let status = status.with_context(|| format!("waiting for stage `{}` rank {rank}", stage.name))?;
+        if !status.success() && failure.is_none() {
+            failure = Some((rank, describe_exit(&status)));
+            for pid in pids.values() {
+                // SAFETY: kill(2) has no memory-safety preconditions; these children are not
+                // reaped yet, so their pids cannot have been reused.
+                unsafe {
+                    libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    let disk = low_disk_note(&ws.pipeline.work_dir);
+    match failure {
+        None => Ok(()),
+        Some((_, how)) if processes == 1 => {
+            bail!("stage `{}` failed ({how}){disk}; last lines of its output:\n{}", stage.name, tail(&temp.join(LOG_FILE), 20))
+        }
+        Some((rank, how)) => bail!(
+            "stage `{}` failed (rank {rank} of {world}: {how}; the other ranks were stopped){disk}; last lines of rank {rank}'s output:\n{}",
+            stage.name,
+            tail(&temp.join(rank_log(rank)), 20)
+        ),
+    }
+}
+
+/// A TCP port free on the loopback interface right now, for the ranks' rendezvous.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port for the ranks' rendezvous")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Asks the kernel to send `signal` to the stage process if `halo` itself dies, so a killed
+/// run leaves no orphan writing into the work dir (SIGKILL for stage processes; SIGTERM for
+/// torchrun, which then stops its workers, while a SIGKILLed torchrun would orphan them).
+fn die_with_parent(command: &mut tokio::process::Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
             Ok(())
         });
     }

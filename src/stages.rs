@@ -25,6 +25,22 @@ pub struct Builtin {
     pub optional: &'static [&'static str],
     /// Output names and schemas, which may depend on params.
     pub outputs: fn(&Params) -> Result<Vec<(String, String)>>,
+    /// Whether the stage can run on several ranks (`ranks = N`), and how its output then
+    /// relates to a single process's.
+    pub ranks: Ranks,
+}
+
+/// How a stage behaves under `ranks = N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ranks {
+    /// One process only: `ranks > 1` is refused when the pipeline is loaded.
+    One,
+    /// Rows are split across ranks and merged in order: the output is the one a single
+    /// process writes, so the rank count is not part of the cache key.
+    Same,
+    /// Results depend on the world size within float tolerance (data-parallel training): the
+    /// rank count is part of the cache key.
+    Tolerance,
 }
 
 fn out(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -49,6 +65,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("source", &[])],
             optional: &[],
             outputs: import_outputs,
+            ranks: Ranks::One,
         },
         Builtin {
             name: "unpair",
@@ -56,6 +73,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("pairs", &[schema::PAIRED])],
             optional: &[],
             outputs: |_| Ok(out(&[("binary", schema::BINARY), ("summary", schema::JSON)])),
+            ranks: Ranks::One,
         },
         Builtin {
             name: "resample",
@@ -63,6 +81,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("data", &[schema::BINARY])],
             optional: &[],
             outputs: |_| Ok(out(&[("plan", schema::PLAN), ("summary", schema::JSON)])),
+            ranks: Ranks::One,
         },
         Builtin {
             name: "init",
@@ -70,6 +89,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("tokenizer", &[schema::DIR])],
             optional: &[],
             outputs: |_| Ok(out(&[("out", schema::DIR)])),
+            ranks: Ranks::One,
         },
         Builtin {
             name: "refcache",
@@ -77,6 +97,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR])],
             optional: &[],
             outputs: |_| Ok(out(&[("logps", schema::REF_LOGPS), ("summary", schema::JSON)])),
+            ranks: Ranks::Same,
         },
         Builtin {
             name: "train",
@@ -86,6 +107,7 @@ pub fn builtins() -> Vec<Builtin> {
             outputs: |_| {
                 Ok(out(&[("policy", schema::DIR), ("metrics", schema::METRICS), ("report", schema::DIR), ("summary", schema::JSON)]))
             },
+            ranks: Ranks::Tolerance,
         },
         Builtin {
             name: "sample",
@@ -93,6 +115,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("prompts", &[schema::PROMPTS]), ("model", &[schema::DIR])],
             optional: &[],
             outputs: |_| Ok(out(&[("samples", schema::SAMPLES), ("summary", schema::JSON)])),
+            ranks: Ranks::Same,
         },
         Builtin {
             name: "judge",
@@ -106,6 +129,7 @@ pub fn builtins() -> Vec<Builtin> {
             ],
             optional: &["prompts", "template_file", "judge_model"],
             outputs: |_| Ok(out(&[("judgments", schema::JUDGMENTS), ("summary", schema::JSON), ("report", schema::DIR)])),
+            ranks: Ranks::One,
         },
         Builtin {
             name: "import-gguf",
@@ -113,6 +137,7 @@ pub fn builtins() -> Vec<Builtin> {
             inputs: &[("gguf", &[])],
             optional: &[],
             outputs: |_| Ok(out(&[("model", schema::DIR)])),
+            ranks: Ranks::One,
         },
     ]
 }

@@ -17,7 +17,13 @@ For a `plan` (from halo-resample) each row gets the summed log-prob and token co
 completion and of its KL partner completion; for a `paired` table, of the chosen and the
 rejected reply. Sequences are sorted by length and batched by a token budget so padding stays
 small. Progress is kept in --scratch (default $HALO_SCRATCH_DIR, else OUT.partial): a killed run
-continues where it stopped and writes the same file as an uninterrupted run.";
+continues where it stopped and writes the same file as an uninterrupted run.
+
+Under a launcher that sets WORLD_SIZE > 1 (`ranks = N` in a pipeline, torchrun, srun), chunk c
+is scored by rank c % WORLD_SIZE (on CUDA, on GPU LOCAL_RANK) into the shared scratch
+directory; rank 0 then reads every chunk and alone writes the outputs, which equal a single
+process's (batches never cross chunks). A killed multi-rank run resumes on any rank count.
+The scratch directory must be one that every rank sees (one machine, or a shared file system).";
 
 /// Precompute reference log-probs to Parquet.
 #[derive(Parser, Debug, Clone)]
@@ -62,6 +68,10 @@ pub struct Args {
     /// Where finished chunks are kept until the output is complete (default: OUT.partial).
     #[arg(long, env = "HALO_SCRATCH_DIR")]
     pub scratch: Option<PathBuf>,
+    /// Seconds a rank of a multi-process run (WORLD_SIZE > 1) waits for the others, e.g. for
+    /// the slowest rank's last rows, before giving up.
+    #[arg(long, default_value_t = 1800.0)]
+    pub dist_timeout_s: f64,
 }
 
 fn main() {

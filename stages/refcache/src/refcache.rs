@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder};
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::Schema;
 use haloflow::schema::{self, REF_FINGERPRINT};
+use haloflow_dist::Dist;
 use haloflow_ml::dataset::{self, DataKind, EncodedRow};
 use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::fingerprint::Fingerprint;
@@ -46,6 +47,12 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("no row left to score: all {} rows were skipped (e.g. {:?})", stats.rows, stats.skipped_examples.first());
     }
     let fingerprint = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
+    let dist = Dist::from_env("gloo", Duration::from_secs_f64(args.dist_timeout_s))?;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
+    let device = match device {
+        Device::Cuda(_) if world > 1 => Device::Cuda(dist.as_ref().map_or(0, Dist::local_rank)),
+        other => other,
+    };
     let model = CausalLm::load(&args.model, device, kind)?;
 
     // Rows are the unit of work: both sequences of a row share the prompt, which is computed
@@ -58,25 +65,32 @@ pub fn run(args: &Args) -> Result<()> {
         let (l, s) = batch.iter().fold((0, 0), |(l, s), &r| (l.max(shape[r].0), s.max(shape[r].1)));
         batch.len() * (l + 2 * s)
     };
+    // The same on every rank (each rank's own GPU is left out), so all ranks share one scratch.
     let run_id = haloflow::hashing::hash_json(&json!({
+        "cuda": device.is_cuda(),
         "fingerprint": fingerprint, "chunk_size": args.chunk_size, "token_budget": args.token_budget,
-        "per_token": args.per_token, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
+        "per_token": args.per_token, "kind": format!("{kind:?}"),
     }));
     let scratch_dir = args
         .scratch
         .clone()
         .unwrap_or_else(|| args.logps.with_extension("partial"));
-    let scratch = Scratch::open(&scratch_dir, &run_id)?;
+    let scratch = open_scratch(&scratch_dir, &run_id, dist.as_ref())?;
 
     let row_tokens = |r: usize| encoded[r].seqs.iter().map(|s| s.ids.len()).sum::<usize>();
     let total_tokens: usize = (0..encoded.len()).map(row_tokens).sum();
-    let bar = haloflow::stage_cli::progress(total_tokens as u64, "refcache tokens");
+    let chunks: Vec<&[usize]> = order.chunks(args.chunk_size.max(1)).collect();
+    // Chunk c is scored by rank c % world (chunks go longest first, so each rank gets a like
+    // share of the work); batches never cross chunks, so every sequence is scored in the same
+    // batch as in a single process.
+    let mine = |c: usize| c % world == rank;
+    let my_tokens: usize = chunks.iter().enumerate().filter(|(c, _)| mine(*c)).flat_map(|(_, chunk)| chunk.iter().map(|&r| row_tokens(r))).sum();
+    let bar = haloflow::stage_cli::progress(my_tokens as u64, "refcache tokens");
     let started = Instant::now();
     let mut results: Vec<Option<SeqResult>> = vec![None; 2 * encoded.len()];
     let (mut resumed, mut computed_tokens, mut real_tokens, mut padded_tokens) = (0usize, 0usize, 0usize, 0usize);
     let _no_grad = tch::no_grad_guard();
-    let chunks: Vec<&[usize]> = order.chunks(args.chunk_size.max(1)).collect();
-    for (c, chunk) in chunks.iter().enumerate() {
+    for (c, chunk) in chunks.iter().enumerate().filter(|(c, _)| mine(*c)) {
         let chunk_tokens: usize = chunk.iter().map(|&r| row_tokens(r)).sum();
         if let Some(done) = scratch.read(c)? {
             for (i, r) in done {
@@ -100,9 +114,32 @@ pub fn run(args: &Args) -> Result<()> {
         for (i, r) in chunk_results {
             results[i] = Some(r);
         }
-        haloflow::stage_cli::fault_point("after_chunks", c + 1 - resumed);
+        haloflow::stage_cli::fault_point("after_chunks", c / world + 1 - resumed);
     }
     bar.finish_and_clear();
+    if let Some(dist) = &dist {
+        // The gather returns once every rank has stored its chunks in the scratch directory.
+        let counts = json!([resumed, computed_tokens, real_tokens, padded_tokens]).to_string();
+        let all = dist.all_gather_bytes(counts.as_bytes())?;
+        if rank != 0 {
+            tracing::info!(rank, "chunks scored; rank 0 writes the output");
+            return Ok(());
+        }
+        let mut sums = [0usize; 4];
+        for (r, bytes) in all.iter().enumerate() {
+            let counts: [usize; 4] = serde_json::from_slice(bytes).with_context(|| format!("the counts of rank {r}"))?;
+            for (sum, n) in sums.iter_mut().zip(counts) {
+                *sum += n;
+            }
+        }
+        [resumed, computed_tokens, real_tokens, padded_tokens] = sums;
+        for (c, _) in chunks.iter().enumerate().filter(|(c, _)| !mine(*c)) {
+            let done = scratch.read(c)?.with_context(|| format!("chunk {c} of rank {} is missing from the scratch directory", c % world))?;
+            for (i, r) in done {
+                results[i] = Some(r);
+            }
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     let results: Vec<SeqResult> = results.into_iter().map(|r| r.expect("every chunk scored")).collect();
 
@@ -131,6 +168,7 @@ pub fn run(args: &Args) -> Result<()> {
         "tokens_per_s": computed_tokens as f64 / seconds.max(1e-9),
         "chunks": chunks.len(),
         "chunks_resumed": resumed,
+        "ranks": world,
         "device": format!("{device:?}"),
         "dtype": format!("{kind:?}"),
         "fingerprint": fingerprint,
@@ -138,6 +176,18 @@ pub fn run(args: &Args) -> Result<()> {
     tracing::info!(rows = encoded.len(), skipped = stats.skipped, tokens_per_s = %format!("{:.0}", summary["tokens_per_s"].as_f64().unwrap_or(0.0)), resumed, "reference log-probs written");
     haloflow::io::write_json(&args.summary, &summary)?;
     scratch.remove()
+}
+
+/// Opens the scratch directory: rank 0 first (it clears a directory left by another run), then,
+/// once it has, the other ranks.
+fn open_scratch(dir: &std::path::Path, run_id: &str, dist: Option<&Dist>) -> Result<Scratch> {
+    let Some(dist) = dist else { return Scratch::open(dir, run_id) };
+    let first = if dist.rank() == 0 { Some(Scratch::open(dir, run_id)?) } else { None };
+    dist.barrier()?;
+    match first {
+        Some(scratch) => Ok(scratch),
+        None => Scratch::open(dir, run_id),
+    }
 }
 
 /// Scores the rows of one batch: pairs sharing at least their first token through the shared

@@ -2,6 +2,7 @@
 //! with a KV cache and reproducible from a seed. See `halo-sample --help`.
 
 mod sample;
+mod shard;
 
 use std::path::PathBuf;
 
@@ -19,7 +20,11 @@ prompt_id and the sample index, so the output does not depend on --batch-size, -
 other prompts. --temperature 0 decodes greedily. A sample ends at an EOS token ("eos"), at a
 stop string, which is cut from its text ("stop"), or after --max-new-tokens tokens ("length").
 A prompt longer than the model's max_position_embeddings minus --max-new-tokens is skipped and
-counted in the summary."#;
+counted in the summary.
+
+Under a launcher that sets WORLD_SIZE > 1 (`ranks = N` in a pipeline, torchrun, srun), prompt i
+is sampled by rank i % WORLD_SIZE (on CUDA, on GPU LOCAL_RANK) and rank 0 gathers every rank's
+samples (Gloo) and alone writes the outputs, which equal a single process's."#;
 
 /// Sample completions for prompts with a local model.
 #[derive(Parser, Debug, Clone)]
@@ -71,6 +76,10 @@ pub struct Args {
     /// CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Seconds a rank of a multi-process run (WORLD_SIZE > 1) waits for the others, e.g. for
+    /// the slowest rank's last rows, before giving up.
+    #[arg(long, default_value_t = 1800.0)]
+    pub dist_timeout_s: f64,
 }
 
 fn main() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{Int64Array, RecordBatch, StringArray};
@@ -14,9 +14,11 @@ use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::generate::{FinishReason, GenerateOptions, Generation, Generator, PromptIds, Sample};
 use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
+use haloflow_dist::Dist;
 use serde_json::json;
+use tch::Device;
 
-use crate::Args;
+use crate::{shard, Args};
 
 /// Skipped prompts listed by id in the summary (the count covers all).
 const SKIPPED_EXAMPLES: usize = 20;
@@ -62,17 +64,34 @@ pub fn run(args: &Args) -> Result<()> {
             Ok(PromptIds { key: r.prompt_id.clone(), ids })
         })
         .collect::<Result<Vec<_>>>()?;
+    let dist = Dist::from_env("gloo", Duration::from_secs_f64(args.dist_timeout_s))?;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
+    let device = match device {
+        Device::Cuda(_) if world > 1 => Device::Cuda(dist.as_ref().map_or(0, Dist::local_rank)),
+        other => other,
+    };
+    let mine = shard::share(prompts.len(), rank, world);
+    let my_prompts: Vec<PromptIds> = mine.iter().map(|&i| prompts[i].clone()).collect();
     let model = CausalLm::load(&args.model, device, kind)?;
-    tracing::info!(model = %model_id, device = ?device, dtype = ?kind, prompts = rows.len(), n = options.n, "sampling");
+    tracing::info!(model = %model_id, device = ?device, dtype = ?kind, prompts = my_prompts.len(), of = rows.len(), rank, world, n = options.n, "sampling");
 
-    let bar = haloflow::stage_cli::progress((prompts.len() * options.n * options.max_new_tokens) as u64, "sampling tokens");
+    let bar = haloflow::stage_cli::progress((my_prompts.len() * options.n * options.max_new_tokens) as u64, "sampling tokens");
     let started = Instant::now();
-    let generation = Generator::new(&model, &tok).generate(&prompts, &options, |p| {
+    let generation = Generator::new(&model, &tok).generate(&my_prompts, &options, |p| {
         bar.set_length(p.token_bound);
         bar.set_position(p.tokens);
     })?;
-    let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    // Every rank's samples reach rank 0, which alone writes the outputs.
+    let generation = match &dist {
+        None => generation,
+        Some(d) => shard::merge(&d.all_gather_bytes(&shard::encode(&generation, &mine)?)?)?,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if rank != 0 {
+        tracing::info!(rank, prompts = mine.len(), "samples handed to rank 0");
+        return Ok(());
+    }
 
     if let Some(first) = generation.skipped.first() {
         tracing::warn!(skipped = generation.skipped.len(), first = %rows[first.prompt].prompt_id, reason = %first.reason, "prompts skipped");
@@ -110,6 +129,7 @@ pub fn run(args: &Args) -> Result<()> {
         "finish_reasons": finish_reasons,
         "device": format!("{device:?}"),
         "dtype": format!("{kind:?}"),
+        "ranks": world,
         "options": options,
     });
     haloflow::io::write_json(&args.summary, &summary)?;
