@@ -152,8 +152,9 @@ pub struct Args {
     /// Seconds a multi-process run waits for a rank (rendezvous and each collective).
     #[arg(long, default_value_t = 600.0)]
     pub dist_timeout_s: f64,
-    /// ZeRO-1: shard the AdamW moments and f32 master weights over the ranks.
-    #[arg(long)]
+    /// ZeRO-1: shard the AdamW moments and f32 master weights over the ranks
+    /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
     /// CPU threads for libtorch.
     #[arg(long)]
