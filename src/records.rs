@@ -241,9 +241,14 @@ impl<'a> Columns<'a> {
 /// The roles a message may have (`tool` for tool results, as chat templates know them).
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
+/// Whether a prompt holds no text (no message, or only blank ones).
+pub fn is_empty_prompt(prompt: &[Message]) -> bool {
+    prompt.iter().all(|m| m.content.trim().is_empty())
+}
+
 /// Refuses a prompt that holds no text or a message whose role no chat template knows.
 fn check_prompt(prompt: &[Message]) -> Result<()> {
-    if prompt.iter().all(|m| m.content.trim().is_empty()) {
+    if is_empty_prompt(prompt) {
         bail!("field `prompt`: empty (no message with text)");
     }
     if let Some((i, m)) = prompt.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {

@@ -103,6 +103,15 @@ impl Dist {
         self.rv.local_rank
     }
 
+    /// Where this rank computes when `requested` is asked for: a CUDA request means this rank's
+    /// own GPU, CUDA `local_rank`; any other device stays as it is.
+    pub fn rank_device(&self, requested: Device) -> Device {
+        match requested {
+            Device::Cuda(_) => Device::Cuda(self.rv.local_rank),
+            other => other,
+        }
+    }
+
     /// `gloo` or `nccl`.
     pub fn backend(&self) -> &'static str {
         self.backend

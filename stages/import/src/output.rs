@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use arrow_array::RecordBatch;
-use haloflow::records::PairedRow;
+use haloflow::records::{is_empty_prompt, PairedRow};
 use serde::Serialize;
 
 use crate::format::{Format, Kind};
@@ -17,11 +17,6 @@ use crate::source::{self, Record};
 pub const EMPTY_REPLY: &str = "empty_reply";
 /// Skip reason of every adapter: the prompt holds no text (readers downstream refuse such rows).
 pub const EMPTY_PROMPT: &str = "empty_prompt";
-
-/// Whether a prompt holds no text.
-pub fn is_empty_prompt(prompt: &[haloflow::records::Message]) -> bool {
-    prompt.iter().all(|m| m.content.trim().is_empty())
-}
 /// Skip reason: a pair whose chosen and rejected replies are the same text.
 pub const IDENTICAL_REPLIES: &str = "identical_replies";
 

@@ -11,11 +11,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use haloflow::records::{prompt_id, BinaryRow, Message, PairedRow};
+use haloflow::records::{is_empty_prompt, prompt_id, BinaryRow, Message, PairedRow};
 use serde_json::Value;
 
 use crate::format::Format;
-use crate::output::{is_empty_prompt, Collected, EMPTY_PROMPT, EMPTY_REPLY, IDENTICAL_REPLIES};
+use crate::output::{Collected, EMPTY_PROMPT, EMPTY_REPLY, IDENTICAL_REPLIES};
 use crate::source::{Field, Record};
 
 /// Skip reason: a conversational reply that is not exactly one assistant message.

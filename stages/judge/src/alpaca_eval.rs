@@ -113,7 +113,7 @@ pub fn to_samples(outputs: &[ModelOutput], file: &Path) -> Result<(Vec<SampleRow
             Some(messages) => messages.clone(),
             None => vec![Message::new("user", instruction)],
         };
-        if prompt.iter().all(|m| m.content.trim().is_empty()) {
+        if records::is_empty_prompt(&prompt) {
             bail!("{}: the instruction is empty", at());
         }
         let prompt_id = o.prompt_id.clone().unwrap_or_else(|| records::prompt_id(&prompt));

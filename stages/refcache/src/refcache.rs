@@ -49,10 +49,7 @@ pub fn run(args: &Args) -> Result<()> {
     let fingerprint = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
     let dist = Dist::from_env("gloo", Duration::from_secs_f64(args.dist_timeout_s))?;
     let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
-    let device = match device {
-        Device::Cuda(_) if world > 1 => Device::Cuda(dist.as_ref().map_or(0, Dist::local_rank)),
-        other => other,
-    };
+    let device = dist.as_ref().map_or(device, |d| d.rank_device(device));
     let model = CausalLm::load(&args.model, device, kind)?;
 
     // Rows are the unit of work: both sequences of a row share the prompt, which is computed

@@ -16,7 +16,6 @@ use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
 use haloflow_dist::Dist;
 use serde_json::json;
-use tch::Device;
 
 use crate::{shard, Args};
 
@@ -66,10 +65,7 @@ pub fn run(args: &Args) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let dist = Dist::from_env("gloo", Duration::from_secs_f64(args.dist_timeout_s))?;
     let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
-    let device = match device {
-        Device::Cuda(_) if world > 1 => Device::Cuda(dist.as_ref().map_or(0, Dist::local_rank)),
-        other => other,
-    };
+    let device = dist.as_ref().map_or(device, |d| d.rank_device(device));
     let mine = shard::share(prompts.len(), rank, world);
     let my_prompts: Vec<PromptIds> = mine.iter().map(|&i| prompts[i].clone()).collect();
     let model = CausalLm::load(&args.model, device, kind)?;

@@ -42,7 +42,7 @@ impl Ranks {
         let backend = haloflow_dist::backend_for(&args.dist_backend, requested)?;
         let dist = Dist::from_env(backend, Duration::from_secs_f64(args.dist_timeout_s))?;
         let device = match (&dist, requested) {
-            (Some(d), Device::Cuda(_)) if !args.device.starts_with("cuda:") => Device::Cuda(d.local_rank()),
+            (Some(d), Device::Cuda(_)) if !args.device.starts_with("cuda:") => d.rank_device(requested),
             _ => requested,
         };
         if let Some(d) = &dist {
