@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything haloflow needs on a fresh machine (idempotent):
 #   - a project-local Python venv (.venv) with pyarrow, for plug-in stages written in Python,
+#     tensorboard (the tests read haloflow's event files back with it),
 #     and torch==2.13.0, whose libtorch the machine-learning stages link through tch 0.26
 #     (about 70 s and 4.7 GB the first time; a CUDA build that also runs on CPU);
 #   - the embedded default model's GGUF file (ci/fetch-smollm2.sh, into .cache/smollm2);
@@ -21,6 +22,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import pyarrow" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "pyarrow>=15"
+fi
+
+# TensorBoard, whose EventAccumulator the tests read haloflow's event files back with.
+if ! .venv/bin/python -c "import tensorboard.backend.event_processing.event_accumulator" 2>/dev/null; then
+    .venv/bin/pip install --quiet --disable-pip-version-check "tensorboard>=2.16"
 fi
 
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then

@@ -138,6 +138,9 @@ pub struct Manifest {
     pub started_unix: f64,
     /// Wall time of the run in seconds.
     pub wall_s: f64,
+    /// The run's `--set` overrides (`halo status` uses them when given none).
+    #[serde(default)]
+    pub overrides: Vec<String>,
     /// Whether every selected stage succeeded.
     pub ok: bool,
     /// Stages in pipeline order.

@@ -127,6 +127,9 @@ pub struct Pipeline {
     pub work_dir: PathBuf,
     /// Variables after `--set` overrides.
     pub vars: BTreeMap<String, Value>,
+    /// The `--set` overrides as given (`NAME=VALUE`, `STAGE.PARAM=VALUE`), saved in the
+    /// manifest so `halo status` can use the last run's.
+    pub overrides: Vec<String>,
     /// Stages in topological order (ties broken by declaration order).
     pub stages: Vec<Stage>,
 }
@@ -216,7 +219,7 @@ impl Pipeline {
         }
         check_references(&stages)?;
         let stages = topological_order(stages)?;
-        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, stages })
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, overrides: overrides.to_vec(), stages })
     }
 
     /// The stage with this name, or an error listing the stages.

@@ -24,6 +24,9 @@ use crate::schema;
 /// Directory of the work dir, passed to stages as `HALO_STAGE_CACHE_DIR`, where a stage keeps a
 /// cache of its own that outlives its runs (the judge's answers); `halo gc` empties it.
 pub const STAGE_CACHE_DIR: &str = "stage-cache";
+/// Directory of the work dir under which stages stream live metrics (`HALO_TRACKING_DIR` =
+/// `tracking/PIPELINE/STAGE-KEY8`; see [`crate::tracking`]).
+pub const TRACKING_DIR: &str = "tracking";
 
 /// Which stages a run considers and forces.
 #[derive(Debug, Clone, Default)]
@@ -253,6 +256,7 @@ impl Workspace {
             halo_version: env!("CARGO_PKG_VERSION").to_string(),
             started_unix,
             wall_s: started.elapsed().as_secs_f64(),
+            overrides: ctx.ws.pipeline.overrides.clone(),
             ok,
             stages,
         };
@@ -485,7 +489,7 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
     let result = async {
         let argv = command_line(ws, stage, &temp, upstream)?;
         tracing::debug!(stage = %stage.name, ranks = stage.ranks, ?argv, "starting");
-        launch(ws, stage, &argv, &temp, &scratch).await?;
+        launch(ws, stage, key, &argv, &temp, &scratch).await?;
         let (ctx2, stage_name, temp2) = (ctx.clone(), stage.name.clone(), temp.clone());
         let key = key.to_string();
         let duration_s = started.elapsed().as_secs_f64();
@@ -538,13 +542,19 @@ fn rank_log(rank: usize) -> String {
     }
 }
 
+/// Where a run of `stage` with cache key `key` streams its metrics:
+/// `WORK_DIR/tracking/PIPELINE/STAGE-KEY8`, one TensorBoard run per distinct configuration.
+pub fn tracking_dir(ws: &Workspace, stage: &Stage, key: &str) -> PathBuf {
+    ws.pipeline.work_dir.join(TRACKING_DIR).join(&ws.pipeline.name).join(format!("{}-{}", stage.name, &key[..8.min(key.len())]))
+}
+
 /// Starts the processes of a stage and waits for all of them. With `ranks = N` (N > 1) and the
 /// local launcher, N processes get the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE,
 /// LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT = a free port, and OMP_NUM_THREADS=1
 /// unless set, as torchrun does); the first rank to fail gets the others killed and its exit
 /// status and log tail make the error. A single process gets RANK=0 and WORLD_SIZE=1. With
 /// `launcher = "torchrun"` one `torchrun --no-python` process starts the ranks instead.
-async fn launch(ws: &Workspace, stage: &Stage, argv: &[String], temp: &Path, scratch: &Path) -> Result<()> {
+async fn launch(ws: &Workspace, stage: &Stage, key: &str, argv: &[String], temp: &Path, scratch: &Path) -> Result<()> {
     let world = stage.ranks;
     let (argv, processes): (Vec<String>, usize) = match stage.launcher {
         Launcher::Local => (argv.to_vec(), world),
@@ -575,6 +585,7 @@ async fn launch(ws: &Workspace, stage: &Stage, argv: &[String], temp: &Path, scr
             .env("HALO_OUT_DIR", temp)
             .env("HALO_SCRATCH_DIR", scratch)
             .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
+            .env(crate::tracking::TRACKING_DIR_ENV, tracking_dir(ws, stage, key))
             .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
             .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .kill_on_drop(true);

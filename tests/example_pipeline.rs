@@ -58,6 +58,12 @@ fn caching_reruns_exactly_the_affected_stages() {
     let second = manifest(&work, "example");
     assert_eq!(second.stage("unpair").unwrap().reason.as_deref(), Some("input pairs changed"));
 
+    // status without --set takes the last run's overrides, so it agrees with what ran.
+    let pipeline = repo_root().join("pipelines/example.toml");
+    let status = text(&run(&["status", pipeline.to_str().unwrap(), "--work-dir", work.to_str().unwrap()]));
+    assert!(status.contains(&format!("with the last run's overrides: --set data={} --set min_chars=60", data.display())), "{status}");
+    assert!(status.contains("fresh  filter") && status.contains("fresh  resample") && !status.contains("stale"), "{status}");
+
     // Going back is a cache hit (content-addressed), and --force reruns one stage only: its
     // output is identical, so nothing downstream reruns.
     assert!(halo_example("run", &work, &data, &["--force", "unpair_oasst"]).status.success());
@@ -144,6 +150,47 @@ fn the_ci_tiny_pipeline_trains_kto_and_judges_end_to_end() {
     assert_eq!(judge["n"].as_u64(), sampled, "every sampled prompt judged");
     let counts: u64 = ["wins", "losses", "ties", "invalid"].iter().map(|k| judge[k].as_u64().unwrap()).sum();
     assert_eq!(Some(counts), sampled, "the verdicts add up");
+    // Every step streamed to the tracking dir: JSON lines, and TensorBoard event files that
+    // TensorBoard's own reader reads back (step 0 evaluation + 30 steps).
+    let tracking = work.join("tracking/ci-tiny").join(format!("train-{}", &train.key.as_ref().unwrap()[..8]));
+    let lines = std::fs::read_to_string(tracking.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 31, "{}", tracking.display());
+    let read = std::process::Command::new(repo_root().join(".venv/bin/python")).arg(repo_root().join("ci/read_tensorboard.py")).arg(&tracking).output().unwrap();
+    assert!(read.status.success(), "reading the event files with TensorBoard (run ci/bootstrap.sh): {}", String::from_utf8_lossy(&read.stderr));
+    let board: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let losses: Vec<u64> = board["scalars"]["loss"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert_eq!(losses, (1..=30).collect::<Vec<u64>>(), "every step's loss");
+    assert_eq!(board["scalars"]["eval/loss"].as_array().unwrap().len(), 4, "evaluations at steps 0, 10, 20, 30");
+    assert_eq!((board["hparams"]["loss"].as_str(), board["hparams"]["beta"].as_f64()), (Some("kto"), Some(0.1)), "{board}");
+    let judge_board = work.join("tracking/ci-tiny").join(format!("judge-{}", &m.stage("judge").unwrap().key.as_ref().unwrap()[..8]));
+    assert!(judge_board.join("metrics.jsonl").is_file());
+
+    // Results out of the cache: the policy with its model card, the judgments as Parquet,
+    // JSON lines and (flat columns only) CSV.
+    let out = tmp.path().join("out");
+    let export = |what: &str, dest: &str, extra: &[&str]| {
+        let mut a = vec!["export".to_string(), pipeline.to_string_lossy().into(), what.into(), out.join(dest).to_string_lossy().into(), "--work-dir".into(), work.to_string_lossy().into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    };
+    assert!(export("train.policy", "policy", &[]).status.success());
+    assert!(out.join("policy/model.safetensors").is_file());
+    let card = std::fs::read_to_string(out.join("policy/README.md")).unwrap();
+    for needle in ["- kto", "| base model | `init.out` (pipeline stage) |", "| steps | 30 |", "| judge | trained vs base | rule"] {
+        assert!(card.contains(needle), "model card lacks {needle:?}:\n{card}");
+    }
+    assert!(!export("train.policy", "policy", &[]).status.success(), "an existing destination needs --force");
+    assert!(export("train.policy", "policy", &["--force"]).status.success());
+    assert!(export("judge.judgments", "j.parquet", &[]).status.success());
+    assert_eq!(haloflow::io::read_parquet(&out.join("j.parquet")).unwrap().num_rows(), haloflow::io::read_arrow(&m.stage("judge").unwrap().outputs["judgments"].path).unwrap().num_rows());
+    assert!(export("judge.judgments", "j.jsonl", &[]).status.success());
+    let rows = std::fs::read_to_string(out.join("j.jsonl")).unwrap();
+    assert_eq!(rows.lines().count() as u64, m.stage("judge").unwrap().outputs["judgments"].rows.unwrap());
+    let nested = text(&export("sample_policy.samples", "s.csv", &[]));
+    assert!(nested.contains("column `prompt` is nested"), "{nested}");
+    assert!(export("train.metrics", "metrics.csv", &[]).status.success());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.csv")).unwrap().lines().count(), 32, "header + 31 rows");
+
     // A second run reruns nothing.
     run_ok(&run_args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert_eq!(stages_with(&work, "ci-tiny", Status::Ran), set(&[]));

@@ -39,29 +39,47 @@ def msg(role, content):
 
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
-# (name, templated, prompt, completion, max_prompt_length, max_length)
+# (name, format, prompt, completion, max_prompt_length, max_length); formats as in
+# stages/ml/src/prompt_format.rs: "plain", "template" (TEST_TEMPLATE), "transcript" (HH-RLHF).
 EXAMPLES = [
-    ("leading_space", False, [msg("user", "Once upon a time")], " there was a little girl.", 64, 128),
-    ("no_space", False, [msg("user", "Once upon a time,")], "there lived a cat.", 64, 128),
-    ("merge_across_boundary", False, [msg("user", "Once upon a ti")], "me there was a dog.", 64, 128),
-    ("multi_message_plain", False, [msg("system", "Tell a story."), msg("user", "About a dog.")], " The dog ran.", 64, 128),
-    ("unicode_byte_fallback", False, [msg("user", "Lily said")], " «hi» to the 🐶 — café!", 64, 128),
-    ("completion_ends_with_eos_text", False, [msg("user", "The end")], " of the story.</s>", 64, 128),
-    ("newlines", False, [msg("user", "Line one.\nLine two.")], "\n\nThe next day, Tom was happy.\n", 64, 128),
-    ("truncate_prompt", False, [msg("user", STORY)], " One day, she saw a bird.", 8, 128),
-    ("truncate_completion", False, [msg("user", "Once upon a time")], " " + STORY, 64, 12),
-    ("truncate_both", False, [msg("user", STORY)], " " + STORY, 6, 10),
-    ("empty_completion", False, [msg("user", "Once upon a time")], "", 64, 128),
-    ("no_room_for_completion", False, [msg("user", STORY)], " She smiled.", 16, 16),
-    ("templated", True, [msg("system", "Be kind."), msg("user", "Tell me a story.")], " Once upon a time, a cat sat.", 64, 128),
-    ("templated_truncated", True, [msg("user", STORY)], " The sun was bright.", 10, 14),
+    ("leading_space", "plain", [msg("user", "Once upon a time")], " there was a little girl.", 64, 128),
+    ("no_space", "plain", [msg("user", "Once upon a time,")], "there lived a cat.", 64, 128),
+    ("merge_across_boundary", "plain", [msg("user", "Once upon a ti")], "me there was a dog.", 64, 128),
+    ("multi_message_plain", "plain", [msg("system", "Tell a story."), msg("user", "About a dog.")], " The dog ran.", 64, 128),
+    ("unicode_byte_fallback", "plain", [msg("user", "Lily said")], " «hi» to the 🐶 — café!", 64, 128),
+    ("completion_ends_with_eos_text", "plain", [msg("user", "The end")], " of the story.</s>", 64, 128),
+    ("newlines", "plain", [msg("user", "Line one.\nLine two.")], "\n\nThe next day, Tom was happy.\n", 64, 128),
+    ("truncate_prompt", "plain", [msg("user", STORY)], " One day, she saw a bird.", 8, 128),
+    ("truncate_completion", "plain", [msg("user", "Once upon a time")], " " + STORY, 64, 12),
+    ("truncate_both", "plain", [msg("user", STORY)], " " + STORY, 6, 10),
+    ("empty_completion", "plain", [msg("user", "Once upon a time")], "", 64, 128),
+    ("no_room_for_completion", "plain", [msg("user", STORY)], " She smiled.", 16, 16),
+    ("templated", "template", [msg("system", "Be kind."), msg("user", "Tell me a story.")], " Once upon a time, a cat sat.", 64, 128),
+    ("templated_truncated", "template", [msg("user", STORY)], " The sun was bright.", 10, 14),
+    ("transcript", "transcript", [msg("user", "What did Lily see?")], "She saw a bird.", 64, 128),
+    ("transcript_multi_turn", "transcript",
+     [msg("system", "Tell stories."), msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "A story?")],
+     "Once upon a time, a cat sat.", 64, 128),
+    ("transcript_reply_starting_with_newline", "transcript", [msg("user", "Two pets?")], "\n1. a dog\n2. a cat", 64, 128),
+    ("transcript_truncated", "transcript", [msg("user", STORY)], "The sun was bright.", 10, 14),
 ]
 
 
-def prompt_text(hf, templated, prompt):
-    if templated:
+def prompt_text(hf, fmt, prompt):
+    if fmt == "template":
         return hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if fmt == "transcript":
+        # Anthropic HH-RLHF's raw form: a system message is the text before the first turn.
+        turn = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
+        return "".join(turn[m["role"]] + m["content"] for m in prompt) + "\n\nAssistant:"
     return "\n\n".join(m["content"] for m in prompt)
+
+
+def reply_text(fmt, completion):
+    """The text written after the prompt: a transcript puts one space before the reply."""
+    if fmt == "transcript" and completion and not completion[0].isspace():
+        return " " + completion
+    return completion
 
 
 def encode_text(tok, bos_token, text):
@@ -116,9 +134,10 @@ def main():
 
     facts = {"Once upon a time": plain_hf("Once upon a time")["input_ids"]}
     examples = []
-    for name, templated, prompt, completion, max_prompt_length, max_length in EXAMPLES:
+    for name, fmt, prompt, completion, max_prompt_length, max_length in EXAMPLES:
+        templated = fmt == "template"
         hf = templated_hf if templated else plain_hf
-        text = prompt_text(hf, templated, prompt)
+        text = prompt_text(hf, fmt, prompt)
         prompt_ids = encode_text(tok, bos_token, text)
         # The contract's prompt ids are what transformers gives.
         reference = (
@@ -129,7 +148,7 @@ def main():
         assert prompt_ids == reference, (name, prompt_ids, reference)
         example = {
             "name": name,
-            "templated": templated,
+            "format": fmt,
             "prompt": prompt,
             "completion": completion,
             "max_prompt_length": max_prompt_length,
@@ -139,7 +158,7 @@ def main():
             # The completion tokenized on its own, for contrast with the joint contract.
             "separate_completion_ids": tok.encode(completion, add_special_tokens=False).ids,
         }
-        example.update(contract(tok, bos_token, eos_id, text, completion, max_prompt_length, max_length))
+        example.update(contract(tok, bos_token, eos_id, text, reply_text(fmt, completion), max_prompt_length, max_length))
         examples.append(example)
 
     out = {

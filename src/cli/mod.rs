@@ -1,6 +1,7 @@
 //! Command-line interface of `halo`: one module per subcommand.
 
 mod dag;
+mod export;
 mod gc;
 mod run;
 mod status;
@@ -18,6 +19,8 @@ const EXAMPLES: &str = "Examples:
   halo run pipelines/example.toml --set seed=3    override a [vars] value
   halo run pipelines/example.toml --force unpair  rerun one stage (and what its new output changes)
   halo status pipelines/example.toml              fresh/stale per stage
+  halo export pipelines/quickstart.toml train.policy out/policy   the trained model, with a model card
+  halo export pipelines/quickstart.toml judge.judgments out/j.parquet
   halo dag pipelines/example.toml --dot | dot -Tsvg > dag.svg";
 
 /// Align language models with human-aware losses: run cached pipelines of stages.
@@ -49,10 +52,13 @@ enum Command {
     Verify(PipelineArgs),
     /// Print the Arrow schemas stages exchange (the plug-in contract).
     Schema,
+    /// Copy a stage output out of the cache to a stable path (tables as Parquet, CSV or JSON
+    /// lines; a trained policy with a model card).
+    Export(export::ExportArgs),
 }
 
 /// Arguments shared by commands that open a pipeline.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct PipelineArgs {
     /// The pipeline TOML file.
     pub pipeline: PathBuf,
@@ -73,6 +79,22 @@ impl PipelineArgs {
         }
         Ok(pipeline)
     }
+
+    /// Loads the pipeline; without `--set`, with the overrides of its last run (said on
+    /// stdout), so what is reported agrees with what `halo run` ran.
+    pub fn load_as_last_run(&self) -> anyhow::Result<Pipeline> {
+        let pipeline = self.load()?;
+        if !self.set.is_empty() {
+            return Ok(pipeline);
+        }
+        let last = haloflow::manifest::Manifest::load_lock(&pipeline.work_dir, &pipeline.name)?.map(|m| m.overrides).unwrap_or_default();
+        if last.is_empty() {
+            return Ok(pipeline);
+        }
+        let flags: Vec<String> = last.iter().map(|o| format!("--set {o}")).collect();
+        println!("with the last run's overrides: {} (give --set to ask about others)", flags.join(" "));
+        PipelineArgs { set: last, ..self.clone() }.load()
+    }
 }
 
 /// Parses arguments, runs the subcommand and maps errors to exit status 1 (2 for usage).
@@ -90,6 +112,7 @@ pub fn main() -> ExitCode {
         Command::Dag(args) => dag::dag(args),
         Command::Gc(args) => gc::gc(args),
         Command::Verify(args) => verify::verify(args),
+        Command::Export(args) => export::export(args),
         Command::Schema => {
             print!("{}", haloflow::schema::markdown());
             Ok(true)

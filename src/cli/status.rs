@@ -7,9 +7,10 @@ use haloflow::runner::{Plan, Workspace};
 
 use super::PipelineArgs;
 
-/// Prints fresh/stale per stage with the reason and, for fresh stages, output paths.
+/// Prints fresh/stale per stage with the reason and, for fresh stages, output paths. Without
+/// `--set`, the overrides of the last run apply, so the answer agrees with what it ran.
 pub fn status(args: &PipelineArgs) -> Result<bool> {
-    let workspace = Workspace::open(args.load()?)?;
+    let workspace = Workspace::open(args.load_as_last_run()?)?;
     for (name, _, plan) in workspace.analyze(&BTreeSet::new()) {
         match plan {
             Plan::Fresh(entry) => {

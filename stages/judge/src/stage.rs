@@ -67,6 +67,7 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
     report::write(&args.report, &summary, &inputs.pairs, &judgments)?;
     let annotations = alpaca_eval::annotations(&summary, &inputs.pairs, &judgments, &verdicts);
     haloflow::io::write_json(&args.report.join("annotations.json"), &annotations)?;
+    track(&summary)?;
     let t = &summary.overall;
     tracing::info!(
         pairs = t.n,
@@ -89,4 +90,19 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Streams the verdict counts and win rates to the run's tracking directory when the runner
+/// gives one (`HALO_TRACKING_DIR`; see `haloflow::tracking`), as scalars at step 0 with the
+/// judge's settings as hyperparameters.
+fn track(summary: &Summary) -> Result<()> {
+    let Some(dir) = std::env::var_os(haloflow::tracking::TRACKING_DIR_ENV) else { return Ok(()) };
+    let info = &summary.judge;
+    let hparams = serde_json::json!({"candidate": summary.candidate, "baseline": summary.baseline, "backend": info.backend, "model": info.model, "order": info.order, "seed": info.seed});
+    let mut tracker = haloflow::tracking::Tracker::create(std::path::Path::new(&dir), hparams.as_object().expect("an object"))?;
+    let t = &summary.overall;
+    let mut values = vec![("judge/wins".to_string(), t.wins as f64), ("judge/losses".into(), t.losses as f64), ("judge/ties".into(), t.ties as f64)];
+    let optional = [("judge/win_rate", t.win_rate), ("judge/sign_test_p_value", t.sign_test_p_value), ("judge/weighted_win_rate", summary.weighted_win_rate), ("judge/length_controlled_win_rate", summary.length_controlled.as_ref().map(|l| l.win_rate))];
+    values.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))));
+    tracker.log(0, &values)
 }

@@ -7,7 +7,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::tokenize::Tokenizer;
 use crate::weights::weight_files;
+
+fn unrecorded() -> String {
+    "unrecorded".into()
+}
 
 /// What reference log-probs depend on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +23,10 @@ pub struct Fingerprint {
     pub tokenizer: String,
     /// The chat template, if any (also covered by `tokenizer`; kept readable).
     pub chat_template: Option<String>,
+    /// How prompts became text (`template`, `transcript` or `plain`); caches written before
+    /// the field existed read as `unrecorded` and match nothing.
+    #[serde(default = "unrecorded")]
+    pub prompt_format: String,
     /// Prompt truncation length.
     pub max_prompt_length: usize,
     /// Sequence truncation length.
@@ -27,8 +36,8 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    /// Computes the fingerprint of a model directory and a data file.
-    pub fn compute(model_dir: &Path, data: &Path, max_prompt_length: usize, max_length: usize) -> Result<Fingerprint> {
+    /// Computes the fingerprint of a model directory and a data file tokenized by `tok`.
+    pub fn compute(model_dir: &Path, tok: &Tokenizer, data: &Path, max_prompt_length: usize, max_length: usize) -> Result<Fingerprint> {
         let mut weights = blake3::Hasher::new();
         for file in weight_files(model_dir)? {
             weights.update(haloflow::hashing::hash_path(&file)?.as_bytes());
@@ -44,6 +53,7 @@ impl Fingerprint {
             weights: weights.finalize().to_hex().to_string(),
             tokenizer: tokenizer.finalize().to_hex().to_string(),
             chat_template: chat_template(model_dir),
+            prompt_format: tok.prompt_format().to_string(),
             max_prompt_length,
             max_length,
             data: haloflow::hashing::hash_path(data).with_context(|| format!("hashing {}", data.display()))?,
@@ -59,6 +69,9 @@ impl Fingerprint {
         }
         if self.tokenizer != expected.tokenizer || self.chat_template != expected.chat_template {
             diffs.push("the tokenizer or chat template differs".to_string());
+        }
+        if self.prompt_format != expected.prompt_format {
+            diffs.push(format!("prompt formats differ: cache {}, expected {} (--prompt-format)", self.prompt_format, expected.prompt_format));
         }
         if (self.max_prompt_length, self.max_length) != (expected.max_prompt_length, expected.max_length) {
             diffs.push(format!(
@@ -93,10 +106,14 @@ mod tests {
 
     #[test]
     fn mismatches_are_listed() {
-        let a = Fingerprint { weights: "w".into(), tokenizer: "t".into(), chat_template: None, max_prompt_length: 8, max_length: 16, data: "d".into() };
+        let a = Fingerprint { weights: "w".into(), tokenizer: "t".into(), chat_template: None, prompt_format: "transcript".into(), max_prompt_length: 8, max_length: 16, data: "d".into() };
         assert!(a.check(&a.clone()).is_ok());
         let b = Fingerprint { weights: "w2".into(), max_length: 32, ..a.clone() };
         let err = a.check(&b).unwrap_err().to_string();
         assert!(err.contains("weights differ") && err.contains("lengths differ") && !err.contains("data differs"), "{err}");
+        let plain = Fingerprint { prompt_format: "plain".into(), ..a.clone() };
+        assert!(a.check(&plain).unwrap_err().to_string().contains("prompt formats differ: cache transcript, expected plain"));
+        let old: Fingerprint = serde_json::from_str(r#"{"weights": "w", "tokenizer": "t", "chat_template": null, "max_prompt_length": 8, "max_length": 16, "data": "d"}"#).unwrap();
+        assert!(old.check(&a).unwrap_err().to_string().contains("cache unrecorded"));
     }
 }

@@ -27,8 +27,9 @@
 //!
 //! A sample ends with finish reason `eos` when it generates one of the tokenizer's
 //! [`Tokenizer::stop_ids`] (the token is kept in the ids, left out of the text), `stop` when its
-//! text contains one of the stop strings (the text is cut before the first occurrence; the ids
-//! keep every generated token), or `length` after `max_new_tokens` tokens.
+//! text contains one of the stop strings or of its prompt format's (a transcript's next
+//! `"\n\nHuman:"`; the text is cut before the first occurrence; the ids keep every generated
+//! token), or `length` after `max_new_tokens` tokens.
 //!
 //! # Completion text
 //!
@@ -37,7 +38,8 @@
 //! transformers' examples do, drops the leading space of the first word with SentencePiece
 //! tokenizers (`"▁there"` decodes to `"there"`); this way `prompt text + completion` is the
 //! generated text, which is what the tokenization contract of [`crate::tokenize`] tokenizes
-//! when the samples are scored or trained on.
+//! when the samples are scored or trained on. In a transcript, the space the format puts
+//! before a reply is not part of the reply's text.
 //!
 //! # Prompts that do not fit
 //!
@@ -367,8 +369,8 @@ fn pick_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut SplitMix64
 }
 
 /// Byte offset of the first occurrence of any of `stops` in `text`.
-fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+fn first_stop(text: &str, stops: &[&str]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s)).min()
 }
 
 /// A sample being decoded.
@@ -496,15 +498,18 @@ impl<'a> Generator<'a> {
     fn finish(&self, row: &Row, options: &GenerateOptions) -> Result<Option<(FinishReason, String)>> {
         let eos = row.generated.last().is_some_and(|t| self.tokenizer.stop_ids().contains(t));
         let at_length = row.generated.len() >= options.max_new_tokens;
-        if !eos && !at_length && options.stop.is_empty() {
+        let format = self.tokenizer.prompt_format();
+        let stops: Vec<&str> = options.stop.iter().map(String::as_str).chain(format.stop_strings().iter().copied()).collect();
+        if !eos && !at_length && stops.is_empty() {
             return Ok(None);
         }
         let ids = if eos { &row.generated[..row.generated.len() - 1] } else { &row.generated[..] };
         let text = self.completion_text(row, ids)?;
-        Ok(match first_stop(&text, &options.stop) {
-            Some(cut) => Some((FinishReason::Stop, text[..cut].to_string())),
-            None if eos => Some((FinishReason::Eos, text)),
-            None if at_length => Some((FinishReason::Length, text)),
+        let reply = |text: &str| format.strip_reply(text).to_string();
+        Ok(match first_stop(&text, &stops) {
+            Some(cut) => Some((FinishReason::Stop, reply(&text[..cut]))),
+            None if eos => Some((FinishReason::Eos, reply(&text))),
+            None if at_length => Some((FinishReason::Length, reply(&text))),
             None => None,
         })
     }
@@ -603,7 +608,7 @@ mod tests {
 
     #[test]
     fn first_stop_finds_the_earliest_of_any() {
-        let stops = vec!["User:".to_string(), "\n\n".to_string()];
+        let stops = ["User:", "\n\n"];
         assert_eq!(first_stop("Hi there.\n\nUser: more", &stops), Some(9));
         assert_eq!(first_stop("Hi User: x\n\n", &stops), Some(3));
         assert_eq!(first_stop("nothing", &stops), None);

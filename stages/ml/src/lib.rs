@@ -12,6 +12,7 @@ pub mod llama;
 pub mod logprobs;
 pub mod losses;
 pub mod model;
+pub mod prompt_format;
 pub mod qwen2;
 pub mod weights;
 pub mod tokenize;

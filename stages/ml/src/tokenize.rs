@@ -10,18 +10,20 @@
 //!
 //! # The contract
 //!
-//! * **Prompt text.** A prompt (a list of messages) is rendered with the model's chat template
-//!   with `add_generation_prompt = true` (see [`crate::chat_template`]). A model without a
-//!   template gets the messages' contents joined by a blank line (`"\n\n"`); a single message
-//!   is just its content.
+//! * **Prompt text.** A prompt (a list of messages) is rendered in the tokenizer's
+//!   [`PromptFormat`]: by default with the model's chat template with
+//!   `add_generation_prompt = true` (see [`crate::chat_template`]), and for a model without a
+//!   template as an HH-RLHF transcript (`"\n\nHuman: …\n\nAssistant:"`, the reply after one
+//!   space); `plain` joins the contents by a blank line (see [`crate::prompt_format`]).
 //! * **Special tokens.** Special tokens written in the text (`<|im_start|>`, `</s>`, ...) are
 //!   parsed as those tokens. The tokenizer's post-processor adds its special tokens (BOS for
 //!   Llama-style tokenizers) unless the text already starts with the BOS token's text, as
 //!   rendered templates that write `{{ bos_token }}` do: BOS is never doubled. When
 //!   `tokenizer_config.json` sets `add_bos_token` or `add_eos_token`, the post-processor is
 //!   rebuilt from them, as transformers does.
-//! * **Joint tokenization.** An example is tokenized as one text, prompt text + completion
-//!   text, followed by the EOS token id (not appended when the ids already end with it). The
+//! * **Joint tokenization.** An example is tokenized as one text, prompt text + reply text
+//!   (the completion as the format writes it after a prompt), followed by the EOS token id
+//!   (not appended when the ids already end with it). The
 //!   completion starts at the first position where these ids differ from the ids of the prompt
 //!   text alone. Tokenizing the completion on its own would differ: SentencePiece-style
 //!   tokenizers prepend `▁` to every text, and merges can cross the boundary.
@@ -44,6 +46,7 @@ use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
 
 use crate::chat_template::ChatTemplate;
+use crate::prompt_format::PromptFormat;
 
 /// The special tokens transformers passes to chat templates, besides BOS and EOS.
 const OTHER_SPECIAL_TOKENS: [&str; 5] =
@@ -57,6 +60,7 @@ pub struct Tokenizer {
     bos_token: Option<String>,
     eos_id: u32,
     stop_ids: Vec<i64>,
+    format: PromptFormat,
 }
 
 /// The token ids of one (prompt, completion) example; see the module documentation.
@@ -294,7 +298,20 @@ impl Tokenizer {
                 Some(template)
             }
         };
-        Ok(Tokenizer { inner, template, bos_token, eos_id, stop_ids })
+        let format = PromptFormat::Auto.resolve(template.is_some())?;
+        Ok(Tokenizer { inner, template, bos_token, eos_id, stop_ids, format })
+    }
+
+    /// This tokenizer with prompts rendered in `format` (`auto` picks the template when the
+    /// model has one, else the transcript); `template` for a model without one is an error.
+    pub fn with_prompt_format(mut self, format: PromptFormat) -> Result<Tokenizer> {
+        self.format = format.resolve(self.template.is_some())?;
+        Ok(self)
+    }
+
+    /// The prompt format in use (`template`, `transcript` or `plain`).
+    pub fn prompt_format(&self) -> PromptFormat {
+        self.format
     }
 
     /// The model's chat template, if it has one.
@@ -315,12 +332,12 @@ impl Tokenizer {
         &self.stop_ids
     }
 
-    /// The text of a prompt: rendered with the chat template (`add_generation_prompt = true`),
-    /// or, without one, the contents joined by `"\n\n"`.
+    /// The text of a prompt in the tokenizer's [`PromptFormat`]: rendered with the chat template
+    /// (`add_generation_prompt = true`), as a transcript, or as contents joined by `"\n\n"`.
     pub fn prompt_text(&self, prompt: &[Message]) -> Result<String> {
-        match &self.template {
-            Some(template) => template.render(prompt, true),
-            None => Ok(prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")),
+        match (&self.template, self.format) {
+            (Some(template), PromptFormat::Template) => template.render(prompt, true),
+            (_, format) => Ok(format.render(prompt)),
         }
     }
 
@@ -356,7 +373,7 @@ impl Tokenizer {
         }
         let prompt_text = self.prompt_text(prompt)?;
         let prompt_ids = self.encode_text(&prompt_text)?;
-        let mut ids = self.encode_text(&(prompt_text + completion))?;
+        let mut ids = self.encode_text(&(prompt_text + &self.format.reply(completion)))?;
         if ids.last() != Some(&self.eos_id) {
             ids.push(self.eos_id);
         }
@@ -492,12 +509,13 @@ mod tests {
                 ),
             ]
         };
-        let tok = Tokenizer::from_dir(model_dir("add-bos", &files(true))).unwrap();
+        let plain = |dir| Tokenizer::from_dir(dir).unwrap().with_prompt_format(PromptFormat::Plain).unwrap();
+        let tok = plain(model_dir("add-bos", &files(true)));
         assert_eq!(
             tok.encode_prompt(&[Message::new("user", "hello world")]).unwrap(),
             [1, 3, 4, 2]
         );
-        let tok = Tokenizer::from_dir(model_dir("no-add-bos", &files(false))).unwrap();
+        let tok = plain(model_dir("no-add-bos", &files(false)));
         assert_eq!(tok.encode_prompt(&[Message::new("user", "hello world")]).unwrap(), [3, 4, 2]);
     }
 
@@ -537,7 +555,7 @@ mod tests {
                 ("tokenizer_config.json", serde_json::json!({"eos_token": "</s>"})),
             ],
         );
-        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let tok = Tokenizer::from_dir(&dir).unwrap().with_prompt_format(PromptFormat::Plain).unwrap();
         let prompt = [Message::new("user", "hello world hello")];
         let err = tok.encode_example(&prompt, "", 10, 10).unwrap_err();
         assert_eq!(err.downcast_ref::<EmptyCompletion>(), Some(&EmptyCompletion::EmptyText));

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use haloflow::records::Message;
 use haloflow_ml::generate::{Decoder, FinishReason, GenerateOptions, Generation, Generator, Progress, PromptIds, Skip};
 use haloflow_ml::model::CausalLm;
+use haloflow_ml::prompt_format::PromptFormat;
 use haloflow_ml::tokenize::Tokenizer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -18,7 +19,7 @@ fn model_dir() -> Option<PathBuf> {
 /// The model (f32 on the CPU) and its tokenizer.
 fn load() -> Option<(CausalLm, Tokenizer)> {
     let dir = model_dir()?;
-    Some((CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap(), Tokenizer::from_dir(&dir).unwrap()))
+    Some((CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap(), Tokenizer::from_dir(&dir).unwrap().with_prompt_format(PromptFormat::Plain).unwrap()))
 }
 
 const STORIES: [&str; 5] = [
@@ -81,6 +82,21 @@ fn a_completion_keeps_its_leading_space() {
     let alone = tok.decode(&sample.token_ids).unwrap();
     assert!(sample.text.starts_with(' ') && !alone.starts_with(' '), "{:?} vs {alone:?}", sample.text);
     assert_eq!(sample.text.trim_start(), alone);
+}
+
+#[test]
+fn a_transcript_reply_is_the_text_after_the_assistant_separator() {
+    let Some((model, _)) = load() else { return };
+    let tok = Tokenizer::from_dir(&model_dir().unwrap()).unwrap();
+    assert_eq!(tok.prompt_format(), PromptFormat::Transcript, "the default without a chat template");
+    let prompt = prompts(&tok, &["Once upon a time"]);
+    for sample in &run(&model, &tok, &prompt, &greedy(30)).samples {
+        let joint = tok.decode(&[prompt[0].ids.as_slice(), &sample.token_ids].concat()).unwrap();
+        let rendered = format!("\n\nHuman: Once upon a time\n\nAssistant: {}", sample.text);
+        assert!(!sample.text.starts_with(' '), "the separator is not part of the reply: {:?}", sample.text);
+        assert!(joint.starts_with(&rendered), "{joint:?} vs {rendered:?}");
+        assert!(!sample.text.contains("\n\nHuman:"), "a reply ends before the next turn");
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use haloflow::records::Message;
 use haloflow_ml::chat_template::ChatTemplate;
 use haloflow_ml::tokenize::{EmptyCompletion, Encoded, Tokenizer};
+use haloflow_ml::prompt_format::PromptFormat;
 use serde_json::Value;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
@@ -105,20 +106,27 @@ fn as_ids(value: &Value) -> Vec<i64> {
 #[test]
 fn stories260k_encodes_once_upon_a_time_with_bos() {
     let Some(stories) = stories() else { return };
-    let tok = Tokenizer::from_dir(&stories).unwrap();
+    let tok = Tokenizer::from_dir(&stories).unwrap().with_prompt_format(PromptFormat::Plain).unwrap();
     let ids = tok.encode_prompt(&[Message::new("user", "Once upon a time")]).unwrap();
     assert_eq!(ids, [1, 403, 407, 261, 378]);
     assert_eq!(tok.decode(&ids).unwrap(), "Once upon a time");
     assert_eq!(tok.eos_id(), 2);
     assert_eq!(tok.stop_ids(), &[2]);
     assert!(tok.chat_template().is_none());
+    // Without a chat template the default is the HH-RLHF transcript.
+    let default = Tokenizer::from_dir(&stories).unwrap();
+    assert_eq!(default.prompt_format(), PromptFormat::Transcript);
+    let ids = default.encode_prompt(&[Message::new("user", "Once upon a time")]).unwrap();
+    assert_eq!(default.decode(&ids).unwrap(), "\n\nHuman: Once upon a time\n\nAssistant:");
+    assert!(Tokenizer::from_dir(&stories).unwrap().with_prompt_format(PromptFormat::Template).is_err());
 }
 
 #[test]
 fn stories260k_examples_match_the_python_contract() {
     let Some(stories) = stories() else { return };
     let expected = read_json(&Path::new(DATA).join("stories260k_tokenization.json"));
-    let plain = Tokenizer::from_dir(&stories).unwrap();
+    let plain = Tokenizer::from_dir(&stories).unwrap().with_prompt_format(PromptFormat::Plain).unwrap();
+    let transcript = Tokenizer::from_dir(&stories).unwrap();
     let templated = Tokenizer::from_dir(templated_stories(
         &stories,
         expected["test_chat_template"].as_str().unwrap(),
@@ -135,7 +143,11 @@ fn stories260k_examples_match_the_python_contract() {
     let examples = expected["examples"].as_array().unwrap();
     for example in examples {
         let name = example["name"].as_str().unwrap();
-        let tok = if example["templated"].as_bool().unwrap() { &templated } else { &plain };
+        let tok = match example["format"].as_str().unwrap() {
+            "template" => &templated,
+            "transcript" => &transcript,
+            _ => &plain,
+        };
         let prompt = messages(&example["prompt"]);
         assert_eq!(
             tok.prompt_text(&prompt).unwrap(),
@@ -176,16 +188,15 @@ fn stories260k_examples_match_the_python_contract() {
             }
         }
     }
-    assert!(
-        examples.iter().any(|e| e["name"] == "templated"),
-        "the templated examples are missing"
-    );
+    for format in ["plain", "template", "transcript"] {
+        assert!(examples.iter().any(|e| e["format"] == format), "the {format} examples are missing");
+    }
 }
 
 #[test]
 fn completion_tokenized_alone_differs_from_the_joint_contract() {
     let Some(stories) = stories() else { return };
-    let tok = Tokenizer::from_dir(&stories).unwrap();
+    let tok = Tokenizer::from_dir(&stories).unwrap().with_prompt_format(PromptFormat::Plain).unwrap();
     let prompt = [Message::new("user", "Once upon a time")];
     let completion = " there was a little girl.";
     let encoded = tok.encode_example(&prompt, completion, 64, 128).unwrap();

@@ -8,6 +8,7 @@ mod scratch;
 use std::path::PathBuf;
 
 use clap::Parser;
+use haloflow_ml::prompt_format::PromptFormatArg;
 
 const EXAMPLE: &str = "Example:
   halo-refcache --data plan.arrow --model ../shared/models/stories260K \\
@@ -44,6 +45,8 @@ pub struct Args {
     /// Prompt tokens kept (from the end).
     #[arg(long, default_value_t = 256)]
     pub max_prompt_length: usize,
+    #[command(flatten)]
+    pub format: PromptFormatArg,
     /// Prompt + completion tokens kept (the completion loses its end).
     #[arg(long, default_value_t = 512)]
     pub max_length: usize,

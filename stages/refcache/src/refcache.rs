@@ -16,7 +16,6 @@ use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::fingerprint::Fingerprint;
 use haloflow_ml::logprobs::{self, Batch, Sequence};
 use haloflow_ml::model::CausalLm;
-use haloflow_ml::tokenize::Tokenizer;
 use serde_json::json;
 use tch::{Device, Kind};
 
@@ -38,7 +37,7 @@ pub fn run(args: &Args) -> Result<()> {
     if rows.is_empty() {
         bail!("{}: no rows to score", args.data.display());
     }
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let tok = args.format.tokenizer(&args.model)?;
     let (encoded, stats) = dataset::encode_rows(&tok, &rows, args.max_prompt_length, args.max_length)?;
     if stats.skipped > 0 {
         tracing::warn!(skipped = stats.skipped, first = ?stats.skipped_examples.first(), "rows skipped (empty completion after truncation)");
@@ -46,7 +45,7 @@ pub fn run(args: &Args) -> Result<()> {
     if encoded.is_empty() {
         bail!("no row left to score: all {} rows were skipped (e.g. {:?})", stats.rows, stats.skipped_examples.first());
     }
-    let fingerprint = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
+    let fingerprint = Fingerprint::compute(&args.model, &tok, &args.data, args.max_prompt_length, args.max_length)?;
     let dist = Dist::from_env("gloo", Duration::from_secs_f64(args.dist_timeout_s))?;
     let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
     let device = dist.as_ref().map_or(device, |d| d.rank_device(device));
@@ -166,8 +165,8 @@ pub fn run(args: &Args) -> Result<()> {
         "chunks": chunks.len(),
         "chunks_resumed": resumed,
         "ranks": world,
-        "device": format!("{device:?}"),
-        "dtype": format!("{kind:?}"),
+        "device": haloflow_ml::device::device_name(device),
+        "dtype": haloflow_ml::device::dtype_name(kind),
         "fingerprint": fingerprint,
     });
     tracing::info!(rows = encoded.len(), skipped = stats.skipped, tokens_per_s = %format!("{:.0}", summary["tokens_per_s"].as_f64().unwrap_or(0.0)), resumed, "reference log-probs written");

@@ -76,5 +76,6 @@ fn a_killed_run_resumes_to_the_identical_result() {
     let whole_summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("whole.json")).unwrap()).unwrap();
     let waste = whole_summary["padding_waste"].as_f64().unwrap();
     assert!(waste < 0.2, "length bucketing keeps padding small: {waste}");
+    assert_eq!((&whole_summary["device"], &whole_summary["dtype"]), (&serde_json::json!("cpu"), &serde_json::json!("f32")), "names --device/--dtype read");
     haloflow::schema::validate_file(&haloflow::schema::by_name("ref_logps").unwrap(), &dir.path().join("whole.parquet")).unwrap();
 }

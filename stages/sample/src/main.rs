@@ -7,6 +7,7 @@ mod shard;
 use std::path::PathBuf;
 
 use clap::Parser;
+use haloflow_ml::prompt_format::PromptFormatArg;
 
 const EXAMPLE: &str = r#"Example:
   halo-sample --prompts prompts.arrow --model ../shared/models/stories260K \
@@ -61,6 +62,8 @@ pub struct Args {
     /// (`'["\n\n", "User:"]'`, as the pipeline runner passes a list) gives several.
     #[arg(long)]
     pub stop: Vec<String>,
+    #[command(flatten)]
+    pub format: PromptFormatArg,
     /// Samples decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,

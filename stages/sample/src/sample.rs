@@ -13,7 +13,6 @@ use haloflow::schema;
 use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::generate::{FinishReason, GenerateOptions, Generation, Generator, PromptIds, Sample};
 use haloflow_ml::model::CausalLm;
-use haloflow_ml::tokenize::Tokenizer;
 use haloflow_dist::Dist;
 use serde_json::json;
 
@@ -55,7 +54,7 @@ pub fn run(args: &Args) -> Result<()> {
     if rows.is_empty() {
         bail!("{}: no prompts to sample from", args.prompts.display());
     }
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let tok = args.format.tokenizer(&args.model)?;
     let prompts = rows
         .iter()
         .map(|r| {
@@ -123,8 +122,8 @@ pub fn run(args: &Args) -> Result<()> {
         "tokens_per_s": tokens_per_s,
         "seconds": seconds,
         "finish_reasons": finish_reasons,
-        "device": format!("{device:?}"),
-        "dtype": format!("{kind:?}"),
+        "device": haloflow_ml::device::device_name(device),
+        "dtype": haloflow_ml::device::dtype_name(kind),
         "ranks": world,
         "options": options,
     });

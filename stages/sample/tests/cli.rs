@@ -75,7 +75,9 @@ fn samples_are_valid_ordered_and_independent_of_the_batch_size() {
         assert!(!["\n\n", "Lily", "park"].iter().any(|s| text.contains(s)), "stop strings are cut: {text:?}");
         assert!(["eos", "stop", "length"].contains(&reasons.value(i)));
     }
-    assert_eq!(cols.i64("prompt_tokens").unwrap().value(0), 5, "BOS + 4 tokens");
+    // stories260K has no chat template: prompts are HH transcripts by default.
+    assert_eq!(cols.i64("prompt_tokens").unwrap().value(0), 23, "BOS + \"\\n\\nHuman: Once upon a time\\n\\nAssistant:\"");
+    assert!((0..4).all(|i| !completions.value(i).starts_with(' ')), "the space after `Assistant:` is not part of a reply");
 
     let summary_path = dir.path().join("batched.json");
     schema::validate_file(&schema::by_name(schema::JSON).unwrap(), &summary_path).unwrap();
@@ -89,11 +91,15 @@ fn samples_are_valid_ordered_and_independent_of_the_batch_size() {
     assert_eq!(reasons_total, 4);
     assert!(summary["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["options"]["stop"], serde_json::json!(["\n\n", "Lily", "park"]));
-    assert_eq!(summary["device"], "Cpu");
+    assert_eq!(summary["device"], "cpu");
 
     succeeded(&sample(dir.path(), &prompts, &model, "single", &["--batch-size", "1", "--model-id", "stories260K"]));
     let single = haloflow::io::read_arrow(&dir.path().join("single.arrow")).unwrap();
     assert_eq!(single.batches, table.batches, "the same samples whatever the batch size");
+
+    succeeded(&sample(dir.path(), &prompts, &model, "plain", &["--prompt-format", "plain"]));
+    let plain = haloflow::io::read_arrow(&dir.path().join("plain.arrow")).unwrap();
+    assert_eq!(Columns::new(&plain.batches[0]).i64("prompt_tokens").unwrap().value(0), 5, "plain: BOS + 4 tokens");
 }
 
 #[test]

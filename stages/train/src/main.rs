@@ -15,6 +15,7 @@ mod zero;
 use std::path::PathBuf;
 
 use clap::Parser;
+use haloflow_ml::prompt_format::PromptFormatArg;
 
 const EXAMPLE: &str = "Example:
   halo-train --data plan.arrow --model ../shared/models/stories260K --ref-logps ref.parquet \\
@@ -122,6 +123,8 @@ pub struct Args {
     /// Prompt tokens kept (from the end).
     #[arg(long, default_value_t = 256)]
     pub max_prompt_length: usize,
+    #[command(flatten)]
+    pub format: PromptFormatArg,
     /// Prompt + completion tokens kept.
     #[arg(long, default_value_t = 512)]
     pub max_length: usize,
@@ -140,6 +143,10 @@ pub struct Args {
     /// Scratch space that survives a killed run (the runner sets it per stage).
     #[arg(long, env = "HALO_SCRATCH_DIR")]
     pub scratch_dir: Option<PathBuf>,
+    /// Streams every step's metrics here as they happen: metrics.jsonl and TensorBoard event
+    /// files with the hyperparameters (`halo run` gives each stage WORK_DIR/tracking/...).
+    #[arg(long, env = "HALO_TRACKING_DIR")]
+    pub tracking_dir: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -10,6 +10,7 @@ use haloflow_ml::logprobs::{sequence_logps, target_logps, token_logps, Batch, Se
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{Halo, KlPartners, LossInputs, LossOutput, Sums};
 use haloflow_ml::model::CausalLm;
+use haloflow_ml::tokenize::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
 use crate::refs::{self, RefRow};
@@ -54,14 +55,14 @@ pub struct Job<'a> {
 }
 
 /// Where the loss's reference log-probs come from, as the arguments say.
-pub fn reference(args: &Args, halo: &dyn Halo, device: Device, kind: Kind) -> Result<Reference> {
+pub fn reference(args: &Args, tok: &Tokenizer, halo: &dyn Halo, device: Device, kind: Kind) -> Result<Reference> {
     if !halo.needs_reference() {
         return Ok(Reference::Free);
     }
     let mode = args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" });
     match (mode, &args.ref_logps) {
         ("cache", Some(path)) => {
-            let expected = Fingerprint::compute(&args.model, &args.data, args.max_prompt_length, args.max_length)?;
+            let expected = Fingerprint::compute(&args.model, tok, &args.data, args.max_prompt_length, args.max_length)?;
             Ok(Reference::Cache(refs::load(path, &expected)?))
         }
         ("cache", None) => bail!("--reference cache needs --ref-logps (the output of halo-refcache)"),

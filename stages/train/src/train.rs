@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
+use haloflow::tracking::Tracker;
 use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
 use haloflow_ml::losses::{self, Accumulator, DataNeed, Halo};
 use haloflow_ml::model::CausalLm;
-use haloflow_ml::tokenize::Tokenizer;
 use serde_json::{json, Map, Value};
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -37,6 +37,30 @@ fn loss_params(args: &Args) -> Result<Map<String, Value>> {
         }
     }
     Ok(params)
+}
+
+/// The run's hyperparameters, as TensorBoard's HParams dashboard and summary.json show them.
+fn hparams(args: &Args, per_step: usize, world: usize) -> Result<Map<String, Value>> {
+    let mut h = Map::new();
+    h.insert("loss".into(), json!(args.loss));
+    h.extend(loss_params(args)?);
+    for (name, value) in [
+        ("lr", json!(args.lr)),
+        ("warmup_steps", json!(args.warmup_steps)),
+        ("microbatch_size", json!(args.microbatch_size)),
+        ("grad_accum", json!(args.grad_accum)),
+        ("ranks", json!(world)),
+        ("microbatches_per_step", json!(per_step)),
+        ("max_steps", json!(args.max_steps)),
+        ("seed", json!(args.seed)),
+        ("max_prompt_length", json!(args.max_prompt_length)),
+        ("max_length", json!(args.max_length)),
+        ("model", json!(args.model.file_name().map(|n| n.to_string_lossy().into_owned()))),
+        ("data", json!(args.data.file_name().map(|n| n.to_string_lossy().into_owned()))),
+    ] {
+        h.insert(name.into(), value);
+    }
+    Ok(h)
 }
 
 /// Reads the data, with the completions rewritten as the loss asks (CSFT's control tokens).
@@ -153,7 +177,7 @@ pub fn run(args: &Args) -> Result<()> {
         halo.set_all_reduce(reduce);
     }
     let (data_kind, rows, labels, batch_of, lambdas) = read_data(args, halo.as_ref())?;
-    let tok = Tokenizer::from_dir(&args.model)?;
+    let tok = args.format.tokenizer(&args.model)?;
     let (encoded, stats) = dataset::encode_rows(&tok, &rows, args.max_prompt_length, args.max_length)?;
     if stats.skipped > 0 {
         tracing::warn!(skipped = stats.skipped, "rows skipped: a completion is empty after truncation");
@@ -163,7 +187,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < min_rows) {
         bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
-    let reference = reference(args, halo.as_ref(), device, kind)?;
+    let reference = reference(args, &tok, halo.as_ref(), device, kind)?;
     let policy = CausalLm::load(&args.model, device, kind)?;
     let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
@@ -190,6 +214,15 @@ pub fn run(args: &Args) -> Result<()> {
         .or_else(|| args.scratch_dir.as_ref().map(|d| d.join("checkpoints")))
         .unwrap_or_else(|| args.policy.with_extension("checkpoints"));
     let run_id = checkpoint::run_id(args, per_step, &policy.dir, &args.data)?;
+    let hparams = hparams(args, per_step, ranks.world())?;
+    let mut tracker = match (&args.tracking_dir, ranks.is_main()) {
+        (Some(dir), true) => Some(Tracker::create(dir, &hparams)?),
+        _ => None,
+    };
+    let mut track = |row: &Row| match tracker.as_mut() {
+        Some(t) => t.log(row.step, &row.values.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()),
+        None => Ok(()),
+    };
     let mut state = TrainState { run_id: run_id.clone(), step: 0, metrics: Vec::new() };
     let found = checkpoint::latest(&ckpt_root, &run_id)?;
     let found_step = found.as_ref().map_or(Ok(0), |f| checkpoint::read_state(f).map(|s| s.step as i64))?;
@@ -207,6 +240,7 @@ pub fn run(args: &Args) -> Result<()> {
     } else if !split.eval.is_empty() {
         let mut row = Row::new(0, 0);
         trainer.evaluate(&mut row)?;
+        track(&row)?;
         state.metrics.push(row);
     }
 
@@ -229,6 +263,7 @@ pub fn run(args: &Args) -> Result<()> {
             tracing::info!(step = step + 1, total, loss = %format!("{loss:.4}"), grad_norm = %format!("{grad_norm:.3}"), lr, "step");
         }
         bar.inc(1);
+        track(&row)?;
         state.metrics.push(row);
         state.step = step + 1;
         if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
@@ -265,6 +300,7 @@ pub fn run(args: &Args) -> Result<()> {
         "last": state.metrics.last().map(Row::to_json),
         "device": haloflow_ml::device::device_name(device),
         "dtype": haloflow_ml::device::dtype_name(kind),
+        "hparams": hparams,
     });
     match state.metrics.last().and_then(|r| r.get("loss")) {
         Some(loss) => tracing::info!(steps = total, final_loss = loss, "training finished"),
