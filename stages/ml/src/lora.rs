@@ -363,4 +363,98 @@ mod tests {
         assert!(!c.targets_module("model.layers.11.mlp.up_proj"));
         assert!(!c.targets_module("model.layers.0.self_attn.qq_proj"));
     }
+
+    fn tiny(dir: &Path) -> crate::model::CausalLm {
+        let config: crate::config::Config = serde_json::from_value(json!({
+            "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64
+        }))
+        .unwrap();
+        tch::manual_seed(1);
+        crate::model::CausalLm::random(config, dir, tch::Device::Cpu, tch::Kind::Float).unwrap()
+    }
+
+    fn ids() -> Tensor {
+        Tensor::from_slice(&[1i64, 5, 9, 30, 2, 7, 11]).view([1, 7])
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn init_is_pefts_and_leaves_the_model_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = tiny(dir.path());
+        let before = model.net.forward(&ids());
+        let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q_proj".into(), "up_proj".into()] };
+        tch::manual_seed(0);
+        model.attach_lora(&config, dir.path(), "fp".into()).unwrap();
+        let trainable = model.trainable();
+        assert_eq!(trainable.len(), 2 * 2 * 2, "A and B of q_proj and up_proj in 2 layers");
+        assert!(trainable.values().all(|t| t.requires_grad()));
+        assert!(model.vs.variables().iter().filter(|(n, _)| !is_adapter_variable(n)).all(|(_, t)| !t.requires_grad()), "base frozen");
+        let a = &trainable["model.layers.0.self_attn.q_proj.lora_A.weight"];
+        let b = &trainable["model.layers.0.self_attn.q_proj.lora_B.weight"];
+        assert_eq!((a.size(), b.size()), (vec![4, 16], vec![16, 4]));
+        // Kaiming-uniform with a = √5 on fan_in 16: U(−1/4, 1/4); B zero.
+        let bound = 0.25;
+        assert!(a.abs().max().double_value(&[]) <= bound && a.abs().max().double_value(&[]) > 0.8 * bound);
+        assert_eq!(b.abs().max().double_value(&[]), 0.0);
+        let up_a = &trainable["model.layers.1.mlp.up_proj.lora_A.weight"];
+        assert_eq!(up_a.size(), vec![4, 16]);
+        assert_eq!(max_diff(&model.net.forward(&ids()), &before), 0.0, "B = 0: the adapted model is the base model");
+    }
+
+    #[test]
+    fn unknown_targets_are_refused_naming_the_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = tiny(dir.path());
+        let config = LoraConfig { r: 2, alpha: 2.0, dropout: 0.0, targets: vec!["c_attn".into()] };
+        let err = model.attach_lora(&config, dir.path(), "fp".into()).unwrap_err().to_string();
+        assert!(err.contains("`c_attn` matches no module") && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{err}");
+    }
+
+    #[test]
+    fn merged_weights_are_w_plus_scaled_b_a_and_adapters_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("base");
+        let mut model = tiny(dir.path());
+        model.save(&base_dir).unwrap();
+        let base_logits = model.net.forward(&ids());
+        let w = model.vs.variables()["model.layers.1.self_attn.v_proj.weight"].copy();
+        let config = LoraConfig { r: 3, alpha: 6.0, dropout: 0.0, targets: MODULES.iter().map(|m| m.to_string()).collect() };
+        model.attach_lora(&config, &base_dir, base_fingerprint(&base_dir).unwrap()).unwrap();
+        tch::no_grad(|| {
+            for (name, var) in model.trainable() {
+                if name.contains("lora_B") {
+                    let _ = var.shallow_clone().copy_(&(Tensor::randn(var.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.1));
+                }
+            }
+        });
+        let adapted = model.net.forward(&ids());
+        assert!(max_diff(&adapted, &base_logits) > 1e-3);
+        assert_eq!(max_diff(&model.without_adapters(|| model.net.forward(&ids())), &base_logits), 0.0, "adapters off = base");
+        let vars = model.vs.variables();
+        let (a, b) = (&vars["model.layers.1.self_attn.v_proj.lora_A.weight"], &vars["model.layers.1.self_attn.v_proj.lora_B.weight"]);
+        let merged = merged(&model.vs, &config).unwrap();
+        assert!(!merged.keys().any(|n| is_adapter_variable(n)));
+        assert!(max_diff(&merged["model.layers.1.self_attn.v_proj.weight"], &(&w + b.matmul(a) * 2.0)) < 1e-7);
+        assert_eq!(max_diff(&merged["model.norm.weight"], &vars["model.norm.weight"]), 0.0);
+        // Adapter directory and merged directory both reload to the adapted model.
+        let (adapter_dir, merged_dir) = (dir.path().join("adapter"), dir.path().join("merged"));
+        model.save(&adapter_dir).unwrap();
+        model.save_merged(&merged_dir).unwrap();
+        assert!(adapter_dir.join(ADAPTER_CONFIG).is_file() && !adapter_dir.join("model.safetensors").exists());
+        let keys: Vec<String> = Tensor::read_safetensors(adapter_dir.join(ADAPTER_WEIGHTS)).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert!(keys.iter().all(|k| k.starts_with("base_model.model.model.layers.")) && keys.len() == 2 * 7 * 2);
+        let reloaded = crate::model::CausalLm::load(&adapter_dir, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        assert_eq!(max_diff(&reloaded.net.forward(&ids()), &adapted), 0.0);
+        let full = crate::model::CausalLm::load(&merged_dir, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        assert!(full.lora.is_none() && max_diff(&full.net.forward(&ids()), &adapted) < 1e-5);
+        // An adapter directory's weight files are its base's and its own (for fingerprints).
+        let files = crate::weights::weight_files(&adapter_dir).unwrap();
+        assert_eq!(files, vec![base_dir.join("model.safetensors"), adapter_dir.join(ADAPTER_WEIGHTS)]);
+    }
 }
