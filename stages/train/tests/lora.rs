@@ -100,6 +100,25 @@ fn merged_weights_equal_base_plus_scaled_b_a() {
     let diff = max_diff(&a, &b);
     eprintln!("merged vs base + adapter: max logit difference {diff:.2e}");
     assert!(diff < 1e-4, "merged vs base + adapter logits differ by {diff}");
+    // refcache reads the adapter directory as base + adapter: its log-probs equal the merged
+    // model's, not the base model's.
+    let logps = |name: &str, model: &Path| -> Vec<f64> {
+        let out = dir.path().join(format!("{name}.parquet"));
+        let status = Command::new(Path::new(env!("CARGO_BIN_EXE_halo-train")).with_file_name("halo-refcache"))
+            .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", out.to_str().unwrap()])
+            .args(["--summary", dir.path().join(format!("{name}.json")).to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64"])
+            .args(["--device", "cpu", "--threads", "1", "--scratch", dir.path().join(format!("scratch-{name}")).to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "refcache on {name}");
+        let table = haloflow::io::read_parquet(&out).unwrap();
+        let column = table.batches[0].column_by_name("logp").unwrap().clone();
+        column.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap().values().to_vec()
+    };
+    let (adapter, merged, base) = (logps("adapter", &run.dir.join("policy")), logps("merged", &merged_dir), logps("base", &model));
+    let worst = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    eprintln!("refcache log-probs: adapter vs merged {:.2e}, adapter vs base {:.3}", worst(&adapter, &merged), worst(&adapter, &base));
+    assert!(worst(&adapter, &merged) < 1e-3 && worst(&adapter, &base) > 1e-2);
 }
 
 #[test]
