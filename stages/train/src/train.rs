@@ -304,7 +304,7 @@ pub fn run(args: &Args) -> Result<()> {
         "shard_optimizer": args.shard_optimizer,
         "lora": lora_config,
         "trainable_parameters": trainable_parameters,
-        "merged": merged.as_ref().map(|p| p.display().to_string()),
+        "merge_lora": merged.is_some(),
         "lambdas_from_plan": lambdas,
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Base => "base (adapters off)", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
