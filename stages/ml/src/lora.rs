@@ -269,14 +269,29 @@ impl AdapterFile {
         let file: AdapterFile = serde_json::from_str(&text).with_context(|| format!("{}: not a PEFT adapter config", path.display()))?;
         ensure!(file.peft_type == "LORA", "{}: peft_type `{}` is not supported (only LORA)", path.display(), file.peft_type);
         ensure!(file.bias == "none", "{}: bias `{}` is not supported (only none)", path.display(), file.bias);
-        for (key, off) in [("use_dora", false), ("use_rslora", false), ("fan_in_fan_out", false)] {
-            ensure!(file.extra.get(key).and_then(Value::as_bool).unwrap_or(off) == off, "{}: {key} = true is not supported", path.display());
+        for key in ["use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "use_qalora"] {
+            ensure!(!file.extra.get(key).and_then(Value::as_bool).unwrap_or(false), "{}: {key} = true is not supported", path.display());
+        }
+        // PEFT options that change which layers are adapted or their rank/scale: refused rather
+        // than silently ignored.
+        for key in [
+            "layers_to_transform", "layers_pattern", "modules_to_save", "rank_pattern", "alpha_pattern", "trainable_token_indices",
+            "exclude_modules", "layer_replication", "target_parameters", "alora_invocation_tokens",
+        ] {
+            let set = match file.extra.get(key) {
+                None | Some(Value::Null) => false,
+                Some(Value::Object(m)) => !m.is_empty(),
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            };
+            ensure!(!set, "{}: {key} is not supported (haloflow adapts every layer's target modules with one r and alpha)", path.display());
         }
         Ok(Some(file))
     }
 
-    /// The LoRA settings it holds.
-    pub fn config(&self, path: &Path) -> Result<LoraConfig> {
+    /// The LoRA settings it holds (`dir`: the adapter directory, for errors).
+    pub fn config(&self, dir: &Path) -> Result<LoraConfig> {
+        let path = dir.join(ADAPTER_CONFIG);
         let targets: Vec<String> = serde_json::from_value(self.target_modules.clone())
             .with_context(|| format!("{}: target_modules must be a list of names", path.display()))?;
         let config = LoraConfig { r: self.r, alpha: self.lora_alpha, dropout: self.lora_dropout, targets };
@@ -362,6 +377,30 @@ mod tests {
         assert!(c.targets_module("model.layers.1.mlp.up_proj"));
         assert!(!c.targets_module("model.layers.11.mlp.up_proj"));
         assert!(!c.targets_module("model.layers.0.self_attn.qq_proj"));
+    }
+
+    #[test]
+    fn peft_options_haloflow_cannot_honour_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |extra: Value| {
+            let mut config = json!({"peft_type": "LORA", "base_model_name_or_path": "b", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": null, "use_dora": false});
+            config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            std::fs::write(dir.path().join(ADAPTER_CONFIG), config.to_string()).unwrap();
+            AdapterFile::read(dir.path()).and_then(|f| f.unwrap().config(dir.path()))
+        };
+        assert_eq!(write(json!({})).unwrap().targets, ["q_proj"]);
+        for (extra, named) in [
+            (json!({"use_dora": true}), "use_dora"),
+            (json!({"rank_pattern": {"q_proj": 8}}), "rank_pattern"),
+            (json!({"layers_to_transform": [0]}), "layers_to_transform"),
+            (json!({"peft_type": "IA3"}), "IA3"),
+            (json!({"target_modules": "all-linear"}), "target_modules must be a list"),
+            (json!({"r": 0}), "lora.r = 0"),
+        ] {
+            let err = format!("{:#}", write(extra.clone()).unwrap_err());
+            assert!(err.contains(named) && err.contains(ADAPTER_CONFIG), "{extra}: {err}");
+        }
     }
 
     fn tiny(dir: &Path) -> crate::model::CausalLm {

@@ -62,7 +62,7 @@ impl CausalLm {
                     bail!("{}: the adapter was trained on another base model than {} (its weights or config.json differ)", path.display(), base_dir.display());
                 }
             }
-            model.attach_lora(&a.config(&path)?, &base_dir, fingerprint)?;
+            model.attach_lora(&a.config(dir)?, &base_dir, fingerprint)?;
         }
         weights::load(&model.vs, dir).with_context(|| format!("loading weights of {}", dir.display()))?;
         Ok(model)
