@@ -153,6 +153,11 @@ fn merged_output(args: &Args, lora: bool) -> Result<Option<std::path::PathBuf>> 
 /// Attaches fresh adapters (seeded by `--seed`) to the loaded base model `--model`, which the
 /// adapter directory will name by its absolute path.
 fn attach_lora(policy: &mut CausalLm, config: &LoraConfig, args: &Args) -> Result<()> {
+    ensure!(
+        policy.lora.is_none(),
+        "--model {} is a LoRA adapter directory: continue training it without --lora, or give --lora its merged model",
+        args.model.display()
+    );
     let base = std::fs::canonicalize(&args.model).with_context(|| format!("resolving {}", args.model.display()))?;
     tch::manual_seed(args.seed as i64);
     policy.attach_lora(config, &base, lora::base_fingerprint(&base)?)?;

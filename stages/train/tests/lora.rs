@@ -203,6 +203,10 @@ fn bad_lora_settings_and_foreign_adapters_are_refused() {
     // An adapter whose base model changed since training is refused, naming both.
     let (out, run) = train(dir.path(), "ok", &plan, &model, &["--loss", "kto", "--max-steps", "1", "--lora", LORA], &[]);
     assert!(out.status.success());
+    let adapter = run.dir.join("policy");
+    let (out, _) = train(dir.path(), "twice", &plan, &adapter, &["--loss", "kto", "--max-steps", "1", "--lora", LORA], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a LoRA adapter directory"), "{err}");
     let other = dir.path().join("other-base");
     std::fs::create_dir_all(&other).unwrap();
     for entry in std::fs::read_dir(&model).unwrap().flatten() {
@@ -210,7 +214,6 @@ fn bad_lora_settings_and_foreign_adapters_are_refused() {
             std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
         }
     }
-    let adapter = run.dir.join("policy");
     let config_path = adapter.join("adapter_config.json");
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     config["base_model_name_or_path"] = other.to_str().unwrap().into();
