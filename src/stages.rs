@@ -57,6 +57,18 @@ fn import_outputs(params: &Params) -> Result<Vec<(String, String)>> {
 }
 
 /// All built-in stages.
+/// The train stage's outputs; `merge_lora = true` adds `merged` (the LoRA adapters merged
+/// into full weights).
+fn train_outputs(params: &Params) -> Result<Vec<(String, String)>> {
+    let mut outputs = out(&[("policy", schema::DIR), ("metrics", schema::METRICS), ("report", schema::DIR), ("summary", schema::JSON)]);
+    match params.get("merge_lora") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => outputs.push(("merged".into(), schema::DIR.into())),
+        Some(other) => bail!("params.merge_lora must be true or false, found {other}"),
+    }
+    Ok(outputs)
+}
+
 pub fn builtins() -> Vec<Builtin> {
     vec![
         Builtin {
@@ -104,9 +116,7 @@ pub fn builtins() -> Vec<Builtin> {
             about: "align a policy with a HALO (KTO, DPO, ...) and report its training curves",
             inputs: &[("data", &[schema::PLAN, schema::PAIRED]), ("model", &[schema::DIR]), ("ref_logps", &[schema::REF_LOGPS])],
             optional: &["ref_logps"],
-            outputs: |_| {
-                Ok(out(&[("policy", schema::DIR), ("metrics", schema::METRICS), ("report", schema::DIR), ("summary", schema::JSON)]))
-            },
+            outputs: train_outputs,
             ranks: Ranks::Tolerance,
         },
         Builtin {
@@ -187,6 +197,15 @@ mod tests {
         let matches = cli.try_get_matches_from(std::iter::once("stage".to_string()).chain(param_args(&params))).unwrap();
         assert_eq!(matches.get_one::<String>("pattern").unwrap(), "-?\\d+");
         assert_eq!(*matches.get_one::<f64>("offset").unwrap(), -0.5);
+    }
+
+    #[test]
+    fn merge_lora_adds_the_merged_output() {
+        let train = builtin("train").unwrap();
+        let names = |json: &str| -> Vec<String> { (train.outputs)(&serde_json::from_str(json).unwrap()).unwrap().into_iter().map(|(n, _)| n).collect() };
+        assert_eq!(names("{}"), ["policy", "metrics", "report", "summary"]);
+        assert_eq!(names(r#"{"merge_lora": true}"#), ["policy", "metrics", "report", "summary", "merged"]);
+        assert!((train.outputs)(&serde_json::from_str(r#"{"merge_lora": "yes"}"#).unwrap()).is_err());
     }
 
     #[test]

@@ -38,10 +38,6 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// Computes the fingerprint of a model directory and a data file tokenized by `tok`.
     pub fn compute(model_dir: &Path, tok: &Tokenizer, data: &Path, max_prompt_length: usize, max_length: usize) -> Result<Fingerprint> {
-        let mut weights = blake3::Hasher::new();
-        for file in weight_files(model_dir)? {
-            weights.update(haloflow::hashing::hash_path(&file)?.as_bytes());
-        }
         let mut tokenizer = blake3::Hasher::new();
         for file in ["tokenizer.json", "tokenizer_config.json"] {
             let path = model_dir.join(file);
@@ -50,7 +46,7 @@ impl Fingerprint {
             }
         }
         Ok(Fingerprint {
-            weights: weights.finalize().to_hex().to_string(),
+            weights: weights_hash(model_dir)?,
             tokenizer: tokenizer.finalize().to_hex().to_string(),
             chat_template: chat_template(model_dir),
             prompt_format: tok.prompt_format().to_string(),
@@ -87,6 +83,16 @@ impl Fingerprint {
         }
         Ok(())
     }
+}
+
+/// blake3 of a model directory's weight files (for an adapter directory: the base model's and
+/// the adapter's).
+pub fn weights_hash(model_dir: &Path) -> Result<String> {
+    let mut weights = blake3::Hasher::new();
+    for file in weight_files(model_dir)? {
+        weights.update(haloflow::hashing::hash_path(&file)?.as_bytes());
+    }
+    Ok(weights.finalize().to_hex().to_string())
 }
 
 /// The `chat_template` of `tokenizer_config.json` (a string, or JSON text for template lists).

@@ -9,23 +9,29 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use crate::config::Config;
+use crate::lora::Adapter;
 
-/// A linear map `y = x Wᵀ + b`.
+/// A linear map `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached.
 #[derive(Debug)]
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<Adapter>,
 }
 
 impl Linear {
     fn new(vs: nn::Path, inputs: usize, outputs: usize, bias: bool, std: f64) -> Linear {
         let weight = vs.var("weight", &[outputs as i64, inputs as i64], Init::Randn { mean: 0.0, stdev: std });
         let bias = bias.then(|| vs.var("bias", &[outputs as i64], Init::Const(0.0)));
-        Linear { weight, bias }
+        Linear { weight, bias, adapter: None }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.adapter {
+            Some(adapter) => adapter.apply(x, y),
+            None => y,
+        }
     }
 }
 
@@ -268,6 +274,29 @@ impl Llama {
             x = layer.forward(&x, &cos, &sin, mask, slot);
         }
         self.norm.forward(&x)
+    }
+
+    /// The adapter slot of every projection, with its module name
+    /// (`model.layers.0.self_attn.q_proj`) and `(inputs, outputs)` widths, for `lora::attach`.
+    pub fn adapter_slots(&mut self) -> Vec<(String, (i64, i64), &mut Option<Adapter>)> {
+        let mut slots = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (attn, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+            let named = [
+                ("self_attn.q_proj", &mut attn.q_proj),
+                ("self_attn.k_proj", &mut attn.k_proj),
+                ("self_attn.v_proj", &mut attn.v_proj),
+                ("self_attn.o_proj", &mut attn.o_proj),
+                ("mlp.gate_proj", &mut mlp.gate_proj),
+                ("mlp.up_proj", &mut mlp.up_proj),
+                ("mlp.down_proj", &mut mlp.down_proj),
+            ];
+            for (name, linear) in named {
+                let size = linear.weight.size();
+                slots.push((format!("model.layers.{i}.{name}"), (size[1], size[0]), &mut linear.adapter));
+            }
+        }
+        slots
     }
 
     /// Logits `(B, T, vocab)` from hidden states.

@@ -6,9 +6,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Tensor};
 
+use crate::lora;
+
 /// The safetensors files of a model directory: `model.safetensors`, or the shards listed in
-/// `model.safetensors.index.json`.
+/// `model.safetensors.index.json`; for a LoRA adapter directory, the base model's files and
+/// then `adapter_model.safetensors`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(adapter) = lora::AdapterFile::read(dir)? {
+        let mut files = weight_files(&adapter.base_dir(dir)?)?;
+        files.push(dir.join(lora::ADAPTER_WEIGHTS));
+        return Ok(files);
+    }
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
@@ -24,7 +32,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// Copies the checkpoint's tensors into the variables of `vs` (converting dtype and device).
+/// Copies the checkpoint's tensors into the variables of `vs` (converting dtype and device;
+/// PEFT's key prefix is removed, so a LoRA adapter directory loads base and adapter).
 /// Every variable must be found with the shape the config implies (with tied embeddings there
 /// is no `lm_head.weight` variable to find). Errors name the tensor and the file.
 pub fn load(vs: &VarStore, dir: &Path) -> Result<()> {
@@ -43,7 +52,8 @@ fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
     for file in files {
         let tensors = Tensor::read_safetensors(file)
             .with_context(|| format!("{}: cannot read safetensors (corrupt or truncated?)", file.display()))?;
-        for (name, tensor) in tensors {
+        for (key, tensor) in tensors {
+            let name = lora::variable_name(&key).to_string();
             let Some(var) = variables.get(&name) else {
                 unused.push(name);
                 continue;

@@ -29,6 +29,11 @@ from a second copy of --model. λ_D/λ_U default to the values resample recorded
 With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --checkpoint-dir
 (default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.
 
+With --lora, only LoRA adapters are trained (PEFT's initialisation, seeded by --seed) and
+--policy is a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that
+refcache, sample and judge load onto its base model, as Python's peft does; --merge-lora
+--merged DIR also writes the merged full weights.
+
 Data-parallel: launched as N processes (torchrun, srun, or halo run with `ranks`; the
 environment's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), each optimizer step takes
 grad_accum × N microbatches, rank r running microbatches r, r + N, …; gradients are summed
@@ -163,6 +168,19 @@ pub struct Args {
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
+    /// LoRA: train low-rank adapters only, as a JSON object
+    /// '{"r": 16, "alpha": 32, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}' (targets default
+    /// to every projection). --policy then receives a PEFT adapter directory, and the live
+    /// reference is the base model with the adapters switched off (no second copy).
+    #[arg(long)]
+    pub lora: Option<String>,
+    /// With --lora: also write the full model with the adapters merged in (W + B·A·alpha/r) to
+    /// --merged (`--merge-lora`, or `--merge-lora=true|false` as a pipeline param passes it).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub merge_lora: bool,
+    /// Output of --merge-lora: the merged model (Hugging Face directory).
+    #[arg(long)]
+    pub merged: Option<PathBuf>,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,

@@ -22,6 +22,8 @@ pub enum Reference {
     Cache(HashMap<String, RefRow>),
     /// A frozen second copy of the initial model.
     Live(Box<CausalLm>),
+    /// The policy with its LoRA adapters switched off (the base model, no second copy).
+    Base,
     /// The loss needs none.
     Free,
 }
@@ -66,6 +68,7 @@ pub fn reference(args: &Args, tok: &Tokenizer, halo: &dyn Halo, device: Device, 
             Ok(Reference::Cache(refs::load(path, &expected)?))
         }
         ("cache", None) => bail!("--reference cache needs --ref-logps (the output of halo-refcache)"),
+        _ if args.lora.is_some() => Ok(Reference::Base),
         _ => Ok(Reference::Live(Box::new(CausalLm::load(&args.model, device, kind)?))),
     }
 }
@@ -81,7 +84,7 @@ fn logps(model: &CausalLm, seqs: &[&Sequence], device: Device, grad: bool) -> (T
 }
 
 /// Reference sums of the rows' sequences `side` (0: first, 1: second).
-fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Tensor>> {
+fn reference_side(job: &Job, policy: &CausalLm, members: &[usize], side: usize) -> Result<Option<Tensor>> {
     let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
     Ok(match job.reference {
         Reference::Free => None,
@@ -94,6 +97,10 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
             let seqs: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[side]).collect();
             Some(logps(model, &seqs, job.device, false).0.to_kind(Kind::Double))
         }
+        Reference::Base => {
+            let seqs: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[side]).collect();
+            Some(policy.without_adapters(|| logps(policy, &seqs, job.device, false)).0.to_kind(Kind::Double))
+        }
     })
 }
 
@@ -102,7 +109,7 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
 fn kl_partners(job: &Job, policy: &CausalLm, members: &[usize]) -> Result<KlPartners> {
     let second: Vec<&Sequence> = members.iter().map(|&i| &job.rows[i].seqs[1]).collect();
     let (kl_pol, _) = logps(policy, &second, job.device, false);
-    let reference = reference_side(job, members, 1)?.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
+    let reference = reference_side(job, policy, members, 1)?.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
     Ok(KlPartners { policy: kl_pol, reference })
 }
 
@@ -142,7 +149,7 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
                 let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
                 return job.halo.loss(&inputs);
             }
-            let mut inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
+            let mut inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, policy, members, 0)?, n), desirable);
             if job.halo.needs_kl_partners() {
                 inputs = inputs.with_kl(match fixed {
                     Some((kl, _)) => KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() },
@@ -164,8 +171,8 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
             let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
             let (s_pol, n) = logps(policy, &both, job.device, grad);
             let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
-            let chosen = Sums::new(c, reference_side(job, members, 0)?, n.narrow(0, 0, m));
-            let rejected = Sums::new(r, reference_side(job, members, 1)?, n.narrow(0, m, m));
+            let chosen = Sums::new(c, reference_side(job, policy, members, 0)?, n.narrow(0, 0, m));
+            let rejected = Sums::new(r, reference_side(job, policy, members, 1)?, n.narrow(0, m, m));
             LossInputs::paired(chosen, rejected)
         }
     };
@@ -191,6 +198,7 @@ fn ppo_inputs(job: &Job, policy: &CausalLm, head: &ValueHead, rows: &[&EncodedRo
     let (logps, values) = if grad { run() } else { tch::no_grad(run) };
     let reference = match job.reference {
         Reference::Live(model) => tch::no_grad(|| token_logps(&model.net, &batch)),
+        Reference::Base => tch::no_grad(|| policy.without_adapters(|| token_logps(&policy.net, &batch))),
         Reference::Cache(map) => {
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
             let t = batch.target_mask.size()[1] as usize;

@@ -12,6 +12,7 @@ use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
 use haloflow_ml::losses::{self, Accumulator, DataNeed, Halo};
+use haloflow_ml::lora::{self, LoraConfig};
 use haloflow_ml::model::CausalLm;
 use serde_json::{json, Map, Value};
 use tch::nn::VarStore;
@@ -162,6 +163,40 @@ impl Trainer<'_> {
     }
 }
 
+/// Where `--merge-lora` writes the merged model (`--merged`), checked before anything runs.
+fn merged_output(args: &Args, lora: bool) -> Result<Option<std::path::PathBuf>> {
+    match (args.merge_lora, &args.merged) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => bail!("--merged is the output of --merge-lora: add --merge-lora"),
+        (true, _) if !lora => bail!("--merge-lora needs --lora (there are no adapters to merge)"),
+        (true, None) => bail!("--merge-lora needs --merged DIR (where the merged model goes)"),
+        (true, Some(dir)) => Ok(Some(dir.clone())),
+    }
+}
+
+/// Attaches fresh adapters (seeded by `--seed`) to the loaded base model `--model`, which the
+/// adapter directory will name by its absolute path.
+fn attach_lora(policy: &mut CausalLm, config: &LoraConfig, args: &Args) -> Result<()> {
+    ensure!(
+        policy.lora.is_none(),
+        "--model {} is a LoRA adapter directory: continue training it without --lora, or give --lora its merged model",
+        args.model.display()
+    );
+    let base = std::fs::canonicalize(&args.model).with_context(|| format!("resolving {}", args.model.display()))?;
+    tch::manual_seed(args.seed as i64);
+    policy.attach_lora(config, &base, lora::base_fingerprint(&base)?)?;
+    if let Some(lora) = &policy.lora {
+        lora.set_training(true);
+    }
+    Ok(())
+}
+
+/// The RNG seed of step `step` on rank `rank` (adapter dropout).
+fn dropout_seed(seed: u64, step: usize, rank: usize) -> i64 {
+    let hash = blake3::hash(format!("lora-dropout/{seed}/{step}/{rank}").as_bytes());
+    i64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")) & i64::MAX
+}
+
 /// Runs the stage.
 pub fn run(args: &Args) -> Result<()> {
     if let Some(threads) = args.threads {
@@ -172,6 +207,8 @@ pub fn run(args: &Args) -> Result<()> {
     let adam = AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_eps, weight_decay: args.weight_decay };
     optim::validate(args.lr, &adam)?;
     ensure!(args.grad_accum >= 1, "grad_accum must be at least 1");
+    let lora_config = args.lora.as_deref().map(LoraConfig::parse).transpose()?;
+    let merged = merged_output(args, lora_config.is_some())?;
     let mut halo = losses::by_name(&args.loss, &loss_params(args)?)?;
     if let Some(reduce) = ranks.loss_reduce() {
         halo.set_all_reduce(reduce);
@@ -188,8 +225,12 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
     let reference = reference(args, &tok, halo.as_ref(), device, kind)?;
-    let policy = CausalLm::load(&args.model, device, kind)?;
-    let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
+    let mut policy = CausalLm::load(&args.model, device, kind)?;
+    if let Some(config) = &lora_config {
+        attach_lora(&mut policy, config, args)?;
+    }
+    let mut params: BTreeMap<String, Tensor> = policy.trainable();
+    let trainable_parameters: i64 = params.values().map(Tensor::numel).sum::<usize>() as i64;
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
     let value_vs = VarStore::new(device);
     let value_head = halo.needs_value_head().then(|| {
@@ -252,6 +293,10 @@ pub fn run(args: &Args) -> Result<()> {
         let order = orders.entry(epoch).or_insert_with(|| data::epoch_order(split.train.len(), epoch, args.seed));
         let at = (step % steps_per_epoch) * per_step;
         let lr = optim::learning_rate(args.lr, step, args.warmup_steps, total, args.decay);
+        if lora_config.as_ref().is_some_and(|c| c.dropout > 0.0) {
+            // Adapter dropout masks follow from (seed, step, rank), so a resumed run draws the same.
+            tch::manual_seed(dropout_seed(args.seed, step, ranks.rank()));
+        }
         let mut row = trainer.step(step, epoch, &order[at..at + per_step], lr)?;
         let last = step + 1 == total;
         if !split.eval.is_empty() && (last || (args.eval_every > 0 && (step + 1) % args.eval_every == 0)) {
@@ -279,6 +324,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     policy.save(&args.policy)?;
+    if let Some(merged) = &merged {
+        policy.save_merged(merged)?;
+    }
     metrics::write(&args.metrics, &state.metrics)?;
     report::write(&args.report, &args.loss, &state.metrics, args.smoothing)?;
     let summary = json!({
@@ -294,8 +342,11 @@ pub fn run(args: &Args) -> Result<()> {
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
         "shard_optimizer": args.shard_optimizer,
+        "lora": lora_config,
+        "trainable_parameters": trainable_parameters,
+        "merge_lora": merged.is_some(),
         "lambdas_from_plan": lambdas,
-        "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
+        "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Base => "base (adapters off)", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
         "last": state.metrics.last().map(Row::to_json),
         "device": haloflow_ml::device::device_name(device),

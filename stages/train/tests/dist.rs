@@ -62,8 +62,11 @@ fn no_env(_: usize) -> Vec<(&'static str, String)> {
     Vec::new()
 }
 
+/// The trained tensors of a run's policy: its full weights, or its LoRA adapter.
 fn policy(run: &Run) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(run.dir.join("policy/model.safetensors")).unwrap().into_iter().collect()
+    let full = run.dir.join("policy/model.safetensors");
+    let file = if full.is_file() { full } else { run.dir.join("policy/adapter_model.safetensors") };
+    Tensor::read_safetensors(file).unwrap().into_iter().collect()
 }
 
 /// The largest absolute difference between two policies' weights.
@@ -137,6 +140,15 @@ fn ddp_and_zero1_dpo_equal_one_process_accumulating_the_same_microbatches() {
     let pairs = dir.path().join("pairs.arrow");
     write_pairs(&pairs, 32);
     two_ranks_equal_one_process(&pairs, &["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--microbatch-size", "4", "--max-steps", "3"], "DPO");
+}
+
+#[test]
+fn ddp_and_zero1_lora_equal_one_process_accumulating_the_same_microbatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    let lora = r#"{"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}"#;
+    two_ranks_equal_one_process(&plan, &["--loss", "kto", "--reference", "live", "--lr", "1e-2", "--max-steps", "3", "--eval-batches", "2", "--lora", lora], "KTO + LoRA");
 }
 
 /// Without gradient sync each rank would train on its own share alone: the 2-rank policy
