@@ -11,6 +11,7 @@ pub mod schema;
 pub mod shared;
 pub mod stage_cli;
 pub mod stages;
+pub mod sweep;
 pub mod tracking;
 pub mod cache;
 pub mod hashing;

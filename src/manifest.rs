@@ -177,7 +177,15 @@ impl Manifest {
         Ok(lock)
     }
 
-    /// Cache keys referenced by every lock file in `work_dir`.
+    /// Keeps this manifest as the named run `WORK_DIR/PIPELINE@NAME.lock.json`: a lock file of
+    /// its own, so `halo gc` keeps what it references after later runs moved on.
+    pub fn keep_as(&self, work_dir: &Path, name: &str) -> Result<PathBuf> {
+        let path = work_dir.join(format!("{}@{name}.lock.json", self.pipeline));
+        crate::io::write_json(&path, self)?;
+        Ok(path)
+    }
+
+    /// Cache keys referenced by every lock file in `work_dir` (named runs included).
     pub fn referenced_keys(work_dir: &Path) -> Result<std::collections::BTreeSet<String>> {
         let mut keys = std::collections::BTreeSet::new();
         for entry in std::fs::read_dir(work_dir).with_context(|| format!("listing {}", work_dir.display()))? {

@@ -21,6 +21,7 @@
 //! version = "1"
 //! ranks = 2                   # optional: N local processes with the torchrun environment
 //! launcher = "torchrun"       # optional: start them with `torchrun --no-python` instead
+//! matrix = { min_chars = [20, 60] }     # optional: one instance per value (see `sweep`)
 //! ```
 //!
 //! `{vars.NAME}` is replaced in inputs, params and argv; a param that is exactly `{vars.NAME}`
@@ -36,6 +37,7 @@ use serde_json::Value;
 
 use crate::schema::{self, SchemaDef};
 use crate::stages::{self, Params};
+use crate::sweep::{self, Sweep};
 
 /// Where a stage input comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +129,8 @@ pub struct Pipeline {
     pub work_dir: PathBuf,
     /// Variables after `--set` overrides.
     pub vars: BTreeMap<String, Value>,
+    /// The swept stages and their points (`matrix`); their instances are in `stages`.
+    pub sweeps: Vec<Sweep>,
     /// The `--set` overrides as given (`NAME=VALUE`, `STAGE.PARAM=VALUE`), saved in the
     /// manifest so `halo status` can use the last run's.
     pub overrides: Vec<String>,
@@ -152,7 +156,7 @@ struct RawMeta {
     work_dir: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawStage {
     uses: Option<String>,
@@ -166,6 +170,9 @@ struct RawStage {
     version: Option<String>,
     ranks: Option<Value>,
     launcher: Option<String>,
+    /// Param values to sweep (see [`crate::sweep`]).
+    #[serde(default)]
+    matrix: BTreeMap<String, Vec<Value>>,
 }
 
 impl Pipeline {
@@ -209,17 +216,29 @@ impl Pipeline {
         }
         let names: Vec<String> = raw.stages.keys().cloned().collect();
         let mut stages = Vec::new();
+        let mut sweeps = Vec::new();
         for (stage_name, value) in raw.stages {
             let mut raw_stage: RawStage = serde_json::from_value(value).map_err(|e| anyhow!("stage `{stage_name}`: {e}"))?;
             raw_stage.params.extend(stage_params.remove(&stage_name).unwrap_or_default());
-            stages.push(
-                resolve_stage(&stage_name, raw_stage, &vars, &dir, &names)
-                    .with_context(|| format!("stage `{stage_name}`"))?,
-            );
+            let matrix = std::mem::take(&mut raw_stage.matrix);
+            if matrix.is_empty() {
+                stages.push(resolve_stage(&stage_name, raw_stage, &vars, &dir, &names).with_context(|| format!("stage `{stage_name}`"))?);
+                continue;
+            }
+            let points = sweep::points(&stage_name, &matrix)?;
+            for point in &points {
+                let mut instance = raw_stage.clone();
+                instance.params.extend(point.params.iter().cloned());
+                let mut stage = resolve_stage(&stage_name, instance, &vars, &dir, &names).with_context(|| format!("stage `{stage_name}{}`", point.suffix))?;
+                stage.name = format!("{stage_name}{}", point.suffix);
+                stages.push(stage);
+            }
+            sweeps.push(Sweep { stage: stage_name, points });
         }
+        let stages = sweep::expand_downstream(stages, &sweeps)?;
         check_references(&stages)?;
         let stages = topological_order(stages)?;
-        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, overrides: overrides.to_vec(), stages })
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, sweeps, overrides: overrides.to_vec(), stages })
     }
 
     /// The stage with this name, or an error listing the stages.
@@ -258,7 +277,7 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// The candidate nearest to `name` by edit distance, if it is close enough to be a typo.
-fn closest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let distance = |a: &str, b: &str| {
         let b: Vec<char> = b.chars().collect();
         let mut row: Vec<usize> = (0..=b.len()).collect();

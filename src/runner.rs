@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub from: Vec<String>,
     /// Rerun these stages even if cached.
     pub force: Vec<String>,
+    /// At most this many stages execute at once (default: every stage whose inputs are ready).
+    pub jobs: Option<usize>,
 }
 
 /// What would happen to a stage, judged from the cache without running anything.
@@ -194,6 +196,20 @@ impl Workspace {
         out
     }
 
+    /// Checks every built-in stage's params against the flags of its binary (from `--help`),
+    /// so a misspelt param fails before anything runs, not after its upstream stages did. A
+    /// binary that cannot be found is left to fail when its stage runs.
+    pub fn check_params(&self) -> Result<()> {
+        for stage in &self.pipeline.stages {
+            if let StageKind::Builtin(name) = &stage.kind {
+                if let Ok(binary) = builtin_binary(name) {
+                    crate::stages::check_params(&stage.name, &stage.params, &binary)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the pipeline (or the selected part of it) and writes the manifest.
     pub async fn run(self, options: &RunOptions) -> Result<Manifest> {
         let started = Instant::now();
@@ -232,6 +248,7 @@ impl Workspace {
             entries: Mutex::new(seeded),
             records: Mutex::new(BTreeMap::new()),
             progress: Progress::new(),
+            slots: tokio::sync::Semaphore::new(options.jobs.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS).max(1)),
         });
         run_graph(&ctx, &selected).await?;
         let ctx = Arc::try_unwrap(ctx).map_err(|_| anyhow!("run context still shared"))?;
@@ -313,6 +330,8 @@ struct RunContext {
     entries: Mutex<BTreeMap<String, Entry>>,
     records: Mutex<BTreeMap<String, StageRecord>>,
     progress: Progress,
+    /// One permit per stage allowed to execute at once (`--jobs`).
+    slots: tokio::sync::Semaphore,
 }
 
 struct StageAction {
@@ -404,6 +423,7 @@ async fn run_stage(ctx: Arc<RunContext>, index: usize) -> (StageRecord, Option<i
             (Ok(entry), None)
         }
         Plan::Run(reason) | Plan::AfterUpstream(reason) => {
+            let _slot = ctx.slots.acquire().await.expect("the semaphore is never closed");
             let bar = ctx.progress.start(&stage.name, &reason);
             record.reason = Some(reason);
             let result = execute(&ctx, stage, &key, &upstream).await;

@@ -5,7 +5,7 @@
 //! for each output, and `--PARAM VALUE` for each param (underscores become hyphens), so
 //! `halo-unpair --help` documents the same arguments a pipeline's `params` table sets.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::schema;
@@ -160,6 +160,33 @@ pub fn builtin(name: &str) -> Result<Builtin> {
         Some(b) => Ok(b),
         None => bail!("unknown built-in stage `{name}` (known: {})", names.join(", ")),
     }
+}
+
+/// The long flags (`--max-length`, ...) a stage binary's `--help` lists, as param names
+/// (`max_length`).
+pub fn flags_of(binary: &std::path::Path) -> Result<std::collections::BTreeSet<String>> {
+    let out = std::process::Command::new(binary).arg("--help").output().with_context(|| format!("running {} --help", binary.display()))?;
+    anyhow::ensure!(out.status.success(), "{} --help failed: {}", binary.display(), String::from_utf8_lossy(&out.stderr));
+    let help = String::from_utf8_lossy(&out.stdout);
+    Ok(help
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|flag| flag.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).next().unwrap_or(""))
+        .filter(|flag| !flag.is_empty())
+        .map(|flag| flag.replace('-', "_"))
+        .collect())
+}
+
+/// Checks a built-in stage's params against the flags of its binary: a param that no flag
+/// takes is an error naming the stage, the param, the closest flag and the binary.
+pub fn check_params(stage: &str, params: &Params, binary: &std::path::Path) -> Result<()> {
+    let flags = flags_of(binary)?;
+    for name in params.keys().filter(|k| !flags.contains(*k)) {
+        let known: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let hint = crate::pipeline::closest(name, &known).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+        bail!("stage `{stage}`: param `{name}` is not a flag of {}{hint} (see its --help)", binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// Renders params as CLI arguments: `--key=value` (underscores in keys become hyphens; one

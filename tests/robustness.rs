@@ -209,6 +209,7 @@ outputs = { rows = "binary" }
 
 #[test]
 fn bad_pipelines_are_refused_clearly() {
+    binary("halo-unpair");
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
         ("[stages.a]\nuses = \"nope\"\n", "unknown built-in stage `nope` (known: import, unpair, resample"),
@@ -225,6 +226,10 @@ fn bad_pipelines_are_refused_clearly() {
         ("[stages.a]\nuses = \"unpair\"\ninputs = { pairs = \"missing.arrow\" }\n", "missing.arrow: not found"),
         ("[stages.a]\nrun = [\"x\", \"{out.o}\"]\noutputs = { \"../../escaped\" = \"json\" }\n", "output name \"../../escaped\""),
         ("[pipeline]\nname = \"../up\"\n[stages.a]\nrun = [\"x\", \"{out.o}\"]\noutputs = { o = \"json\" }\n", "pipeline name \"../up\""),
+        (
+            "[stages.a]\nuses = \"unpair\"\ninputs = { pairs = \"missing.arrow\" }\nparams = { drop_conflict = true }\n",
+            "stage `a`: param `drop_conflict` is not a flag of halo-unpair; did you mean `drop_conflicts`?",
+        ),
     ];
     for (i, (pipeline, expected)) in cases.iter().enumerate() {
         let path = tmp.path().join(format!("bad{i}.toml"));
@@ -233,6 +238,9 @@ fn bad_pipelines_are_refused_clearly() {
         assert!(!out.status.success(), "case {i} must fail");
         assert!(text(&out).contains(expected), "case {i}: expected `{expected}` in {}", text(&out));
     }
+    // --dry-run checks a built-in stage's params against its flags too.
+    let out = run(&["run", tmp.path().join(format!("bad{}.toml", cases.len() - 1)).to_str().unwrap(), "--dry-run", "--work-dir", tmp.path().join("w").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("param `drop_conflict` is not a flag"), "{}", text(&out));
 }
 
 #[test]

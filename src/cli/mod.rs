@@ -4,6 +4,7 @@ mod dag;
 mod export;
 mod gc;
 mod run;
+mod runs;
 mod status;
 mod verify;
 
@@ -18,6 +19,8 @@ const EXAMPLES: &str = "Examples:
   halo run pipelines/example.toml --dry-run       say what would run and why
   halo run pipelines/example.toml --set seed=3    override a [vars] value
   halo run pipelines/example.toml --force unpair  rerun one stage (and what its new output changes)
+  halo run pipelines/ci-sweep.toml -j 2           a sweep (matrix), two stages at a time
+  halo runs pipelines/ci-sweep.toml               one row per sweep point: params, losses, win rates
   halo status pipelines/example.toml              fresh/stale per stage
   halo export pipelines/quickstart.toml train.policy out/policy   the trained model, with a model card
   halo export pipelines/quickstart.toml judge.judgments out/j.parquet
@@ -52,6 +55,8 @@ enum Command {
     Verify(PipelineArgs),
     /// Print the Arrow schemas stages exchange (the plug-in contract).
     Schema,
+    /// One row per sweep point (`matrix`) of the last run: params, final losses, win rates.
+    Runs(runs::RunsArgs),
     /// Copy a stage output out of the cache to a stable path (tables as Parquet, CSV or JSON
     /// lines; a trained policy with a model card).
     Export(export::ExportArgs),
@@ -113,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Gc(args) => gc::gc(args),
         Command::Verify(args) => verify::verify(args),
         Command::Export(args) => export::export(args),
+        Command::Runs(args) => runs::runs(args),
         Command::Schema => {
             print!("{}", haloflow::schema::markdown());
             Ok(true)

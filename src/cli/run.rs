@@ -26,24 +26,42 @@ pub struct RunArgs {
     /// Say what would run and why, without running anything.
     #[arg(long)]
     dry_run: bool,
+    /// Execute at most N stages at once (default: all whose inputs are ready).
+    #[arg(short, long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Keep this run: its manifest is saved as WORK_DIR/PIPELINE@NAME.lock.json, and `halo gc`
+    /// keeps every cache entry it references (DVC-experiment style).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 }
 
 /// Runs the pipeline; returns whether every stage succeeded.
 pub fn run(args: &RunArgs) -> Result<bool> {
     let pipeline = args.pipeline.load()?;
-    let options = RunOptions { only: args.only.clone(), from: args.from.clone(), force: args.force.clone() };
+    let options = RunOptions { only: args.only.clone(), from: args.from.clone(), force: args.force.clone(), jobs: args.jobs };
+    if let Some(name) = &args.name {
+        haloflow::pipeline::check_name("run", name)?;
+    }
     if args.dry_run {
-        return dry_run(Workspace::open(pipeline)?, &options);
+        let workspace = Workspace::open(pipeline)?;
+        workspace.check_params()?;
+        return dry_run(workspace, &options);
     }
     let _lock = WorkLock::acquire(&pipeline.work_dir)?;
+    let workspace_dir = pipeline.work_dir.clone();
     let lock_file = haloflow::manifest::Manifest::lock_path(&pipeline.work_dir, &pipeline.name);
     let workspace = Workspace::open(pipeline)?;
+    workspace.check_params()?;
     workspace.cache.clean_temp()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let manifest = runtime.block_on(workspace.run(&options))?;
     print!("{}", haloflow::progress::table(&manifest.stages));
     for failed in manifest.stages.iter().filter(|s| matches!(s.status, Status::Failed)) {
         eprintln!("\nerror: stage `{}`: {}", failed.name, failed.reason.as_deref().unwrap_or("failed"));
+    }
+    if let Some(name) = &args.name {
+        let kept = manifest.keep_as(&workspace_dir, name)?;
+        println!("kept as {}", kept.display());
     }
     let ran = manifest.stages.iter().filter(|s| s.status == Status::Ran).count();
     println!("{ran} ran, manifest {}", lock_file.display());

@@ -1,0 +1,142 @@
+//! Parameter sweeps: a stage's `matrix = { beta = [0.05, 0.1], loss = ["kto", "apo_zero"] }`
+//! expands it into one instance per combination of values (`train[beta=0.05,loss=kto]`, ...),
+//! each with those params set, and every stage downstream of a swept stage expands with it
+//! (`sample[beta=0.05,loss=kto]` reads `train[beta=0.05,loss=kto].policy`). Instances are
+//! ordinary stages: each has its own cache key, so changing one value reruns only that
+//! instance's stages.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::pipeline::{InputRef, Stage};
+
+/// One combination of a matrix: the instance-name suffix and the params it sets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// `[beta=0.05,loss=kto]`.
+    pub suffix: String,
+    /// Param name → value, in the matrix's (sorted) key order.
+    pub params: Vec<(String, Value)>,
+}
+
+/// A swept stage and its points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// The stage's name as written (`train`).
+    pub stage: String,
+    /// Every combination, in order (the last key varies fastest).
+    pub points: Vec<Point>,
+}
+
+/// How a value appears in an instance name.
+fn show(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The combinations of a stage's matrix. Every key needs at least one value, values of a key
+/// must differ, and string values must be plain names (`[A-Za-z0-9_.-]`), since instance names
+/// become file names of logs and tracking directories.
+pub fn points(stage: &str, matrix: &BTreeMap<String, Vec<Value>>) -> Result<Vec<Point>> {
+    let mut points = vec![Point { suffix: String::new(), params: Vec::new() }];
+    for (key, values) in matrix {
+        if values.is_empty() {
+            bail!("stage `{stage}`: matrix `{key}` has no values");
+        }
+        let mut seen = BTreeSet::new();
+        for v in values {
+            let shown = show(v);
+            if shown.is_empty() || !shown.chars().all(|c| c.is_ascii_alphanumeric() || "_.-+".contains(c)) || v.is_object() || v.is_array() {
+                bail!("stage `{stage}`: matrix `{key}` value {v}: sweep values must be numbers, booleans or plain names ([A-Za-z0-9_.-])");
+            }
+            if !seen.insert(shown.clone()) {
+                bail!("stage `{stage}`: matrix `{key}` lists {shown} twice");
+            }
+        }
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut params = p.params.clone();
+                    params.push((key.clone(), v.clone()));
+                    Point { suffix: String::new(), params }
+                })
+            })
+            .collect();
+    }
+    for p in &mut points {
+        p.suffix = format!("[{}]", p.params.iter().map(|(k, v)| format!("{k}={}", show(v))).collect::<Vec<_>>().join(","));
+    }
+    Ok(points)
+}
+
+/// Expands every stage that reads a swept stage (directly or through other expanded stages)
+/// into one instance per point, its inputs rewired to the instances with the same point. A
+/// stage that reads two different sweeps is refused.
+pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &[Sweep]) -> Result<Vec<Stage>> {
+    let mut suffixes: BTreeMap<String, (String, Vec<String>)> =
+        sweeps.iter().map(|s| (s.stage.clone(), (s.stage.clone(), s.points.iter().map(|p| p.suffix.clone()).collect()))).collect();
+    let reads_swept = |stage: &Stage, swept: &BTreeMap<String, (String, Vec<String>)>| -> Vec<String> {
+        stage
+            .inputs
+            .values()
+            .filter_map(|r| match r {
+                InputRef::Stage { stage, .. } if swept.contains_key(stage) => Some(stage.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    while let Some(i) = stages.iter().position(|s| !reads_swept(s, &suffixes).is_empty()) {
+        let stage = stages.remove(i);
+        let read = reads_swept(&stage, &suffixes);
+        let (root, points) = suffixes[&read[0]].clone();
+        if let Some(other) = read.iter().find(|r| suffixes[*r].0 != root) {
+            bail!("stage `{}` reads two different sweeps (of `{root}` and of `{}`): a stage may follow one sweep", stage.name, suffixes[other].0);
+        }
+        for suffix in &points {
+            let mut instance = stage.clone();
+            instance.name = format!("{}{suffix}", stage.name);
+            for input in instance.inputs.values_mut() {
+                if let InputRef::Stage { stage: from, .. } = input {
+                    if suffixes.contains_key(from.as_str()) {
+                        *from = format!("{from}{suffix}");
+                    }
+                }
+            }
+            stages.push(instance);
+        }
+        suffixes.insert(stage.name.clone(), (root, points));
+    }
+    Ok(stages)
+}
+
+/// The point of an instance name of a sweep (`train[beta=0.1]` → the point `[beta=0.1]`).
+pub fn point_of<'a>(sweep: &'a Sweep, instance: &str) -> Option<&'a Point> {
+    sweep.points.iter().find(|p| instance.ends_with(&p.suffix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_the_product_in_key_order() {
+        let matrix: BTreeMap<String, Vec<Value>> = serde_json::from_str(r#"{"loss": ["kto", "apo_zero"], "beta": [0.05, 0.1]}"#).unwrap();
+        let p = points("train", &matrix).unwrap();
+        let names: Vec<&str> = p.iter().map(|p| p.suffix.as_str()).collect();
+        assert_eq!(names, ["[beta=0.05,loss=kto]", "[beta=0.05,loss=apo_zero]", "[beta=0.1,loss=kto]", "[beta=0.1,loss=apo_zero]"]);
+        assert_eq!(p[3].params, [("beta".to_string(), serde_json::json!(0.1)), ("loss".to_string(), serde_json::json!("apo_zero"))]);
+    }
+
+    #[test]
+    fn bad_matrices_are_refused() {
+        let bad = |json: &str| points("t", &serde_json::from_str(json).unwrap()).unwrap_err().to_string();
+        assert!(bad(r#"{"beta": []}"#).contains("no values"));
+        assert!(bad(r#"{"beta": [0.1, 0.1]}"#).contains("twice"));
+        assert!(bad(r#"{"name": ["../x"]}"#).contains("plain names"));
+    }
+}
