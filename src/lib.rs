@@ -18,3 +18,4 @@ pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod runner;
+pub mod slurm;

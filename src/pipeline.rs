@@ -21,7 +21,12 @@
 //! version = "1"
 //! ranks = 2                   # optional: N local processes with the torchrun environment
 //! launcher = "torchrun"       # optional: start them with `torchrun --no-python` instead
+//! resources = { partition = "gpu", gpus_per_node = 1, cpus = 4, mem = "16G", time = "01:00:00" }
+//!                             # optional: what the stage's Slurm job asks for (executor = "slurm")
 //! ```
+//!
+//! `[pipeline] executor = "slurm"` (or `halo run --executor slurm`) runs each stage as a Slurm job
+//! through `srun` (see [`crate::slurm`]); the default, `"local"`, runs it on this machine.
 //!
 //! `{vars.NAME}` is replaced in inputs, params and argv; a param that is exactly `{vars.NAME}`
 //! takes the variable's type. Relative paths are relative to the pipeline file's directory,
@@ -35,6 +40,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::schema::{self, SchemaDef};
+use crate::slurm::Resources;
 use crate::stages::{self, Params};
 
 /// Where a stage input comes from.
@@ -89,6 +95,30 @@ pub struct Stage {
     pub ranks: usize,
     /// How those processes are started.
     pub launcher: Launcher,
+    /// What its Slurm job asks for (used by the Slurm executor only).
+    pub resources: Resources,
+}
+
+/// Where the stages of a pipeline run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Executor {
+    /// On this machine, as processes of the runner (default).
+    #[default]
+    Local,
+    /// Each stage as a Slurm job started with `srun`.
+    Slurm,
+}
+
+impl std::str::FromStr for Executor {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Executor> {
+        match s {
+            "local" => Ok(Executor::Local),
+            "slurm" => Ok(Executor::Slurm),
+            other => bail!("executor = \"{other}\": expected \"local\" or \"slurm\""),
+        }
+    }
 }
 
 /// How the runner starts the processes of a stage.
@@ -127,6 +157,8 @@ pub struct Pipeline {
     pub work_dir: PathBuf,
     /// Variables after `--set` overrides.
     pub vars: BTreeMap<String, Value>,
+    /// Where its stages run (`[pipeline] executor`; `halo run --executor` overrides it).
+    pub executor: Executor,
     /// Stages in topological order (ties broken by declaration order).
     pub stages: Vec<Stage>,
 }
@@ -147,6 +179,7 @@ struct RawFile {
 struct RawMeta {
     name: Option<String>,
     work_dir: Option<String>,
+    executor: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +196,7 @@ struct RawStage {
     version: Option<String>,
     ranks: Option<Value>,
     launcher: Option<String>,
+    resources: Option<Value>,
 }
 
 impl Pipeline {
@@ -201,6 +235,7 @@ impl Pipeline {
         });
         check_name("pipeline", &name)?;
         let work_dir = dir.join(raw.pipeline.work_dir.as_deref().unwrap_or(".halo"));
+        let executor = raw.pipeline.executor.as_deref().map(str::parse).transpose()?.unwrap_or_default();
         if raw.stages.is_empty() {
             bail!("no stages: add a [stages.NAME] table");
         }
@@ -216,7 +251,7 @@ impl Pipeline {
         }
         check_references(&stages)?;
         let stages = topological_order(stages)?;
-        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, stages })
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, executor, stages })
     }
 
     /// The stage with this name, or an error listing the stages.
@@ -413,7 +448,11 @@ fn resolve_stage(
         Some("torchrun") => Launcher::Torchrun,
         Some(other) => bail!("launcher = \"{other}\": expected \"local\" or \"torchrun\""),
     };
-    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher })
+    let resources = match raw.resources {
+        None => Resources::default(),
+        Some(v) => Resources::parse(expand_value(v, vars)?)?,
+    };
+    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher, resources })
 }
 
 /// The `ranks` of a stage: a positive integer, given as a number or a string such as
