@@ -59,7 +59,9 @@ munge_key() {
 
 write_conf() {
     local ctld_port=${SLURM_CTLD_PORT:-6817} slurmd_port=${SLURMD_PORT:-6818}
-    local mem_mib
+    local mem_mib cpus
+    # Not nproc, which follows OMP_NUM_THREADS.
+    cpus=$(getconf _NPROCESSORS_ONLN)
     mem_mib=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)
     mkdir -p "$DIR/state" "$DIR/spool"
     cat >"$CONF.tmp" <<EOF
@@ -92,7 +94,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.log
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem_mib State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mib State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"

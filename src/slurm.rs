@@ -145,17 +145,29 @@ fn job_event(line: &str) -> Option<(u64, &'static str)> {
     Some((id.trim().parse().ok()?, state))
 }
 
-/// The rank `srun` names first in a line such as `srun: error: node: task 1: Exited with exit code 3`.
-fn failed_task(lines: &[String]) -> Option<usize> {
-    lines.iter().find_map(|l| l.split_once(": task ")?.1.split(':').next()?.trim().parse().ok())
+/// The rank `srun` names first as failed, and how, from a line such as
+/// `srun: error: node: task 1: Exited with exit code 3`.
+fn failed_task(lines: &[String]) -> Option<(usize, String)> {
+    lines.iter().find_map(|l| {
+        let (rank, how) = l.split_once(": task ")?.1.split_once(':')?;
+        Some((rank.trim().parse().ok()?, how.trim().to_string()))
+    })
 }
 
-/// `JobState` and `ExitCode` of a job, as `scontrol show job` reports them.
+/// `JobState` and `ExitCode` of a finished job, as `scontrol show job` reports them (waiting up
+/// to 5 s while it is still COMPLETING).
 async fn job_state(id: u64) -> Option<(String, String)> {
-    let out = tokio::process::Command::new("scontrol").args(["show", "job", "-o", &id.to_string()]).output().await.ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |name: &str| text.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string);
-    Some((field("JobState=")?, field("ExitCode=")?))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = tokio::process::Command::new("scontrol").args(["show", "job", "-o", &id.to_string()]).output().await.ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let field = |name: &str| text.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string);
+        let (state, code) = (field("JobState=")?, field("ExitCode=")?);
+        if !matches!(state.as_str(), "COMPLETING" | "RUNNING") || std::time::Instant::now() > deadline {
+            return Some((state, code));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// While alive, the job may still run: dropping it (the runner abandoned the stage) SIGTERMs
@@ -259,13 +271,16 @@ pub(crate) async fn launch(ws: &Workspace, progress: &Progress, stage: &Stage, a
                     None => "state unknown".into(),
                 };
                 progress.line(&format!("  {}: Slurm job {id} {state}", stage.name));
-                let rank = failed_task(&said).filter(|r| *r < stage.ranks).unwrap_or(0);
+                let (rank, task) = match failed_task(&said).filter(|(r, _)| *r < stage.ranks) {
+                    Some((rank, task)) => (rank, format!("{task}; ")),
+                    None => (0, String::new()),
+                };
                 let log_tail = runner::tail(&temp.join(runner::rank_log(rank)), 20);
                 Err(if stage.ranks == 1 {
-                    anyhow!("stage `{}` failed (Slurm job {id}: {state}; srun {how}){disk}; last lines of its output:\n{log_tail}", stage.name)
+                    anyhow!("stage `{}` failed (Slurm job {id}: {state}; {task}srun {how}){disk}; last lines of its output:\n{log_tail}", stage.name)
                 } else {
                     anyhow!(
-                        "stage `{}` failed (Slurm job {id}: {state}; rank {rank} of {} failed first, srun {how}){disk}; last lines of rank {rank}'s output:\n{log_tail}",
+                        "stage `{}` failed (Slurm job {id}: {state}; rank {rank} of {}: {task}srun {how}){disk}; last lines of rank {rank}'s output:\n{log_tail}",
                         stage.name,
                         stage.ranks
                     )
@@ -312,7 +327,7 @@ mod tests {
         assert_eq!(job_event("srun: launching StepId=18.0 on host vm, 2 tasks: [0-1]"), None);
         assert_eq!(job_event("hello jobid 3:"), None);
         let lines = ["srun: launching StepId=1.0".to_string(), "srun: error: vm: task 1: Exited with exit code 3".to_string()];
-        assert_eq!(failed_task(&lines), Some(1));
+        assert_eq!(failed_task(&lines), Some((1, "Exited with exit code 3".to_string())));
         assert_eq!(failed_task(&["srun: error: vm: tasks 0-1: Killed".to_string()]), None);
     }
 
