@@ -595,6 +595,25 @@ params = { seed = "{vars.seed}", note = "s{vars.seed}" }
 "#;
 
     #[test]
+    fn executor_and_resources_are_read_and_checked() {
+        let p = parse(BASE).unwrap();
+        assert_eq!(p.executor, Executor::Local);
+        assert_eq!(p.stage("import").unwrap().resources, Resources::default());
+        let text = format!("[pipeline]\nexecutor = \"slurm\"\n{}", BASE.replace(
+            "params = { seed",
+            "resources = { partition = \"gpu\", cpus = \"{vars.seed}\", mem = \"8G\", time = 30 }\nparams = { seed",
+        ));
+        let p = parse(&text).unwrap();
+        assert_eq!(p.executor, Executor::Slurm);
+        assert_eq!(p.stage("resample").unwrap().resources.srun_args(), ["--partition=gpu", "--cpus-per-task=3", "--mem=8G", "--time=30"]);
+        let err = |t: String| format!("{:#}", parse(&t).unwrap_err());
+        assert!(err(text.replace("executor = \"slurm\"", "executor = \"pbs\"")).contains("executor = \"pbs\": expected \"local\" or \"slurm\""));
+        let e = err(text.replace("mem = ", "gpus = 1, mem = "));
+        assert!(e.contains("stage `resample`: resources: unknown key(s) gpus"), "{e}");
+        assert_eq!("slurm".parse::<Executor>().unwrap(), Executor::Slurm);
+    }
+
+    #[test]
     fn parses_references_vars_and_order() {
         let p = parse(BASE).unwrap();
         assert_eq!(p.name, "pipe");

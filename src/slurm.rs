@@ -52,7 +52,8 @@ impl Resources {
     /// and values of the wrong kind, naming them.
     pub fn parse(value: Value) -> Result<Resources> {
         let Value::Object(map) = value else { bail!("resources = {value}: expected a table such as {{ cpus = 4, mem = \"16G\" }}") };
-        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|k| !RESOURCE_KEYS.contains(k)).collect();
+        let mut unknown: Vec<&str> = map.keys().map(String::as_str).filter(|k| !RESOURCE_KEYS.contains(k)).collect();
+        unknown.sort_unstable();
         if !unknown.is_empty() {
             bail!("resources: unknown key(s) {} (known: {})", unknown.join(", "), RESOURCE_KEYS.join(", "));
         }
@@ -312,7 +313,8 @@ mod tests {
         assert_eq!(Resources::parse(serde_json::json!({"mem": 2048, "time": 30})).unwrap().srun_args(), ["--mem=2048", "--time=30"]);
         assert!(Resources::parse(serde_json::json!({})).unwrap().srun_args().is_empty());
         let err = |v: Value| Resources::parse(v).unwrap_err().to_string();
-        assert!(err(serde_json::json!({"gpus": 1, "cpu": 2, "mem": "1G"})).contains("unknown key(s) cpu, gpus"), "{}", err(serde_json::json!({"gpus": 1})));
+        let unknown = err(serde_json::json!({"gpus": 1, "cpu": 2, "mem": "1G"}));
+        assert!(unknown.contains("unknown key(s) cpu, gpus (known: partition, nodes, gpus_per_node, cpus, mem, time)"), "{unknown}");
         assert!(err(serde_json::json!({"nodes": 0})).contains("resources.nodes = 0: expected a positive integer"));
         assert!(err(serde_json::json!({"cpus": 1.5})).contains("resources.cpus = 1.5"));
         assert!(err(serde_json::json!({"partition": "a b"})).contains("resources.partition"));
