@@ -115,7 +115,8 @@ start() {
     install_packages
     munge_key
     # munged refuses a socket directory it does not own with mode 711; it must reach it through DIR.
-    chmod o+x "$DIR"
+    chmod go+x "$DIR"
+    runuser -u munge -- test -x "$DIR" || die "the munge user cannot reach $DIR (a parent directory is not searchable by others): use a directory such as \$(mktemp -d)"
     mkdir -p "$DIR/munge"
     chown munge:munge "$DIR/munge"
     chmod 711 "$DIR/munge"
