@@ -4,8 +4,9 @@
 #   ci/slurm.sh start DIR   installs slurmctld, slurmd, slurm-client and munge if missing, starts
 #                           munged, slurmctld and slurmd with their state, sockets, logs and pid
 #                           files in DIR, and waits until the node is idle. Already running: no-op.
-#   ci/slurm.sh stop DIR    stops the daemons started in DIR by their recorded pids (TERM, then KILL
-#                           after 10 s), in reverse order. Nothing running: no-op.
+#   ci/slurm.sh stop DIR    cancels the cluster's jobs, then stops the daemons started in DIR by their
+#                           recorded pids (TERM, then KILL after 10 s), in reverse order. Nothing
+#                           running: no-op.
 #   ci/slurm.sh env DIR     prints `export SLURM_CONF=DIR/slurm.conf`.
 #
 # Ports: SLURM_CTLD_PORT (default 6817) and SLURMD_PORT (default 6818). Needs root (the daemons run
@@ -142,6 +143,17 @@ start() {
 
 stop() {
     local i d pid
+    # Jobs first: their steps (slurmstepd and the tasks) would outlive the daemons.
+    pid=$(pid_of slurmctld)
+    if [ -n "$pid" ] && alive "$pid"; then
+        local jobs deadline=$((SECONDS + 10))
+        jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
+        if [ -n "$jobs" ]; then
+            # shellcheck disable=SC2086 # one argument per job id
+            SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
+            while [ -n "$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+        fi
+    fi
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         d=${DAEMONS[$i]}
         pid=$(pid_of "$d")

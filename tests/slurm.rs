@@ -1,7 +1,7 @@
 //! The Slurm executor on a real single-node Slurm cluster started by `ci/slurm.sh` in a temporary
 //! directory: the same pipeline gives the same outputs and cache keys as locally; a failing job
-//! is reported with its exit code and log tail; a job cancelled with `scancel` and a SIGKILLed
-//! runner leave no cache entry and no job.
+//! is reported with its exit code and log tail; a job cancelled with `scancel` and a runner
+//! killed with SIGKILL, SIGINT or SIGTERM leave no cache entry and no job.
 //!
 //! Skipped (visibly) when the cluster cannot be started, unless HALO_REQUIRE_SLURM=1.
 
@@ -233,22 +233,26 @@ fn pipelines_run_as_slurm_jobs() {
     assert!(would_run(&cluster, &pipeline, &["sleep=30"]), "no cache entry for a cancelled job");
     assert!(cluster.jobs("halo-p-ranked").is_empty());
 
-    // SIGKILL of the runner: srun cancels the job, its processes end, no entry.
-    let pids = root.path().join("pids");
-    std::fs::create_dir_all(&pids).unwrap();
-    let pids_set = format!("pids={}", pids.display());
-    let mut child = cluster.halo(&["run", &pipeline, "--executor", "slurm", "--set", "sleep=31", "--set", &pids_set]).stderr(Stdio::null()).spawn().unwrap();
-    let rank_pids: Vec<String> = {
-        let files = [pids.join("rank0.pid"), pids.join("rank1.pid")];
-        wait_until(Duration::from_secs(30), "both ranks starting", || files.iter().all(|f| f.exists()));
-        std::thread::sleep(Duration::from_millis(100));
-        files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect()
-    };
-    assert_eq!(cluster.jobs("halo-p-ranked").len(), 1);
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let gone = wait_until(Duration::from_secs(5), "the job leaving squeue after the runner's SIGKILL", || cluster.jobs("halo-p-ranked").is_empty());
-    eprintln!("job gone {gone:?} after the runner's SIGKILL");
-    wait_until(Duration::from_secs(5), "the ranks' processes ending", || rank_pids.iter().all(|p| !alive(p)));
-    assert!(would_run(&cluster, &pipeline, &["sleep=31", &pids_set]), "no cache entry after the runner's SIGKILL");
+    // The runner killed (SIGKILL) or interrupted (SIGINT, SIGTERM): srun cancels the job, its
+    // processes end, no entry.
+    for (i, signal) in ["KILL", "INT", "TERM"].into_iter().enumerate() {
+        let pids = root.path().join(format!("pids-{signal}"));
+        std::fs::create_dir_all(&pids).unwrap();
+        let (pids_set, sleep_set) = (format!("pids={}", pids.display()), format!("sleep={}", 31 + i));
+        let mut child = cluster.halo(&["run", &pipeline, "--executor", "slurm", "--set", &sleep_set, "--set", &pids_set]).stderr(Stdio::null()).spawn().unwrap();
+        let rank_pids: Vec<String> = {
+            let files = [pids.join("rank0.pid"), pids.join("rank1.pid")];
+            wait_until(Duration::from_secs(30), "both ranks starting", || files.iter().all(|f| f.exists()));
+            std::thread::sleep(Duration::from_millis(100));
+            files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect()
+        };
+        assert_eq!(cluster.jobs("halo-p-ranked").len(), 1);
+        assert!(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap().success());
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "SIG{signal}: {status:?}");
+        let gone = wait_until(Duration::from_secs(10), &format!("the job leaving squeue after the runner's SIG{signal}"), || cluster.jobs("halo-p-ranked").is_empty());
+        eprintln!("job gone {gone:?} after the runner's SIG{signal}");
+        wait_until(Duration::from_secs(5), "the ranks' processes ending", || rank_pids.iter().all(|p| !alive(p)));
+        assert!(would_run(&cluster, &pipeline, &[&sleep_set, &pids_set]), "no cache entry after the runner's SIG{signal}");
+    }
 }
