@@ -21,3 +21,4 @@ pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod runner;
+pub mod slurm;

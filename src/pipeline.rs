@@ -22,7 +22,12 @@
 //! ranks = 2                   # optional: N local processes with the torchrun environment
 //! launcher = "torchrun"       # optional: start them with `torchrun --no-python` instead
 //! matrix = { min_chars = [20, 60] }     # optional: one instance per value (see `sweep`)
+//! resources = { partition = "gpu", gpus_per_node = 1, cpus = 4, mem = "16G", time = "01:00:00" }
+//!                             # optional: what the stage's Slurm job asks for (executor = "slurm")
 //! ```
+//!
+//! `[pipeline] executor = "slurm"` (or `halo run --executor slurm`) runs each stage as a Slurm job
+//! through `srun` (see [`crate::slurm`]); the default, `"local"`, runs it on this machine.
 //!
 //! `{vars.NAME}` is replaced in inputs, params and argv; a param that is exactly `{vars.NAME}`
 //! takes the variable's type. Relative paths are relative to the pipeline file's directory,
@@ -36,6 +41,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::schema::{self, SchemaDef};
+use crate::slurm::Resources;
 use crate::stages::{self, Params};
 use crate::sweep::{self, Sweep};
 
@@ -91,6 +97,30 @@ pub struct Stage {
     pub ranks: usize,
     /// How those processes are started.
     pub launcher: Launcher,
+    /// What its Slurm job asks for (used by the Slurm executor only).
+    pub resources: Resources,
+}
+
+/// Where the stages of a pipeline run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Executor {
+    /// On this machine, as processes of the runner (default).
+    #[default]
+    Local,
+    /// Each stage as a Slurm job started with `srun`.
+    Slurm,
+}
+
+impl std::str::FromStr for Executor {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Executor> {
+        match s {
+            "local" => Ok(Executor::Local),
+            "slurm" => Ok(Executor::Slurm),
+            other => bail!("executor = \"{other}\": expected \"local\" or \"slurm\""),
+        }
+    }
 }
 
 /// How the runner starts the processes of a stage.
@@ -134,6 +164,8 @@ pub struct Pipeline {
     /// The `--set` overrides as given (`NAME=VALUE`, `STAGE.PARAM=VALUE`), saved in the
     /// manifest so `halo status` can use the last run's.
     pub overrides: Vec<String>,
+    /// Where its stages run (`[pipeline] executor`; `halo run --executor` overrides it).
+    pub executor: Executor,
     /// Stages in topological order (ties broken by declaration order).
     pub stages: Vec<Stage>,
 }
@@ -154,6 +186,7 @@ struct RawFile {
 struct RawMeta {
     name: Option<String>,
     work_dir: Option<String>,
+    executor: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -173,6 +206,7 @@ struct RawStage {
     /// Param values to sweep (see [`crate::sweep`]).
     #[serde(default)]
     matrix: BTreeMap<String, Vec<Value>>,
+    resources: Option<Value>,
 }
 
 impl Pipeline {
@@ -211,6 +245,7 @@ impl Pipeline {
         });
         check_name("pipeline", &name)?;
         let work_dir = dir.join(raw.pipeline.work_dir.as_deref().unwrap_or(".halo"));
+        let executor = raw.pipeline.executor.as_deref().map(str::parse).transpose()?.unwrap_or_default();
         if raw.stages.is_empty() {
             bail!("no stages: add a [stages.NAME] table");
         }
@@ -238,7 +273,7 @@ impl Pipeline {
         let stages = sweep::expand_downstream(stages, &sweeps)?;
         check_references(&stages)?;
         let stages = topological_order(stages)?;
-        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, sweeps, overrides: overrides.to_vec(), stages })
+        Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, sweeps, overrides: overrides.to_vec(), executor, stages })
     }
 
     /// The stage with this name, or an error listing the stages.
@@ -435,7 +470,11 @@ fn resolve_stage(
         Some("torchrun") => Launcher::Torchrun,
         Some(other) => bail!("launcher = \"{other}\": expected \"local\" or \"torchrun\""),
     };
-    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher })
+    let resources = match raw.resources {
+        None => Resources::default(),
+        Some(v) => Resources::parse(expand_value(v, vars)?)?,
+    };
+    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher, resources })
 }
 
 /// The `ranks` of a stage: a positive integer, given as a number or a string such as
@@ -576,6 +615,25 @@ uses = "resample"
 inputs = { data = "unpair.binary" }
 params = { seed = "{vars.seed}", note = "s{vars.seed}" }
 "#;
+
+    #[test]
+    fn executor_and_resources_are_read_and_checked() {
+        let p = parse(BASE).unwrap();
+        assert_eq!(p.executor, Executor::Local);
+        assert_eq!(p.stage("import").unwrap().resources, Resources::default());
+        let text = format!("[pipeline]\nexecutor = \"slurm\"\n{}", BASE.replace(
+            "params = { seed",
+            "resources = { partition = \"gpu\", cpus = \"{vars.seed}\", mem = \"8G\", time = 30 }\nparams = { seed",
+        ));
+        let p = parse(&text).unwrap();
+        assert_eq!(p.executor, Executor::Slurm);
+        assert_eq!(p.stage("resample").unwrap().resources.srun_args(), ["--partition=gpu", "--cpus-per-task=3", "--mem=8G", "--time=30"]);
+        let err = |t: String| format!("{:#}", parse(&t).unwrap_err());
+        assert!(err(text.replace("executor = \"slurm\"", "executor = \"pbs\"")).contains("executor = \"pbs\": expected \"local\" or \"slurm\""));
+        let e = err(text.replace("mem = ", "gpus = 1, mem = "));
+        assert!(e.contains("stage `resample`: resources: unknown key(s) gpus"), "{e}");
+        assert_eq!("slurm".parse::<Executor>().unwrap(), Executor::Slurm);
+    }
 
     #[test]
     fn parses_references_vars_and_order() {

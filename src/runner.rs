@@ -17,7 +17,7 @@ use dagrs::{Action, Content, DefaultNode, EnvVar, Graph, InChannels, Node, NodeT
 use crate::cache::{Cache, Entry, Lookup, StoredOutput, LOG_FILE};
 use crate::hashing::{self, HashMemo};
 use crate::manifest::{self, Identity, KeyParts, Manifest, OutputRecord, StageRecord, Status};
-use crate::pipeline::{self, InputRef, Launcher, Pipeline, Stage, StageKind};
+use crate::pipeline::{self, Executor, InputRef, Launcher, Pipeline, Stage, StageKind};
 use crate::progress::Progress;
 use crate::schema;
 
@@ -509,7 +509,10 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
     let result = async {
         let argv = command_line(ws, stage, &temp, upstream)?;
         tracing::debug!(stage = %stage.name, ranks = stage.ranks, ?argv, "starting");
-        launch(ws, stage, key, &argv, &temp, &scratch).await?;
+        match ws.pipeline.executor {
+            Executor::Local => launch(ws, stage, key, &argv, &temp, &scratch).await?,
+            Executor::Slurm => crate::slurm::launch(ws, &ctx.progress, stage, key, &argv, &temp, &scratch).await?,
+        }
         let (ctx2, stage_name, temp2) = (ctx.clone(), stage.name.clone(), temp.clone());
         let key = key.to_string();
         let duration_s = started.elapsed().as_secs_f64();
@@ -555,7 +558,7 @@ async fn execute(ctx: &Arc<RunContext>, stage: &Stage, key: &str, upstream: &BTr
 
 /// The log file of a rank inside the stage's directory: rank 0 writes the stage log, rank r
 /// `stage.rankR.log` beside it.
-fn rank_log(rank: usize) -> String {
+pub(crate) fn rank_log(rank: usize) -> String {
     match rank {
         0 => LOG_FILE.to_string(),
         r => format!("stage.rank{r}.log"),
@@ -601,14 +604,8 @@ async fn launch(ws: &Workspace, stage: &Stage, key: &str, argv: &[String], temp:
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("HALO_STAGE", &stage.name)
-            .env("HALO_OUT_DIR", temp)
-            .env("HALO_SCRATCH_DIR", scratch)
-            .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
-            .env(crate::tracking::TRACKING_DIR_ENV, tracking_dir(ws, stage, key))
-            .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
-            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .kill_on_drop(true);
+        stage_env(&mut command, ws, stage, key, temp, scratch);
         if stage.launcher == Launcher::Local {
             command
                 .env("RANK", rank.to_string())
@@ -668,8 +665,21 @@ async fn launch(ws: &Workspace, stage: &Stage, key: &str, argv: &[String], temp:
     }
 }
 
+/// Sets what every stage process finds in its environment, whichever executor starts it:
+/// HALO_STAGE, HALO_OUT_DIR, HALO_SCRATCH_DIR, HALO_STAGE_CACHE_DIR and HALO_PARAMS.
+pub(crate) fn stage_env(command: &mut tokio::process::Command, ws: &Workspace, stage: &Stage, key: &str, temp: &Path, scratch: &Path) {
+    command
+        .env("HALO_STAGE", &stage.name)
+        .env("HALO_OUT_DIR", temp)
+        .env("HALO_SCRATCH_DIR", scratch)
+        .env("HALO_STAGE_CACHE_DIR", ws.pipeline.work_dir.join(STAGE_CACHE_DIR))
+        .env(crate::tracking::TRACKING_DIR_ENV, tracking_dir(ws, stage, key))
+        .env("HALO_PARAMS", serde_json::Value::Object(stage.params.clone()).to_string())
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+}
+
 /// A TCP port free on the loopback interface right now, for the ranks' rendezvous.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port for the ranks' rendezvous")?;
     Ok(listener.local_addr()?.port())
 }
@@ -677,7 +687,7 @@ fn free_port() -> Result<u16> {
 /// Asks the kernel to send `signal` to the stage process if `halo` itself dies, so a killed
 /// run leaves no orphan writing into the work dir (SIGKILL for stage processes; SIGTERM for
 /// torchrun, which then stops its workers, while a SIGKILLed torchrun would orphan them).
-fn die_with_parent(command: &mut tokio::process::Command, signal: libc::c_int) {
+pub(crate) fn die_with_parent(command: &mut tokio::process::Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(move || {
@@ -687,7 +697,7 @@ fn die_with_parent(command: &mut tokio::process::Command, signal: libc::c_int) {
     }
 }
 
-fn describe_exit(status: &std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
@@ -703,7 +713,7 @@ const LOW_DISK_BYTES: u64 = 64 << 20;
 /// `" (the work dir's file system has N bytes free: full?)"` when little space is left on the
 /// file system of `dir`, else nothing: a stage that fails on a full disk often cannot even write
 /// its error to its log.
-fn low_disk_note(dir: &Path) -> String {
+pub(crate) fn low_disk_note(dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return String::new() };
     // SAFETY: statvfs writes only into the zeroed struct we pass; the path is NUL-terminated.
@@ -718,7 +728,7 @@ fn low_disk_note(dir: &Path) -> String {
 }
 
 /// The last `n` lines of a text file (lossy UTF-8).
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let shown = lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>();

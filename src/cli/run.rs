@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use haloflow::manifest::Status;
 use haloflow::runner::{Plan, RunOptions, WorkLock, Workspace};
@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// Rerun this stage even if it is cached (repeatable).
     #[arg(long, value_name = "STAGE")]
     force: Vec<String>,
+    /// Where the stages run: `local` (this machine) or `slurm` (one Slurm job per stage, via
+    /// srun); overrides `[pipeline] executor`.
+    #[arg(long, value_name = "local|slurm")]
+    executor: Option<String>,
     /// Say what would run and why, without running anything.
     #[arg(long)]
     dry_run: bool,
@@ -37,7 +41,10 @@ pub struct RunArgs {
 
 /// Runs the pipeline; returns whether every stage succeeded.
 pub fn run(args: &RunArgs) -> Result<bool> {
-    let pipeline = args.pipeline.load()?;
+    let mut pipeline = args.pipeline.load()?;
+    if let Some(executor) = &args.executor {
+        pipeline.executor = executor.parse().context("--executor")?;
+    }
     let options = RunOptions { only: args.only.clone(), from: args.from.clone(), force: args.force.clone(), jobs: args.jobs };
     if let Some(name) = &args.name {
         haloflow::pipeline::check_name("run", name)?;
