@@ -1,17 +1,19 @@
 //! One microbatch's loss: the policy's and reference's log-probs of its rows, KTO's KL
 //! partners and the step's reference point, PPO's per-token inputs.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use haloflow_ml::dataset::{DataKind, EncodedRow};
 use haloflow_ml::fingerprint::Fingerprint;
-use haloflow_ml::logprobs::{sequence_logps, target_logps, token_logps, Batch, Sequence};
+use haloflow_ml::logprobs::{sequence_logps, shareable_prefix, shared_prefix_pass, token_logps, Batch, Sequence};
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{Halo, KlPartners, LossInputs, LossOutput, Sums};
 use haloflow_ml::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
+use crate::metrics::Tokens;
 use crate::refs::{self, RefRow};
 use crate::Args;
 
@@ -51,6 +53,12 @@ pub struct Job<'a> {
     pub device: Device,
     /// PPO's critic.
     pub value_head: Option<&'a ValueHead>,
+    /// Whether sequences sharing a prompt run it once (`--share-prompts`).
+    pub share: bool,
+    /// Positions whose logits are computed at once (`--logits-chunk`).
+    pub chunk: usize,
+    /// Token positions the forward passes computed since last taken.
+    pub tokens: Cell<Tokens>,
 }
 
 /// Where the loss's reference log-probs come from, as the arguments say.
@@ -70,12 +78,51 @@ pub fn reference(args: &Args, halo: &dyn Halo, device: Device, kind: Kind) -> Re
 }
 
 /// Summed log-probs of sequences (with or without gradient) and their token counts.
-fn logps(model: &CausalLm, seqs: &[&Sequence], device: Device, grad: bool) -> (Tensor, Tensor) {
-    let batch = Batch::new(seqs, 0, device);
+fn logps(job: &Job, model: &CausalLm, seqs: &[&Sequence], grad: bool) -> (Tensor, Tensor) {
+    let batch = Batch::new(seqs, 0, job.device);
+    job.count(Tokens { tokens: batch.tokens, forward: batch.tokens, padded: batch.padded() });
+    let run = || sequence_logps(&model.net, &batch, job.chunk);
     if grad {
-        sequence_logps(&model.net, &batch)
+        run()
     } else {
-        tch::no_grad(|| sequence_logps(&model.net, &batch))
+        tch::no_grad(run)
+    }
+}
+
+/// Summed log-probs and token counts of both sequences of each row, `[first, second]`, each
+/// row's shared prompt computed once ([`shared_prefix_pass`]); `grad[side]`: with gradient. A
+/// side without gradient continues from the prompt's keys and values under no-grad, so it adds
+/// nothing to the backward pass while the other side's gradient flows through the prompt.
+/// None when prompt sharing is off or a row's sequences share no first token.
+fn pair_logps(job: &Job, model: &CausalLm, rows: &[&EncodedRow], grad: [bool; 2]) -> Option<[(Tensor, Tensor); 2]> {
+    let pairs: Vec<(&Sequence, &Sequence)> = rows.iter().map(|r| (&r.seqs[0], &r.seqs[1])).collect();
+    if !job.share || pairs.iter().any(|(a, b)| shareable_prefix(a, b) == 0) {
+        return None;
+    }
+    let pass = shared_prefix_pass(&model.net, &pairs, job.device, usize::MAX, job.chunk, grad);
+    let tokens = rows.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).sum();
+    job.count(Tokens { tokens, forward: pass.forward, padded: pass.padded });
+    let m = rows.len() as i64;
+    let (sums, counts) = (pass.sums().view([m, 2]), pass.counts().view([m, 2]));
+    Some([0, 1].map(|side| (sums.select(1, side), counts.select(1, side))))
+}
+
+/// Reference sums of both sequences of the rows, `[first, second]`: a live reference shares
+/// each row's prompt as the policy does.
+fn reference_sides(job: &Job, members: &[usize]) -> Result<[Option<Tensor>; 2]> {
+    if let Reference::Live(model) = job.reference {
+        let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
+        if let Some([a, b]) = pair_logps(job, model, &rows, [false, false]) {
+            return Ok([Some(a.0.to_kind(Kind::Double)), Some(b.0.to_kind(Kind::Double))]);
+        }
+    }
+    Ok([reference_side(job, members, 0)?, reference_side(job, members, 1)?])
+}
+
+impl Job<'_> {
+    /// Adds to the token positions computed.
+    fn count(&self, tokens: Tokens) {
+        self.tokens.set(self.tokens.get() + tokens);
     }
 }
 
@@ -91,7 +138,7 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
         }
         Reference::Live(model) => {
             let seqs: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[side]).collect();
-            Some(logps(model, &seqs, job.device, false).0.to_kind(Kind::Double))
+            Some(logps(job, model, &seqs, false).0.to_kind(Kind::Double))
         }
     })
 }
@@ -100,7 +147,7 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
 /// the rows' second sequences.
 fn kl_partners(job: &Job, policy: &CausalLm, members: &[usize]) -> Result<KlPartners> {
     let second: Vec<&Sequence> = members.iter().map(|&i| &job.rows[i].seqs[1]).collect();
-    let (kl_pol, _) = logps(policy, &second, job.device, false);
+    let (kl_pol, _) = logps(job, policy, &second, false);
     let reference = reference_side(job, members, 1)?.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
     Ok(KlPartners { policy: kl_pol, reference })
 }
@@ -114,8 +161,12 @@ pub struct StepKl {
     pub z0: Option<Tensor>,
 }
 
+/// The KL partners and reference point of this rank's microbatches of a step, computed before
+/// their losses. None when the loss reads no KL partners, or when prompt sharing is on and the
+/// rank has one microbatch: its loss then computes the partners from the policy's prompt pass
+/// ([`microbatch_loss`] without `fixed`), and the step's reference point is the microbatch's.
 pub fn step_kl(job: &Job, policy: &CausalLm, mine: &[&[usize]]) -> Result<Option<StepKl>> {
-    if job.kind != DataKind::Plan || !job.halo.needs_kl_partners() {
+    if job.kind != DataKind::Plan || !job.halo.needs_kl_partners() || (job.share && mine.len() == 1) {
         return Ok(None);
     }
     let partners: Vec<KlPartners> = mine.iter().map(|m| kl_partners(job, policy, m)).collect::<Result<_>>()?;
@@ -133,7 +184,6 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
     let m = rows.len() as i64;
     let inputs = match job.kind {
         DataKind::Plan => {
-            let (s_pol, n) = logps(policy, &first, job.device, grad);
             let desirable: Vec<bool> = rows.iter().map(|r| job.labels[&r.id].desirable).collect();
             let weights: Vec<f64> = rows.iter().map(|r| job.labels[&r.id].weight).collect();
             let desirable = Tensor::from_slice(&desirable).to_device(job.device);
@@ -141,13 +191,26 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
                 let inputs = ppo_inputs(job, policy, head, &rows, &first, desirable, grad)?;
                 return job.halo.loss(&inputs);
             }
-            let mut inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
-            if job.halo.needs_kl_partners() {
-                inputs = inputs.with_kl(match fixed {
-                    Some((kl, _)) => KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() },
-                    None => kl_partners(job, policy, members)?,
-                });
-            }
+            // With the KL partners to compute here, the completions (with gradient) and the
+            // partners (without) continue from one prompt pass.
+            let needs_kl = job.halo.needs_kl_partners();
+            let shared = if needs_kl && fixed.is_none() { pair_logps(job, policy, &rows, [grad, false]) } else { None };
+            let mut inputs = match shared {
+                Some([(s_pol, n), (kl_pol, _)]) => {
+                    let [ref_first, ref_second] = reference_sides(job, members)?;
+                    let kl = KlPartners { policy: kl_pol, reference: ref_second.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))? };
+                    LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable).with_kl(kl)
+                }
+                None => {
+                    let (s_pol, n) = logps(job, policy, &first, grad);
+                    let inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
+                    match (needs_kl, fixed) {
+                        (false, _) => inputs,
+                        (true, Some((kl, _))) => inputs.with_kl(KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() }),
+                        (true, None) => inputs.with_kl(kl_partners(job, policy, members)?),
+                    }
+                }
+            };
             if let Some((_, Some(z0))) = fixed {
                 inputs = inputs.with_reference_point(z0.shallow_clone());
             }
@@ -160,12 +223,16 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
             inputs
         }
         DataKind::Paired => {
-            let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
-            let (s_pol, n) = logps(policy, &both, job.device, grad);
-            let (c, r) = (s_pol.narrow(0, 0, m), s_pol.narrow(0, m, m));
-            let chosen = Sums::new(c, reference_side(job, members, 0)?, n.narrow(0, 0, m));
-            let rejected = Sums::new(r, reference_side(job, members, 1)?, n.narrow(0, m, m));
-            LossInputs::paired(chosen, rejected)
+            let ([(c, nc), (r, nr)], [ref_c, ref_r]) = match pair_logps(job, policy, &rows, [grad, grad]) {
+                Some(sides) => (sides, reference_sides(job, members)?),
+                None => {
+                    let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
+                    let (s_pol, n) = logps(job, policy, &both, grad);
+                    let sides = [(s_pol.narrow(0, 0, m), n.narrow(0, 0, m)), (s_pol.narrow(0, m, m), n.narrow(0, m, m))];
+                    (sides, [reference_side(job, members, 0)?, reference_side(job, members, 1)?])
+                }
+            };
+            LossInputs::paired(Sums::new(c, ref_c, nc), Sums::new(r, ref_r, nr))
         }
     };
     job.halo.loss(&inputs)
@@ -179,17 +246,20 @@ pub const VALUE_HEAD_WIDTH: i64 = 128;
 /// with `per_token = true`) or the live reference.
 fn ppo_inputs(job: &Job, policy: &CausalLm, head: &ValueHead, rows: &[&EncodedRow], seqs: &[&Sequence], desirable: Tensor, grad: bool) -> Result<LossInputs> {
     let batch = Batch::new(seqs, 0, job.device);
+    job.count(Tokens { tokens: batch.tokens, forward: batch.tokens, padded: batch.padded() });
     let run = || {
-        let (b, t) = batch.input_ids.size2().expect("(B, T) ids");
-        let positions = Tensor::arange(t, (Kind::Int64, job.device)).unsqueeze(0).expand([b, t], false);
-        let hidden = policy.net.hidden_states(&batch.input_ids, &positions, None, None);
-        let logps = target_logps(&policy.net.logits(&hidden), &batch);
+        let t = batch.input_ids.size()[1];
+        let hidden = batch.hidden_states(&policy.net);
+        let logps = batch.dense(&batch.completion_logps(&policy.net, &hidden, job.chunk));
         let values = head.forward(&hidden.narrow(1, 0, t - 1).detach().to_kind(Kind::Float));
         (logps, values)
     };
     let (logps, values) = if grad { run() } else { tch::no_grad(run) };
     let reference = match job.reference {
-        Reference::Live(model) => tch::no_grad(|| token_logps(&model.net, &batch)),
+        Reference::Live(model) => {
+            job.count(Tokens { tokens: batch.tokens, forward: batch.tokens, padded: batch.padded() });
+            tch::no_grad(|| token_logps(&model.net, &batch, job.chunk))
+        }
         Reference::Cache(map) => {
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
             let t = batch.target_mask.size()[1] as usize;
