@@ -194,19 +194,21 @@ pub struct SharedLogps {
     /// Token positions the passes computed without padding: each shared prefix once, then the
     /// suffixes.
     pub forward: usize,
+    /// Sequences of the pairs (2 · pairs), scored or skipped.
+    pub sequences: usize,
 }
 
 impl SharedLogps {
-    /// Summed completion log-probs `(2·pairs,)` (f32), indexed by sequence.
+    /// Summed completion log-probs `(2·pairs,)` (f32), indexed by sequence (0 for a skipped side).
     pub fn sums(&self) -> Tensor {
         let index: Vec<i64> = self.spans.iter().flat_map(|&(q, _, n)| std::iter::repeat(q as i64).take(n)).collect();
         let index = Tensor::from_slice(&index).to_device(self.values.device());
-        Tensor::zeros([self.spans.len() as i64], (Kind::Float, self.values.device())).index_add(0, &index, &self.values)
+        Tensor::zeros([self.sequences as i64], (Kind::Float, self.values.device())).index_add(0, &index, &self.values)
     }
 
-    /// Completion tokens `(2·pairs,)` (f32), indexed by sequence.
+    /// Completion tokens `(2·pairs,)` (f32), indexed by sequence (0 for a skipped side).
     pub fn counts(&self) -> Tensor {
-        let mut counts = vec![0f32; self.spans.len()];
+        let mut counts = vec![0f32; self.sequences];
         for &(q, _, n) in &self.spans {
             counts[q] = n as f32;
         }
@@ -216,19 +218,21 @@ impl SharedLogps {
 
 /// Scores pairs of sequences that share a prompt (a completion and its KL partner, or a
 /// chosen and a rejected reply) computing the shared prefix once: the prefixes run as one
-/// batch whose keys and values are cached; then the suffixes, sorted by length and grouped so
-/// each group stays within `suffix_budget` padded tokens and holds suffixes of similar length,
-/// continue from the cached rows of their prefixes with a mask that hides the prefix padding;
-/// completion positions go through [`completion_logps`] in chunks of `chunk`. Every pair must
-/// share at least one token ([`shareable_prefix`] ≥ 1). Results equal [`token_logps`] on each
-/// sequence up to float rounding.
+/// batch whose keys and values are cached; then the suffixes, by side, sorted by length and
+/// grouped so each group stays within `suffix_budget` padded tokens and holds suffixes of
+/// similar length, continue from the cached rows of their prefixes with a mask that hides the
+/// prefix padding; completion positions go through [`completion_logps`] in chunks of `chunk`.
+/// Every pair must share at least one token ([`shareable_prefix`] ≥ 1). Results equal
+/// [`token_logps`] on each sequence up to float rounding.
 ///
-/// `grad[side]` says whether that side's log-probs keep the graph (under the caller's grad
-/// mode). The prefix pass keeps it when either side does, so gradients of those suffixes flow
-/// into the shared prompt computation; a side without gradient runs under no-grad, continuing
-/// from keys and values that carry no graph (KTO's KL partners continue from the policy's
-/// prompt pass this way, adding nothing to the backward pass).
-pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device: Device, suffix_budget: usize, chunk: usize, grad: [bool; 2]) -> SharedLogps {
+/// `sides[side]` says whether that side is scored (`Some`) and whether its log-probs keep the
+/// graph (`Some(true)`, under the caller's grad mode). The prefix pass keeps the graph when a
+/// side does, so gradients of those suffixes flow into the shared prompt computation; a side
+/// without gradient runs under no-grad, continuing from keys and values that carry no graph
+/// (KTO's KL partners continue from the policy's prompt pass this way, adding nothing to the
+/// backward pass). Groups never mix sides, so a side's results are the same bit for bit
+/// whether the other side is scored in the same call or skipped.
+pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device: Device, suffix_budget: usize, chunk: usize, sides: [Option<bool>; 2]) -> SharedLogps {
     let b = pairs.len() as i64;
     let prefix: Vec<usize> = pairs.iter().map(|(x, y)| shareable_prefix(x, y)).collect();
     assert!(prefix.iter().all(|&l| l >= 1), "every pair must share its first token");
@@ -246,24 +250,25 @@ pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device:
         let index = Tensor::from_slice(&last).to_device(device).view([b, 1, 1]).expand([b, 1, width], false);
         (cache, hidden.gather(1, &index, false)) // (b, 1, H)
     };
-    let (cache, last_hidden) = if grad[0] || grad[1] { prefix_pass() } else { tch::no_grad(prefix_pass) };
+    let (cache, last_hidden) = if sides.contains(&Some(true)) { prefix_pass() } else { tch::no_grad(prefix_pass) };
     let mut padded = b as usize * lmax;
     let mut forward: usize = prefix.iter().sum();
 
-    // Suffix passes: sequence q = 2·pair + side, those with gradient first, longest first.
+    // Suffix passes: sequence q = 2·pair + side, side by side, longest first.
     let seqs: Vec<&Sequence> = pairs.iter().flat_map(|(x, y)| [*x, *y]).collect();
     let suffix_len = |q: usize| seqs[q].ids.len() - prefix[q / 2];
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by(|&a, &c| grad[c % 2].cmp(&grad[a % 2]).then(suffix_len(c).cmp(&suffix_len(a))).then(a.cmp(&c)));
+    let mut order: Vec<usize> = (0..seqs.len()).filter(|q| sides[q % 2].is_some()).collect();
+    order.sort_by(|&a, &c| (a % 2).cmp(&(c % 2)).then(suffix_len(c).cmp(&suffix_len(a))).then(a.cmp(&c)));
     let (mut parts, mut spans, mut offset) = (Vec::new(), Vec::with_capacity(seqs.len()), 0);
     let mut start = 0;
     while start < order.len() {
         // A group ends at the budget, where suffixes get shorter than 3/4 of its longest (so
-        // little of it is padding), or where the gradient changes.
+        // little of it is padding), or at the other side.
         let longest = suffix_len(order[start]);
-        let with_grad = grad[order[start] % 2];
+        let side = order[start] % 2;
+        let with_grad = sides[side] == Some(true);
         let fits = (suffix_budget / longest.max(1)).max(1);
-        let n = order[start..].iter().take(fits).take_while(|&&q| 4 * suffix_len(q) >= 3 * longest && grad[q % 2] == with_grad).count().max(1);
+        let n = order[start..].iter().take(fits).take_while(|&&q| 4 * suffix_len(q) >= 3 * longest && q % 2 == side).count().max(1);
         let group = &order[start..start + n];
         start += n;
         padded += n * longest;
@@ -307,13 +312,14 @@ pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device:
             offset += count;
         }
     }
-    SharedLogps { values: Tensor::cat(&parts, 0), spans, padded, forward }
+    let values = if parts.is_empty() { Tensor::zeros([0], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
+    SharedLogps { values, spans, padded, forward, sequences: seqs.len() }
 }
 
 /// [`shared_prefix_pass`] without gradient, as f64 results per pair (refcache's scoring; the
 /// LM head in chunks of [`LOGITS_CHUNK`]). Also returns the padded token positions computed.
 pub fn shared_prefix_logps(net: &Llama, pairs: &[(&Sequence, &Sequence)], device: Device, per_token: bool, suffix_budget: usize) -> (Vec<[Scored; 2]>, usize) {
-    let pass = shared_prefix_pass(net, pairs, device, suffix_budget, LOGITS_CHUNK, [false, false]);
+    let pass = shared_prefix_pass(net, pairs, device, suffix_budget, LOGITS_CHUNK, [Some(false), Some(false)]);
     let values = Vec::<f64>::try_from(pass.values.to_device(Device::Cpu).to_kind(Kind::Double)).expect("f64 log-probs");
     let mut scored: Vec<Option<Scored>> = vec![None; 2 * pairs.len()];
     for &(q, offset, n) in &pass.spans {
@@ -412,9 +418,10 @@ mod tests {
         let owned = pairs();
         let pairs: Vec<(&Sequence, &Sequence)> = owned.iter().map(|(a, b)| (a, b)).collect();
         let seqs: Vec<&Sequence> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
-        // Relative to the largest magnitude: f32 to 1e-5, bf16 to 1e-2 (the cached keys and values are
-        // rounded to bf16, and attention runs in other shapes than the separate pass).
-        for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 1e-2)] {
+        // Relative to the largest magnitude: f32 to 1e-5, bf16 to 3e-2 (bf16 keeps 8 bits of
+        // mantissa; the cached keys and values are rounded to bf16 and attention runs in other
+        // shapes than the separate pass; measured up to 1.5e-2 on the gradients).
+        for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 3e-2)] {
             let m = model(kind);
             let batch = Batch::new(&seqs, 0, Device::Cpu);
             let weights = Tensor::arange(seqs.len() as i64, (Kind::Float, Device::Cpu)) - 4.0;
@@ -423,7 +430,7 @@ mod tests {
             let both_grads = grads(&m, (&separate * &weights).sum(Kind::Float));
             let first_grads = grads(&m, (sequence_logps(&m.net, &batch, LOGITS_CHUNK).0 * &weights * &side0).sum(Kind::Float));
             for (budget, chunk) in [(1, 3), (20, LOGITS_CHUNK), (usize::MAX, 5)] {
-                let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [true, true]);
+                let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [Some(true), Some(true)]);
                 let sums = pass.sums();
                 let diff = rel_diff(&sums, &separate);
                 eprintln!("{kind:?} budget {budget}: shared vs separate sums, max relative diff {diff:.3e}");
@@ -434,10 +441,13 @@ mod tests {
                     let diff = rel_diff(g, f);
                     assert!(diff <= tol, "{kind:?} budget {budget}: gradients differ by {diff}");
                 }
-                // Side 1 without gradient: same values, and only side 0's gradient.
-                let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [true, false]);
+                // Side 1 without gradient: same values, and only side 0's gradient; each side
+                // scored alone gives the same values bit for bit.
+                let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [Some(true), Some(false)]);
                 let sums = pass.sums();
                 assert!(rel_diff(&sums, &separate) <= tol);
+                let alone = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [Some(true), None]).sums() + shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [None, Some(false)]).sums();
+                assert_eq!(max_diff(&alone, &sums), 0.0, "{kind:?} budget {budget}: sides scored alone differ");
                 for (g, f) in grads(&m, (sums * &weights * &side0).sum(Kind::Float)).iter().zip(&first_grads) {
                     let diff = rel_diff(g, f);
                     assert!(diff <= tol, "{kind:?} budget {budget}, side 1 no-grad: gradients differ by {diff}");

@@ -89,18 +89,21 @@ fn logps(job: &Job, model: &CausalLm, seqs: &[&Sequence], grad: bool) -> (Tensor
     }
 }
 
-/// Summed log-probs and token counts of both sequences of each row, `[first, second]`, each
-/// row's shared prompt computed once ([`shared_prefix_pass`]); `grad[side]`: with gradient. A
-/// side without gradient continues from the prompt's keys and values under no-grad, so it adds
-/// nothing to the backward pass while the other side's gradient flows through the prompt.
-/// None when prompt sharing is off or a row's sequences share no first token.
-fn pair_logps(job: &Job, model: &CausalLm, rows: &[&EncodedRow], grad: [bool; 2]) -> Option<[(Tensor, Tensor); 2]> {
+/// Summed log-probs and token counts of the sequences of each row, `[first, second]`, each
+/// row's shared prompt computed once ([`shared_prefix_pass`]); `sides[side]`: scored (`Some`,
+/// with gradient when `Some(true)`) or skipped (zeros). A side without gradient continues from
+/// the prompt's keys and values under no-grad, so it adds nothing to the backward pass while
+/// the other side's gradient flows through the prompt. A side's results do not depend on
+/// whether the other is scored in the same call, so a rank fusing KTO's KL pass into its
+/// prompt pass computes what a process scoring them in two calls computes. None when prompt
+/// sharing is off or a row's sequences share no first token.
+fn pair_logps(job: &Job, model: &CausalLm, rows: &[&EncodedRow], sides: [Option<bool>; 2]) -> Option<[(Tensor, Tensor); 2]> {
     let pairs: Vec<(&Sequence, &Sequence)> = rows.iter().map(|r| (&r.seqs[0], &r.seqs[1])).collect();
     if !job.share || pairs.iter().any(|(a, b)| shareable_prefix(a, b) == 0) {
         return None;
     }
-    let pass = shared_prefix_pass(&model.net, &pairs, job.device, usize::MAX, job.chunk, grad);
-    let tokens = rows.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).sum();
+    let pass = shared_prefix_pass(&model.net, &pairs, job.device, usize::MAX, job.chunk, sides);
+    let tokens = rows.iter().flat_map(|r| r.seqs.iter().enumerate().filter(|(side, _)| sides[*side].is_some()).map(|(_, s)| s.ids.len())).sum();
     job.count(Tokens { tokens, forward: pass.forward, padded: pass.padded });
     let m = rows.len() as i64;
     let (sums, counts) = (pass.sums().view([m, 2]), pass.counts().view([m, 2]));
@@ -112,7 +115,7 @@ fn pair_logps(job: &Job, model: &CausalLm, rows: &[&EncodedRow], grad: [bool; 2]
 fn reference_sides(job: &Job, members: &[usize]) -> Result<[Option<Tensor>; 2]> {
     if let Reference::Live(model) = job.reference {
         let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
-        if let Some([a, b]) = pair_logps(job, model, &rows, [false, false]) {
+        if let Some([a, b]) = pair_logps(job, model, &rows, [Some(false), Some(false)]) {
             return Ok([Some(a.0.to_kind(Kind::Double)), Some(b.0.to_kind(Kind::Double))]);
         }
     }
@@ -144,10 +147,13 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
 }
 
 /// The KL partners of a microbatch of a plan: policy (no gradient) and reference sums of
-/// the rows' second sequences.
+/// the rows' second sequences (continuing from the prompt pass when prompts are shared).
 fn kl_partners(job: &Job, policy: &CausalLm, members: &[usize]) -> Result<KlPartners> {
-    let second: Vec<&Sequence> = members.iter().map(|&i| &job.rows[i].seqs[1]).collect();
-    let (kl_pol, _) = logps(job, policy, &second, false);
+    let rows: Vec<&EncodedRow> = members.iter().map(|&i| &job.rows[i]).collect();
+    let kl_pol = match pair_logps(job, policy, &rows, [None, Some(false)]) {
+        Some([_, (kl, _)]) => kl,
+        None => logps(job, policy, &rows.iter().map(|r| &r.seqs[1]).collect::<Vec<_>>(), false).0,
+    };
     let reference = reference_side(job, members, 1)?.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
     Ok(KlPartners { policy: kl_pol, reference })
 }
@@ -192,24 +198,31 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
                 return job.halo.loss(&inputs);
             }
             // With the KL partners to compute here, the completions (with gradient) and the
-            // partners (without) continue from one prompt pass.
+            // partners (without) continue from one prompt pass; with partners given, the
+            // completions continue from their own prompt pass, as `kl_partners` computed them.
             let needs_kl = job.halo.needs_kl_partners();
-            let shared = if needs_kl && fixed.is_none() { pair_logps(job, policy, &rows, [grad, false]) } else { None };
-            let mut inputs = match shared {
-                Some([(s_pol, n), (kl_pol, _)]) => {
-                    let [ref_first, ref_second] = reference_sides(job, members)?;
-                    let kl = KlPartners { policy: kl_pol, reference: ref_second.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))? };
-                    LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable).with_kl(kl)
-                }
+            let shared = match (needs_kl, fixed) {
+                (true, None) => pair_logps(job, policy, &rows, [Some(grad), Some(false)]),
+                (true, Some(_)) => pair_logps(job, policy, &rows, [Some(grad), None]),
+                (false, _) => None,
+            };
+            let (s_pol, n, kl_pol) = match shared {
+                Some([(s_pol, n), (kl_pol, _)]) => (s_pol, n, fixed.is_none().then_some(kl_pol)),
                 None => {
                     let (s_pol, n) = logps(job, policy, &first, grad);
-                    let inputs = LossInputs::binary(Sums::new(s_pol, reference_side(job, members, 0)?, n), desirable);
-                    match (needs_kl, fixed) {
-                        (false, _) => inputs,
-                        (true, Some((kl, _))) => inputs.with_kl(KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() }),
-                        (true, None) => inputs.with_kl(kl_partners(job, policy, members)?),
-                    }
+                    (s_pol, n, None)
                 }
+            };
+            let [ref_first, ref_second] = if kl_pol.is_some() { reference_sides(job, members)? } else { [reference_side(job, members, 0)?, None] };
+            let inputs = LossInputs::binary(Sums::new(s_pol, ref_first, n), desirable);
+            let mut inputs = match (needs_kl, fixed, kl_pol) {
+                (false, _, _) => inputs,
+                (true, Some((kl, _)), _) => inputs.with_kl(KlPartners { policy: kl.policy.shallow_clone(), reference: kl.reference.shallow_clone() }),
+                (true, None, Some(kl_pol)) => {
+                    let reference = ref_second.with_context(|| format!("loss `{}` needs reference log-probs of the KL partners", job.halo.name()))?;
+                    inputs.with_kl(KlPartners { policy: kl_pol, reference })
+                }
+                (true, None, None) => inputs.with_kl(kl_partners(job, policy, members)?),
             };
             if let Some((_, Some(z0))) = fixed {
                 inputs = inputs.with_reference_point(z0.shallow_clone());
@@ -223,7 +236,7 @@ pub fn microbatch_loss(job: &Job, policy: &CausalLm, members: &[usize], grad: bo
             inputs
         }
         DataKind::Paired => {
-            let ([(c, nc), (r, nr)], [ref_c, ref_r]) = match pair_logps(job, policy, &rows, [grad, grad]) {
+            let ([(c, nc), (r, nr)], [ref_c, ref_r]) = match pair_logps(job, policy, &rows, [Some(grad), Some(grad)]) {
                 Some(sides) => (sides, reference_sides(job, members)?),
                 None => {
                     let both: Vec<&Sequence> = first.iter().chain(&second).copied().collect();
