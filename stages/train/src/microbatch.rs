@@ -140,8 +140,13 @@ fn reference_side(job: &Job, members: &[usize], side: usize) -> Result<Option<Te
             Some(Tensor::from_slice(&sums).to_device(job.device))
         }
         Reference::Live(model) => {
-            let seqs: Vec<&Sequence> = rows.iter().map(|r| &r.seqs[side]).collect();
-            Some(logps(job, model, &seqs, false).0.to_kind(Kind::Double))
+            // With prompts shared, as `reference_sides` computes it (the same bits).
+            let sides = if side == 0 { [Some(false), None] } else { [None, Some(false)] };
+            let sums = match pair_logps(job, model, &rows, sides) {
+                Some(pair) => pair[side].0.shallow_clone(),
+                None => logps(job, model, &rows.iter().map(|r| &r.seqs[side]).collect::<Vec<_>>(), false).0,
+            };
+            Some(sums.to_kind(Kind::Double))
         }
     })
 }
