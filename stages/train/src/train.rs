@@ -91,7 +91,7 @@ impl Trainer<'_> {
         self.opt.zero_grad();
         let mut acc = Accumulator::new();
         let mut row = Row::new(step + 1, epoch);
-        job.tokens.take();
+        job.tokens.take(); // not the evaluation passes since the last step
         let step_kl = step_kl(job, self.policy, &mine)?;
         for (k, members) in mine.iter().enumerate() {
             let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
