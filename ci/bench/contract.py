@@ -1,11 +1,15 @@
 """haloflow's tokenization contract in Python, shared by the benchmark peers: prompt + completion
 + EOS tokenized together; the completion starts where the ids diverge from the prompt's ids;
-max_prompt_length keeps the prompt's end, then max_length cuts the completion. Plain-text
-prompts (no chat template) join the message contents with blank lines."""
+max_prompt_length keeps the prompt's end, then max_length cuts the completion. The prompt is
+rendered with the tokenizer's chat template (add_generation_prompt) when it has one; without
+one the message contents are joined with blank lines."""
 
 
 def encode(tok, prompt_msgs, completion, max_prompt_length, max_length):
-    prompt = "\n\n".join(m["content"] for m in prompt_msgs)
+    if tok.chat_template:  # rendered with add_generation_prompt, as haloflow's Tokenizer::prompt_text
+        prompt = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in prompt_msgs], tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = "\n\n".join(m["content"] for m in prompt_msgs)
     p_ids = tok(prompt)["input_ids"]
     ids = tok(prompt + completion)["input_ids"]
     if ids[-1] != tok.eos_token_id:

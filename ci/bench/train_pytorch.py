@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""The peer of the training benchmark: the same KTO step as halo-train, written in PyTorch with
-transformers (policy forward with grad on a microbatch's completions, KL-partner forward under
-no_grad, precomputed reference log-probs, KTO loss, backward, clip_grad_norm_, AdamW), on the
-same model, plan microbatches, sequence lengths and thread count. Prints per-step seconds.
+"""The peer of the training benchmark: the same step as halo-train, written in PyTorch with
+transformers, on the same model, microbatches, sequence lengths and thread count. KTO (a plan):
+policy forward with grad on a microbatch's completions, KL-partner forward under no_grad,
+precomputed reference log-probs, KTO loss; DPO (a paired table, microbatches of 8 pairs in row
+order as halo-train takes them): chosen and rejected in one policy forward with grad,
+precomputed reference log-probs, DPO loss; then backward, clip_grad_norm_, AdamW. Writes
+per-step seconds and tokens (the sequences' lengths, as halo-train's tokens_computed).
 
-    python train_pytorch.py PLAN.arrow MODEL_DIR OUT.json --steps 12 --threads 2
+    python train_pytorch.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 12 --threads 2
 """
 import argparse
 import json
@@ -30,9 +33,10 @@ def seq_logps(model, seqs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("plan")
+    ap.add_argument("data")
     ap.add_argument("model")
     ap.add_argument("out")
+    ap.add_argument("--loss", choices=["kto", "dpo"], default="kto")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -44,33 +48,42 @@ def main():
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
-    rows = pa.ipc.open_file(pa.memory_map(args.plan)).read_all().to_pylist()
-    batches = {}
-    for row in rows:
-        batches.setdefault(row["batch"], []).append(row)
-    batches = [batches[k] for k in sorted(batches)][: args.steps]
-    data = []
-    for b in batches:
-        main = [encode(tok, r["prompt"], r["completion"], args.max_prompt_length, args.max_length) for r in b]
-        kl = [encode(tok, r["prompt"], r["kl_completion"], args.max_prompt_length, args.max_length) for r in b]
-        labels = torch.tensor([r["label"] for r in b])
-        with torch.no_grad():
-            data.append((main, kl, labels, seq_logps(policy, main), seq_logps(policy, kl)))
+    rows = pa.ipc.open_file(pa.memory_map(args.data)).read_all().to_pylist()
+    enc = lambda prompt, completion: encode(tok, prompt, completion, args.max_prompt_length, args.max_length)
+    if args.loss == "kto":
+        batches = {}
+        for row in rows:
+            batches.setdefault(row["batch"], []).append(row)
+        batches = [batches[k] for k in sorted(batches)][: args.steps]
+        # (first sequences, second sequences, labels) per microbatch: completions and KL partners.
+        groups = [([enc(r["prompt"], r["completion"]) for r in b], [enc(r["prompt"], r["kl_completion"]) for r in b], torch.tensor([r["label"] for r in b])) for b in batches]
+    else:
+        batches = [rows[i : i + 8] for i in range(0, len(rows), 8)][: args.steps]
+        groups = [([enc(r["prompt"], r["chosen"]) for r in b], [enc(r["prompt"], r["rejected"]) for r in b], None) for b in batches]
+    with torch.no_grad():
+        data = [(a, b, labels, seq_logps(policy, a), seq_logps(policy, b)) for a, b, labels in groups]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    seconds = []
-    for main, kl, labels, ref_main, ref_kl in data:
+    seconds, tokens = [], []
+    for first, second, labels, ref_first, ref_second in data:
         started = time.perf_counter()
         opt.zero_grad()
-        s_pol = seq_logps(policy, main)
-        with torch.no_grad():
-            z0 = (seq_logps(policy, kl) - ref_kl).mean().clamp(min=0)
-        r = s_pol - ref_main
-        loss = torch.where(labels, 1 - torch.sigmoid(args.beta * (r - z0)), 1 - torch.sigmoid(args.beta * (z0 - r))).mean()
+        if args.loss == "kto":
+            s_pol = seq_logps(policy, first)
+            with torch.no_grad():
+                z0 = (seq_logps(policy, second) - ref_second).mean().clamp(min=0)
+            r = s_pol - ref_first
+            loss = torch.where(labels, 1 - torch.sigmoid(args.beta * (r - z0)), 1 - torch.sigmoid(args.beta * (z0 - r))).mean()
+        else:
+            both = seq_logps(policy, first + second)
+            m = len(first)
+            margin = (both[:m] - ref_first) - (both[m:] - ref_second)
+            loss = -torch.nn.functional.logsigmoid(args.beta * margin).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         opt.step()
         seconds.append(time.perf_counter() - started)
-    json.dump({"seconds": seconds}, open(args.out, "w"))
+        tokens.append(sum(len(ids) for ids, _ in first + second))
+    json.dump({"seconds": seconds, "tokens": tokens}, open(args.out, "w"))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ fn completion_logps_match_transformers() {
         .map(|e| Sequence { ids: ids(&e["ids"]), completion_start: e["completion_start"].as_u64().unwrap() as usize })
         .collect();
     let batch = Batch::new(&seqs.iter().collect::<Vec<_>>(), 0, Device::Cpu);
-    let (sums, counts) = tch::no_grad(|| sequence_logps(&model.net, &batch));
+    let (sums, counts) = tch::no_grad(|| sequence_logps(&model.net, &batch, haloflow_ml::logprobs::LOGITS_CHUNK));
     for (i, e) in examples.iter().enumerate() {
         let (got, want) = (sums.double_value(&[i as i64]), e["logp"].as_f64().unwrap());
         eprintln!("example {i}: summed logp {got:.6} vs transformers {want:.6}");
@@ -96,7 +96,7 @@ fn shared_prefix_scoring_equals_separate_scoring() {
     for (p, (a, b)) in pairs.iter().enumerate() {
         for (k, s) in [a, b].into_iter().enumerate() {
             let batch = Batch::new(&[s], 0, Device::Cpu);
-            let separate = tch::no_grad(|| token_logps(&model.net, &batch)).to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            let separate = tch::no_grad(|| token_logps(&model.net, &batch, haloflow_ml::logprobs::LOGITS_CHUNK)).to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
             let got = &shared[p][k];
             assert!((got.logp - separate).abs() < 1e-4, "pair {p} side {k}: {} vs {separate}", got.logp);
             assert_eq!(got.n_tokens, s.ids.len() - s.completion_start);

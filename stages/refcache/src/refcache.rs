@@ -209,7 +209,7 @@ fn score_rows(model: &CausalLm, rows: &[EncodedRow], batch: &[usize], device: De
         let members: Vec<&Sequence> = seqs.iter().map(|(_, s)| *s).collect();
         let batch = Batch::new(&members, 0, device);
         padded += batch.input_ids.numel();
-        let token_logps = logprobs::token_logps(&model.net, &batch).to_device(Device::Cpu).to_kind(Kind::Double);
+        let token_logps = logprobs::token_logps(&model.net, &batch, logprobs::LOGITS_CHUNK).to_device(Device::Cpu).to_kind(Kind::Double);
         for (row, (i, s)) in seqs.iter().enumerate() {
             let n = s.ids.len() - s.completion_start;
             let values = Vec::<f64>::try_from(&token_logps.get(row as i64).narrow(0, s.completion_start as i64 - 1, n as i64)).context("log-probs")?;

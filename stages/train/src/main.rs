@@ -181,6 +181,14 @@ pub struct Args {
     /// Output of --merge-lora: the merged model (Hugging Face directory).
     #[arg(long)]
     pub merged: Option<PathBuf>,
+    /// Run a prompt shared by a row's sequences once (KTO's completion and KL partner, a
+    /// DPO-family pair) and continue each from its keys and values
+    /// (`--share-prompts=false`: separate passes, for equality tests and debugging).
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub share_prompts: bool,
+    /// Completion positions whose logits (LM head, log-softmax) are computed at once.
+    #[arg(long, default_value_t = haloflow_ml::logprobs::LOGITS_CHUNK)]
+    pub logits_chunk: usize,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,

@@ -12,6 +12,59 @@ use serde::{Deserialize, Serialize};
 
 use crate::parallel::Ranks;
 
+/// Token positions forward passes computed (policy and live reference, prompts shared or
+/// not), named as in refcache's summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tokens {
+    /// Tokens of the sequences scored, each counted whole (what separate passes would compute
+    /// without padding): `tokens_computed`.
+    pub tokens: usize,
+    /// Positions computed without padding, each shared prompt once: `forward_tokens_computed`.
+    pub forward: usize,
+    /// Positions computed, padding included: `padded_tokens_computed`.
+    pub padded: usize,
+}
+
+impl std::ops::Add for Tokens {
+    type Output = Tokens;
+
+    fn add(self, o: Tokens) -> Tokens {
+        Tokens { tokens: self.tokens + o.tokens, forward: self.forward + o.forward, padded: self.padded + o.padded }
+    }
+}
+
+impl Tokens {
+    /// As a flat array, for collectives.
+    pub fn to_array(self) -> [f64; 3] {
+        [self.tokens as f64, self.forward as f64, self.padded as f64]
+    }
+
+    /// From [`Tokens::to_array`]'s layout.
+    pub fn from_array(a: &[f64]) -> Tokens {
+        Tokens { tokens: a[0].round() as usize, forward: a[1].round() as usize, padded: a[2].round() as usize }
+    }
+
+    /// The counts with refcache's names, and the fractions they imply: prompt tokens sharing
+    /// saved (`prefix_sharing_saving = 1 − forward / tokens`) and padding computed
+    /// (`padding_waste = 1 − forward / padded`).
+    pub fn named(self) -> [(&'static str, f64); 5] {
+        let ratio = |a: usize, b: usize| if b > 0 { 1.0 - a as f64 / b as f64 } else { 0.0 };
+        [
+            ("tokens_computed", self.tokens as f64),
+            ("forward_tokens_computed", self.forward as f64),
+            ("padded_tokens_computed", self.padded as f64),
+            ("prefix_sharing_saving", ratio(self.forward, self.tokens)),
+            ("padding_waste", ratio(self.forward, self.padded)),
+        ]
+    }
+
+    /// The totals of training rows written by [`Row::finish`].
+    pub fn total(rows: &[Row]) -> Tokens {
+        let sum = |name: &str| rows.iter().filter_map(|r| r.get(name)).sum::<f64>().round() as usize;
+        Tokens { tokens: sum("tokens_computed"), forward: sum("forward_tokens_computed"), padded: sum("padded_tokens_computed") }
+    }
+}
+
 /// The metrics of one optimizer step (or of the evaluation before the first, step 0).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
@@ -60,8 +113,9 @@ impl Row {
         means.chain(margins.map(|m| ("rewards/margins".to_string(), m))).collect()
     }
 
-    /// Completes a training step's row.
-    pub fn finish(&mut self, loss: f64, lr: f64, grad_norm: f64, examples: usize, tokens: usize, seconds: f64) {
+    /// Completes a training step's row; `tokens_per_s` counts the positions the model computed
+    /// without padding (shared prompts once).
+    pub fn finish(&mut self, loss: f64, lr: f64, grad_norm: f64, examples: usize, tokens: Tokens, seconds: f64) {
         let averaged = self.averaged();
         self.values.extend(averaged);
         for (k, v) in [
@@ -70,9 +124,12 @@ impl Row {
             ("grad_norm", grad_norm),
             ("examples", examples as f64),
             ("seconds", seconds),
-            ("tokens_per_s", tokens as f64 / seconds.max(1e-9)),
+            ("tokens_per_s", tokens.forward as f64 / seconds.max(1e-9)),
             ("examples_per_s", examples as f64 / seconds.max(1e-9)),
-        ] {
+        ]
+        .into_iter()
+        .chain(tokens.named())
+        {
             self.values.insert(k.to_string(), v);
         }
     }
@@ -175,7 +232,7 @@ mod tests {
         // 1 desirable row of reward 1.0 and 3 undesirable ones; then 3 desirable of reward 0.0 and 1 undesirable.
         row.add_microbatch(&microbatch(1, 3, (Some(1.0), Some(-1.0)), (Some(-10.0), Some(-20.0))));
         row.add_microbatch(&microbatch(3, 1, (Some(0.0), Some(-3.0)), (Some(-30.0), Some(-40.0))));
-        row.finish(0.7, 1e-4, 1.0, 8, 100, 1.0);
+        row.finish(0.7, 1e-4, 1.0, 8, Tokens { tokens: 100, forward: 80, padded: 100 }, 1.0);
         // TRL: sum over the class's completions / their count: (1·1 + 3·0)/4, not (4·1 + 4·0)/8.
         assert_eq!(row.get("rewards/chosen"), Some(0.25));
         assert_eq!(row.get("rewards/rejected"), Some(-1.5));
@@ -190,7 +247,7 @@ mod tests {
         let mut row = Row::new(1, 0);
         row.add_microbatch(&microbatch(2, 0, (Some(0.3), None), (Some(-5.0), None)));
         row.add_microbatch(&microbatch(2, 0, (Some(0.1), None), (Some(-7.0), None)));
-        row.finish(0.7, 1e-4, 1.0, 4, 100, 1.0);
+        row.finish(0.7, 1e-4, 1.0, 4, Tokens { tokens: 100, forward: 75, padded: 90 }, 1.0);
         assert!((row.get("rewards/chosen").unwrap() - 0.2).abs() < 1e-12);
         assert_eq!(row.get("logps/chosen"), Some(-6.0));
         // Like TRL (no key logged), not NaN and not 0: the Parquet column holds null.
@@ -201,10 +258,16 @@ mod tests {
         let path = dir.path().join("metrics.parquet");
         let mut other = Row::new(2, 0);
         other.add_microbatch(&microbatch(1, 1, (Some(0.0), Some(0.0)), (Some(-1.0), Some(-1.0))));
-        other.finish(0.6, 1e-4, 1.0, 2, 10, 1.0);
+        other.finish(0.6, 1e-4, 1.0, 2, Tokens { tokens: 10, forward: 10, padded: 12 }, 1.0);
         write(&path, &[row, other]).unwrap();
         let back = read(&path).unwrap();
         assert_eq!(back.iter().map(|r| r.get("logps/rejected")).collect::<Vec<_>>(), [None, Some(-1.0)]);
         assert_eq!(back.iter().map(|r| (r.step, r.epoch)).collect::<Vec<_>>(), [(1, 0), (2, 0)]);
+        // Token accounting: per step, and totals over the steps read back.
+        assert_eq!(back[0].get("tokens_per_s"), Some(75.0));
+        assert_eq!(back[0].get("prefix_sharing_saving"), Some(0.25));
+        let total = Tokens::total(&back);
+        assert_eq!(total, Tokens { tokens: 110, forward: 85, padded: 102 });
+        assert_eq!(total.named()[4], ("padding_waste", 1.0 - 85.0 / 102.0));
     }
 }

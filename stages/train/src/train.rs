@@ -20,7 +20,7 @@ use tch::Tensor;
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Split};
-use crate::metrics::{self, Row};
+use crate::metrics::{self, Row, Tokens};
 use crate::microbatch::{microbatch_loss, reference, step_kl, Job, Label, Reference, VALUE_HEAD_WIDTH};
 use crate::optim::{self, AdamW, AdamWConfig, Optimizer};
 use crate::parallel::Ranks;
@@ -116,7 +116,7 @@ impl Trainer<'_> {
         self.opt.zero_grad();
         let mut acc = Accumulator::new();
         let mut row = Row::new(step + 1, epoch);
-        let mut tokens = 0usize;
+        job.tokens.take(); // not the evaluation passes since the last step
         let step_kl = step_kl(job, self.policy, &mine)?;
         for (k, members) in mine.iter().enumerate() {
             let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
@@ -128,12 +128,12 @@ impl Trainer<'_> {
             }
             acc.backward(&out)?;
             row.add_microbatch(&out);
-            tokens += members.iter().map(|&i| rows[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
         }
+        let mut tokens = job.tokens.take();
         if let Some(reduce) = ranks.loss_reduce() {
             acc.all_reduce(reduce.as_ref())?;
             row.sum_over(ranks)?;
-            tokens = ranks.sum(&Tensor::from_slice(&[tokens as f64]))?.double_value(&[0]).round() as usize;
+            tokens = Tokens::from_array(&Vec::<f64>::try_from(ranks.sum(&Tensor::from_slice(&tokens.to_array()))?)?);
         }
         let examples = acc.examples();
         let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm)?;
@@ -247,7 +247,19 @@ pub fn run(args: &Args) -> Result<()> {
     let total = (steps_per_epoch * args.epochs).min(args.max_steps.unwrap_or(usize::MAX));
     ensure!(total > 0, "no optimizer step to take (epochs = {}, max_steps = {:?})", args.epochs, args.max_steps);
 
-    let job = Job { halo: halo.as_ref(), kind: data_kind, rows: &encoded, labels: &labels, reference: &reference, lambdas, device, value_head: value_head.as_ref() };
+    let job = Job {
+        halo: halo.as_ref(),
+        kind: data_kind,
+        rows: &encoded,
+        labels: &labels,
+        reference: &reference,
+        lambdas,
+        device,
+        value_head: value_head.as_ref(),
+        share: args.share_prompts,
+        chunk: args.logits_chunk,
+        tokens: Default::default(),
+    };
     let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, params: param_list, opt, max_grad_norm: args.max_grad_norm };
     let ckpt_root = args
         .checkpoint_dir
@@ -305,7 +317,8 @@ pub fn run(args: &Args) -> Result<()> {
         let (loss, grad_norm) = (row.get("loss").unwrap_or(f64::NAN), row.get("grad_norm").unwrap_or(f64::NAN));
         bar.set_message(format!("loss {loss:.4}"));
         if ranks.is_main() && ((step + 1) % 10 == 0 || last) {
-            tracing::info!(step = step + 1, total, loss = %format!("{loss:.4}"), grad_norm = %format!("{grad_norm:.3}"), lr, "step");
+            let f = |name: &str| format!("{:.3}", row.get(name).unwrap_or(f64::NAN));
+            tracing::info!(step = step + 1, total, loss = %format!("{loss:.4}"), grad_norm = %format!("{grad_norm:.3}"), lr, tokens_per_s = %format!("{:.0}", row.get("tokens_per_s").unwrap_or(0.0)), prefix_sharing_saving = %f("prefix_sharing_saving"), padding_waste = %f("padding_waste"), "step");
         }
         bar.inc(1);
         track(&row)?;
@@ -329,7 +342,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     metrics::write(&args.metrics, &state.metrics)?;
     report::write(&args.report, &args.loss, &state.metrics, args.smoothing)?;
-    let summary = json!({
+    let mut summary = json!({
         "loss": args.loss,
         "data_kind": data_kind,
         "steps": total,
@@ -352,7 +365,12 @@ pub fn run(args: &Args) -> Result<()> {
         "device": haloflow_ml::device::device_name(device),
         "dtype": haloflow_ml::device::dtype_name(kind),
         "hparams": hparams,
+        "share_prompts": args.share_prompts,
+        "logits_chunk": args.logits_chunk,
     });
+    for (name, value) in Tokens::total(&state.metrics).named() {
+        summary[name] = json!(value);
+    }
     match state.metrics.last().and_then(|r| r.get("loss")) {
         Some(loss) => tracing::info!(steps = total, final_loss = loss, "training finished"),
         None => tracing::info!(steps = total, "training finished"),

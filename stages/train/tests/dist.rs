@@ -12,8 +12,18 @@ use std::time::Instant;
 use common::{command, model_dir, train, write_pairs, write_plan, write_plan_batches, Run};
 use tch::{Kind, Tensor};
 
-/// Metrics that measure time, not training.
-const TIMING: [&str; 3] = ["seconds", "tokens_per_s", "examples_per_s"];
+/// Metrics that measure time or how the forward passes were batched (a rank with one
+/// microbatch shares prompts with its KL partners), not training.
+const TIMING: [&str; 8] = [
+    "seconds",
+    "tokens_per_s",
+    "examples_per_s",
+    "tokens_computed",
+    "forward_tokens_computed",
+    "padded_tokens_computed",
+    "prefix_sharing_saving",
+    "padding_waste",
+];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

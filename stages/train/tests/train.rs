@@ -144,3 +144,64 @@ fn ppo_trains_with_per_token_references_from_the_cache_or_live() {
     let (c, _) = train(dir.path(), "no-tokens", &plan, &model, &[&steps[..], &["--ref-logps", sums_only.to_str().unwrap()]].concat(), &[]);
     assert!(String::from_utf8_lossy(&c.stderr).contains("per_token = true"));
 }
+
+/// The largest difference between two runs' values of `name`, relative to the largest
+/// magnitude (at least 1).
+fn metric_diff(a: &common::Run, b: &common::Run, name: &str) -> f64 {
+    let (a, b) = (a.metrics()[name].clone(), b.metrics()[name].clone());
+    assert_eq!(a.len(), b.len(), "{name}: step counts differ");
+    let scale = b.iter().flatten().fold(1.0f64, |m, y| m.max(y.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x.unwrap() - y.unwrap()).abs()).fold(0.0, f64::max) / scale
+}
+
+/// The largest absolute difference between two runs' output weights.
+fn weight_diff(a: &common::Run, b: &common::Run) -> f64 {
+    let read = |r: &common::Run| -> std::collections::BTreeMap<String, tch::Tensor> { tch::Tensor::read_safetensors(r.dir.join("policy/model.safetensors")).unwrap().into_iter().collect() };
+    let (a, b) = (read(a), read(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().map(|(n, x)| (x.to_kind(tch::Kind::Double) - b[n].to_kind(tch::Kind::Double)).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+/// A random Llama (GQA) with stories260K's tokenizer, written under `dir`.
+fn random_model(dir: &Path, stories: &Path) -> std::path::PathBuf {
+    let mut config = haloflow_ml::config::Config::from_dir(stories).unwrap();
+    (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) = (48, 96, 2, 6, Some(2));
+    config.head_dim = None;
+    tch::manual_seed(3);
+    let model = haloflow_ml::model::CausalLm::random(config, stories, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let out = dir.join("random-model");
+    model.save(&out).unwrap();
+    out
+}
+
+#[test]
+fn prompt_sharing_leaves_loss_gradients_and_parameters_unchanged() {
+    let Some(stories) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, pairs) = (dir.path().join("plan.arrow"), dir.path().join("pairs.arrow"));
+    write_plan(&plan, 3, false);
+    write_pairs(&pairs, 24);
+    let random = random_model(dir.path(), &stories);
+    // Loss and grad_norm relative to their largest magnitude, weights absolute: f32 to 1e-5;
+    // bf16 to 1e-2 (bf16 weights and activations, rounded in other places by the shared and the
+    // separate passes; a weight's bf16 step near 1 is 0.0078). AdamW's ε is raised to 1e-4:
+    // with 1e-8 its first steps move a weight of near-zero gradient by ±lr whatever the size of
+    // the gradient, so the f32 rounding of such a gradient showed as 7.5e-5 in the weights.
+    for (model, what) in [(&stories, "stories260K"), (&random, "random")] {
+        for (dtype, tol) in [("f32", 1e-5), ("bf16", 1e-2)] {
+            for (loss, data) in [("kto", &plan), ("dpo", &pairs)] {
+                let args = ["--loss", loss, "--lr", "1e-3", "--max-steps", "3", "--reference", "live", "--dtype", dtype, "--adam-eps", "1e-4"];
+                let name = format!("{what}-{dtype}-{loss}");
+                let (a, shared) = train(dir.path(), &format!("{name}-shared"), data, model, &args, &[]);
+                let (b, separate) = train(dir.path(), &format!("{name}-separate"), data, model, &[&args[..], &["--share-prompts=false"]].concat(), &[]);
+                assert!(a.status.success() && b.status.success(), "{name}: {}", String::from_utf8_lossy(&a.stderr));
+                let (dl, dg, dw) = (metric_diff(&shared, &separate, "loss"), metric_diff(&shared, &separate, "grad_norm"), weight_diff(&shared, &separate));
+                let saving = |r: &common::Run| -> f64 { serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(r.dir.join("summary.json")).unwrap()).unwrap()["prefix_sharing_saving"].as_f64().unwrap() };
+                let (s, t) = (saving(&shared), saving(&separate));
+                eprintln!("{name}: shared vs separate prompts over 3 steps: loss {dl:.2e}, grad_norm {dg:.2e}, weights {dw:.2e}; prompt tokens saved {s:.3} vs {t:.3}");
+                assert!(dl <= tol && dg <= tol && dw <= tol, "{name}: loss {dl}, grad_norm {dg}, weights {dw} differ beyond {tol}");
+                assert!(s > 0.05 && t == 0.0, "{name}: prefix_sharing_saving {s} shared, {t} separate");
+            }
+        }
+    }
+}

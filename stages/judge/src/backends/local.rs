@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use haloflow_ml::device::{parse_device, parse_dtype};
-use haloflow_ml::logprobs::{sequence_logps, Batch, Sequence};
+use haloflow_ml::logprobs::{sequence_logps, Batch, Sequence, LOGITS_CHUNK};
 use haloflow_ml::model::CausalLm;
 use haloflow_ml::tokenize::Tokenizer;
 use tch::Device;
@@ -81,7 +81,7 @@ impl Backend for Local {
         let logps: Vec<f64> = {
             let model = self.model.lock().map_err(|_| anyhow!("judge model lock poisoned"))?;
             let batch = Batch::new(&seqs.iter().collect::<Vec<_>>(), 0, self.device);
-            let (sums, _) = tch::no_grad(|| sequence_logps(&model.net, &batch));
+            let (sums, _) = tch::no_grad(|| sequence_logps(&model.net, &batch, LOGITS_CHUNK));
             Vec::<f64>::try_from(sums.to_kind(tch::Kind::Double).to_device(Device::Cpu))?
         };
         let probs = softmax(&logps);
