@@ -5,7 +5,8 @@
 #     and torch==2.13.0, whose libtorch the machine-learning stages link through tch 0.26
 #     (about 70 s and 4.7 GB the first time; a CUDA build that also runs on CPU);
 #   - the embedded default model's GGUF file (ci/fetch-smollm2.sh, into .cache/smollm2);
-#   - gloo's headers (Debian's libgloo-dev) for the distributed build, when missing;
+#   - gloo's headers (Debian's libgloo-dev) for the distributed build, and Slurm + munge for the
+#     Slurm executor's tests, when missing;
 #   - release builds of the `halo` runner and every stage binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,12 @@ cd "$(dirname "$0")/.."
 if [ ! -f /usr/include/gloo/config.h ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgloo-dev
+fi
+
+# Slurm and munge, for the Slurm executor's tests (ci/slurm.sh starts a one-node cluster).
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -8,9 +8,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
-use common::{model_dir, train, write_plan};
+use common::{model_dir, refcache, train, write_plan};
 use haloflow_ml::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
@@ -103,14 +102,7 @@ fn merged_weights_equal_base_plus_scaled_b_a() {
     // refcache reads the adapter directory as base + adapter: its log-probs equal the merged
     // model's, not the base model's.
     let logps = |name: &str, model: &Path| -> Vec<f64> {
-        let out = dir.path().join(format!("{name}.parquet"));
-        let status = Command::new(Path::new(env!("CARGO_BIN_EXE_halo-train")).with_file_name("halo-refcache"))
-            .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", out.to_str().unwrap()])
-            .args(["--summary", dir.path().join(format!("{name}.json")).to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64"])
-            .args(["--device", "cpu", "--threads", "1", "--scratch", dir.path().join(format!("scratch-{name}")).to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "refcache on {name}");
+        let out = refcache(dir.path(), name, &plan, model, &["--threads", "1"]);
         let table = haloflow::io::read_parquet(&out).unwrap();
         let column = table.batches[0].column_by_name("logp").unwrap().clone();
         column.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap().values().to_vec()
@@ -127,16 +119,7 @@ fn with_lora_the_live_reference_is_the_base_model() {
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 4, false);
-    let refcache = Path::new(env!("CARGO_BIN_EXE_halo-train")).with_file_name("halo-refcache");
-    assert!(refcache.is_file(), "build the workspace first: {} is missing", refcache.display());
-    let ref_logps = dir.path().join("ref.parquet");
-    let status = Command::new(&refcache)
-        .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", ref_logps.to_str().unwrap()])
-        .args(["--summary", dir.path().join("ref.json").to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64", "--device", "cpu"])
-        .args(["--scratch", dir.path().join("scratch").to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let ref_logps = refcache(dir.path(), "ref", &plan, &model, &[]);
     let steps = ["--loss", "kto", "--lr", "1e-2", "--max-steps", "3", "--lora", LORA];
     let (a, cached) = train(dir.path(), "cache", &plan, &model, &[&steps[..], &["--ref-logps", ref_logps.to_str().unwrap()]].concat(), &[]);
     let (b, live) = train(dir.path(), "live", &plan, &model, &[&steps[..], &["--reference", "live"]].concat(), &[]);

@@ -130,3 +130,21 @@ pub fn train(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&str], 
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
     (output, run)
 }
+
+/// Reference log-probs of `plan` under `model` (halo-refcache on the CPU, prompt ≤ 32 and
+/// sequence ≤ 64 tokens, as the tests train with, plus `extra` flags), written to
+/// `dir/NAME.parquet`.
+pub fn refcache(dir: &Path, name: &str, plan: &Path, model: &Path, extra: &[&str]) -> PathBuf {
+    let refcache = Path::new(env!("CARGO_BIN_EXE_halo-train")).with_file_name("halo-refcache");
+    assert!(refcache.is_file(), "build the workspace first: {} is missing", refcache.display());
+    let out = dir.join(format!("{name}.parquet"));
+    let status = Command::new(&refcache)
+        .args(["--data", plan.to_str().unwrap(), "--model", model.to_str().unwrap(), "--logps", out.to_str().unwrap()])
+        .args(["--summary", dir.join(format!("{name}.json")).to_str().unwrap(), "--max-prompt-length", "32", "--max-length", "64", "--device", "cpu"])
+        .args(["--scratch", dir.join(format!("scratch-{name}")).to_str().unwrap()])
+        .args(extra)
+        .status()
+        .unwrap();
+    assert!(status.success(), "halo-refcache on {name} failed");
+    out
+}
