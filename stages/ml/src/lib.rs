@@ -13,5 +13,6 @@ pub mod logprobs;
 pub mod losses;
 pub mod model;
 pub mod qwen2;
+pub mod recompute;
 pub mod weights;
 pub mod tokenize;

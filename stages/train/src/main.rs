@@ -156,6 +156,12 @@ pub struct Args {
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
+    /// Activation checkpointing: keep only each decoder layer's input and recompute the layer
+    /// during backward, trading a second forward for the layers' activations
+    /// (`--checkpoint-activations`, or `--checkpoint-activations=true|false` as a pipeline
+    /// param passes it).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub checkpoint_activations: bool,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,

@@ -102,6 +102,8 @@ impl Trainer<'_> {
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
             }
             acc.backward(&out)?;
+            // Activation checkpointing: the layers' part of the backward (nothing otherwise).
+            self.policy.net.finish_backward()?;
             row.add_microbatch(&out);
             tokens += members.iter().map(|&i| rows[i].seqs.iter().map(|s| s.ids.len()).sum::<usize>()).sum::<usize>();
         }
@@ -165,6 +167,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let reference = reference(args, halo.as_ref(), device, kind)?;
     let policy = CausalLm::load(&args.model, device, kind)?;
+    policy.net.set_checkpointing(args.checkpoint_activations);
     let mut params: BTreeMap<String, Tensor> = policy.vs.variables().into_iter().collect();
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
     let value_vs = VarStore::new(device);
@@ -259,6 +262,7 @@ pub fn run(args: &Args) -> Result<()> {
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
         "shard_optimizer": args.shard_optimizer,
+        "checkpoint_activations": args.checkpoint_activations,
         "lambdas_from_plan": lambdas,
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
