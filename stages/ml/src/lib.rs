@@ -10,6 +10,7 @@ pub mod fingerprint;
 pub mod generate;
 pub mod llama;
 pub mod logprobs;
+pub mod memory;
 pub mod losses;
 pub mod model;
 pub mod qwen2;
