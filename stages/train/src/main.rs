@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod data;
+mod estimate;
 mod metrics;
 mod microbatch;
 mod optim;
@@ -14,7 +15,7 @@ mod zero;
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 const EXAMPLE: &str = "Example:
   halo-train --data plan.arrow --model ../shared/models/stories260K --ref-logps ref.parquet \\
@@ -27,6 +28,10 @@ slic, orpo (paired data); sft, csft (either). Reference log-probs come from --re
 from a second copy of --model. λ_D/λ_U default to the values resample recorded in the plan.
 With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --checkpoint-dir
 (default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.
+--checkpoint-activations recomputes each decoder layer during backward instead of storing its
+activations. `halo-train --estimate-memory --model DIR [--dtype bf16 --microbatch-size 8
+--max-length 1024 --checkpoint-activations ...]` prints the run's memory estimate and exits; on
+CUDA a run that the estimate says will not fit stops before loading the model.
 
 Data-parallel: launched as N processes (torchrun, srun, or halo run with `ranks`; the
 environment's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), each optimizer step takes
@@ -162,6 +167,12 @@ pub struct Args {
     /// param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub checkpoint_activations: bool,
+    /// Print the training memory estimate (weights, gradients, optimizer state, master
+    /// weights, activations in GiB) for --model's config.json, --dtype, --microbatch-size,
+    /// --max-length, --checkpoint-activations, --reference, --shard-optimizer and WORLD_SIZE,
+    /// and exit: nothing but config.json is read, and --data and the outputs may be left out.
+    #[arg(long)]
+    pub estimate_memory: bool,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,
@@ -193,7 +204,18 @@ fn main() {
     if argv.get(1).is_some_and(|a| a == "report") {
         argv.remove(1);
         haloflow::stage_cli::main(|| report::rerender(&ReportArgs::parse_from(argv)));
+    } else if argv.iter().any(|a| a == "--estimate-memory") {
+        haloflow::stage_cli::main(|| estimate::print(&estimate_args(argv)?));
     } else {
         haloflow::stage_cli::main(|| train::run(&Args::parse()));
     }
+}
+
+/// The arguments of `--estimate-memory`, which needs neither data nor outputs.
+fn estimate_args(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Args> {
+    let mut command = Args::command();
+    for name in ["data", "policy", "metrics", "report", "summary"] {
+        command = command.mut_arg(name, |a| a.required(false).default_value("-"));
+    }
+    Ok(Args::from_arg_matches(&command.get_matches_from(argv))?)
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
+use haloflow_ml::config::Config;
 use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
@@ -24,9 +25,9 @@ use crate::microbatch::{microbatch_loss, reference, step_kl, Job, Label, Referen
 use crate::optim::{self, AdamW, AdamWConfig, Optimizer};
 use crate::parallel::Ranks;
 use crate::zero::ShardedAdamW;
-use crate::{report, Args};
+use crate::{estimate, report, Args};
 
-fn loss_params(args: &Args) -> Result<Map<String, Value>> {
+pub(crate) fn loss_params(args: &Args) -> Result<Map<String, Value>> {
     let mut params: Map<String, Value> = match &args.loss_params {
         Some(text) => serde_json::from_str(text).with_context(|| format!("--loss-params {text}: not a JSON object"))?,
         None => Map::new(),
@@ -165,6 +166,11 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < min_rows) {
         bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
+    let config = Config::from_dir(&args.model)?;
+    let rows = split.train.iter().chain(&split.eval).map(Vec::len).max().unwrap_or(0);
+    let length = encoded.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).max().unwrap_or(0);
+    let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows, data_kind == DataKind::Paired, length, ranks.world());
+    estimate::check_fits(&memory, device)?;
     let reference = reference(args, halo.as_ref(), device, kind)?;
     let policy = CausalLm::load(&args.model, device, kind)?;
     policy.net.set_checkpointing(args.checkpoint_activations);
@@ -263,6 +269,7 @@ pub fn run(args: &Args) -> Result<()> {
         "ranks": ranks.world(),
         "shard_optimizer": args.shard_optimizer,
         "checkpoint_activations": args.checkpoint_activations,
+        "memory_estimate": memory.to_json(),
         "lambdas_from_plan": lambdas,
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),
