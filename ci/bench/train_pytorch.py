@@ -4,7 +4,7 @@ transformers (policy forward with grad on a microbatch's completions, KL-partner
 no_grad, precomputed reference log-probs, KTO loss, backward, clip_grad_norm_, AdamW), on the
 same model, plan microbatches, sequence lengths and thread count. Prints per-step seconds.
 
-    python train_pytorch.py PLAN.arrow MODEL_DIR OUT.json --steps 12 --threads 2
+    python train_pytorch.py PLAN.arrow MODEL_DIR OUT.json --steps 12 --threads 2 [--gradient-checkpointing]
 """
 import argparse
 import json
@@ -39,11 +39,14 @@ def main():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-prompt-length", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (transformers' gradient_checkpointing_enable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
     rows = pa.ipc.open_file(pa.memory_map(args.plan)).read_all().to_pylist()
     batches = {}
     for row in rows:
