@@ -10,13 +10,16 @@
 //!   [`Setup::trainable`] (LoRA adapters);
 //! - gradients in the weights' dtype; AdamW moments in f32 (2 per trained element); f32 master
 //!   weights when the weights are bf16/f16 (ZeRO-1 always keeps an f32 master slice); with
-//!   ZeRO-1 moments and masters are divided by the ranks, plus the flat f32 gradient and
-//!   gather buffers of the trained elements;
+//!   ZeRO-1 moments and masters are divided by the ranks, plus one flat f32 buffer of every
+//!   trained element (the gradient before its reduce-scatter, then the all-gathered weights;
+//!   never both at once);
 //! - activations of the forwards with gradient of one microbatch (`sequences × length` tokens):
 //!   per layer and token the tensors autograd keeps — the two RMSNorms' inputs and outputs
 //!   (plus their f32 copies below f32), rotated q and k, v, the attention output and its
 //!   log-sum-exp per head, and the MLP's gate, up, SiLU(gate) and product — and the head's
-//!   logits (in the dtype and as f32 log-probs) with the f32 gradient that backward creates.
+//!   logits (in the dtype, and the f32 copy log-sum-exp keeps) with the three f32 buffers of
+//!   their size that backward holds at once (the gather's scattered gradient, log-sum-exp's,
+//!   and the un-narrowed gradient of the whole sequence).
 //!   With checkpointing only each layer's input is kept, plus one layer's activations while it
 //!   is recomputed. Attention scores are not counted (SDPA's fused kernels do not keep them).
 //!
@@ -65,7 +68,7 @@ pub struct Estimate {
     pub reference: f64,
     /// Gradients of the trained elements.
     pub gradients: f64,
-    /// AdamW moments (and ZeRO-1's flat buffers).
+    /// AdamW moments (and ZeRO-1's flat buffer).
     pub optimizer: f64,
     /// f32 master weights.
     pub master_weights: f64,
@@ -144,7 +147,7 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let (p, t) = (parameters as f64, trainable as f64);
     let world = setup.ranks.max(1) as f64;
     let (optimizer, master_weights) = if setup.shard_optimizer {
-        (2.0 * t * 4.0 / world + 2.0 * t * 4.0, t * 4.0 / world)
+        (2.0 * t * 4.0 / world + t * 4.0, t * 4.0 / world)
     } else {
         (2.0 * t * 4.0, if setup.dtype_bytes < 4 { t * 4.0 } else { 0.0 })
     };
@@ -154,8 +157,9 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let layers = config.num_hidden_layers as f64;
     let h = config.hidden_size as f64;
     let kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
-    // The head: logits in the dtype (when not f32) and as f32, and backward's f32 gradient.
-    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + 4.0 + 4.0);
+    // The head: logits in the dtype (when not f32) and as f32, and backward's three f32
+    // buffers of their size.
+    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + 4.0 + 3.0 * 4.0);
     Estimate {
         parameters,
         trainable,
@@ -199,14 +203,14 @@ mod tests {
         assert_eq!((e.weights, e.gradients, e.optimizer, e.master_weights, e.reference), (2.0 * p, 2.0 * p, 8.0 * p, 4.0 * p, 0.0));
         // Per token and layer: 4·4096 + 2·4096 + 2·1024 + 4·14336 bf16 elements, 32 + 2·4096 f32.
         let per_layer = 4096.0 * ((16384.0 + 8192.0 + 2048.0 + 57344.0) * 2.0 + (32.0 + 8192.0) * 4.0);
-        let logits = 4096.0 * 128256.0 * 10.0;
+        let logits = 4096.0 * 128256.0 * 18.0;
         assert_eq!(e.activations, 32.0 * per_layer + logits);
         // Checkpointing keeps each layer's input and one layer's activations.
         let ck = estimate(&c, &Setup { checkpointing: true, ..setup() });
         assert_eq!(ck.activations, 32.0 * 4096.0 * 4096.0 * 2.0 + per_layer + logits);
-        // ZeRO-1 over 4 ranks: a quarter of the moments and masters, plus two flat f32 buffers.
+        // ZeRO-1 over 4 ranks: a quarter of the moments and masters, plus a flat f32 buffer.
         let z = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, ..setup() });
-        assert_eq!((z.optimizer, z.master_weights), (2.0 * p + 8.0 * p, p));
+        assert_eq!((z.optimizer, z.master_weights), (2.0 * p + 4.0 * p, p));
         // Adapters: only their elements have gradients and optimizer state.
         let lora = estimate(&c, &Setup { trainable: Some(1_000_000), ..setup() });
         assert_eq!((lora.gradients, lora.optimizer, lora.master_weights, lora.weights), (2e6, 8e6, 4e6, 2.0 * p));

@@ -1,7 +1,7 @@
 //! Activation checkpointing (`recompute.rs`): the gradients of every trained tensor equal
 //! those of the ordinary graph within 1e-5, for KTO (with KL partners), DPO (chosen and
 //! rejected as two forwards), PPO (value head on the detached hidden states), with a frozen
-//! embedding (as with LoRA adapters), in bf16, on stories260K (tied embeddings, real weights)
+//! embedding (as with LoRA adapters), with a sliding window, in bf16, on stories260K (tied embeddings, real weights)
 //! and on a random 4-layer model; forwards without gradient or with a KV cache record nothing.
 
 use std::collections::BTreeMap;
@@ -19,10 +19,15 @@ use tch::{Device, Kind, Tensor};
 const TOLERANCE: f64 = 1e-5;
 
 fn random_model(layers: usize, kind: Kind) -> CausalLm {
+    random_model_of("llama", None, layers, kind)
+}
+
+fn random_model_of(model_type: &str, sliding_window: Option<usize>, layers: usize, kind: Kind) -> CausalLm {
     let config: Config = serde_json::from_value(serde_json::json!({
-        "model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "model_type": model_type, "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 128, "tie_word_embeddings": false, "initializer_range": 0.2
+        "max_position_embeddings": 128, "tie_word_embeddings": false, "initializer_range": 0.2,
+        "sliding_window": sliding_window
     }))
     .unwrap();
     tch::manual_seed(7);
@@ -168,6 +173,15 @@ fn frozen_embedding_gets_no_gradient_and_the_layers_match() {
     let grads = gradients(&model, &[&model.vs], true, kto_loss);
     assert!(!grads.contains_key("model.embed_tokens.weight"));
     assert_same_gradients(&model, &[&model.vs], TOLERANCE, kto_loss);
+}
+
+#[test]
+fn sliding_window_gradients_match() {
+    // Sequences of 7 to 15 tokens against a window of 4: the recomputed layers use the window mask.
+    let model = random_model_of("mistral", Some(4), 4, Kind::Float);
+    assert_eq!(model.net.sliding_window(), Some(4));
+    let diff = assert_same_gradients(&model, &[&model.vs], TOLERANCE, dpo_loss);
+    eprintln!("sliding window: max |Δgrad| {diff:.2e}");
 }
 
 #[test]

@@ -41,8 +41,13 @@ fn rebuild(m: &Value, edit: impl Fn(&mut Value)) -> CausalLm {
     let mut json = m["config"].clone();
     edit(&mut json);
     let config: Config = serde_json::from_value(json).unwrap();
-    tch::manual_seed(m["seed"].as_i64().unwrap());
-    let model = CausalLm::random(config, &tokenizer_dir().unwrap(), Device::Cpu, Kind::Float).unwrap();
+    // The seed is global: tests running side by side must not draw between seed and weights.
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let model = {
+        let _one_at_a_time = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(m["seed"].as_i64().unwrap());
+        CausalLm::random(config, &tokenizer_dir().unwrap(), Device::Cpu, Kind::Float).unwrap()
+    };
     let sum: f64 = model.vs.variables().values().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
     let want = m["weight_abs_sum"].as_f64().unwrap();
     assert!((sum - want).abs() <= 1e-9 * want, "{}: rebuilt weights differ from halo-init's (|w| sum {sum} vs {want})", m["name"]);

@@ -153,15 +153,20 @@ fn max_weight_difference(a: &Path, b: &Path) -> f64 {
     a.vs.variables().iter().map(|(name, t)| (t - &vb[name]).abs().max().double_value(&[])).fold(0.0, f64::max)
 }
 
+/// Every loss reads the policy only through log-probs of forwards the tape records (KTO's KL
+/// partners and the reference run without gradient; PPO's value head reads detached hidden
+/// states), so every loss trains with checkpointing to the same weights.
 #[test]
-fn activation_checkpointing_trains_to_the_same_weights() {
+fn activation_checkpointing_trains_to_the_same_weights_with_every_loss() {
     let Some(model) = model_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 4, false);
     let pairs = dir.path().join("pairs.arrow");
     write_pairs(&pairs, 16);
-    for (loss, data) in [("kto", &plan), ("dpo", &pairs)] {
+    let binary = ["kto", "apo_zero", "ppo", "sft", "csft"].map(|l| (l, &plan));
+    let paired = ["dpo", "cdpo", "ipo", "simpo", "slic", "orpo"].map(|l| (l, &pairs));
+    for (loss, data) in binary.into_iter().chain(paired) {
         let steps = ["--loss", loss, "--lr", "3e-3", "--max-steps", "2", "--grad-accum", "2", "--microbatch-size", "4", "--reference", "live"];
         let (a, plain) = train(dir.path(), &format!("{loss}-plain"), data, &model, &steps, &[]);
         let (b, ckpt) = train(dir.path(), &format!("{loss}-ckpt"), data, &model, &[&steps[..], &["--checkpoint-activations=true"]].concat(), &[]);
