@@ -375,11 +375,6 @@ impl Llama {
         self.tape.set_enabled(on);
     }
 
-    /// Whether activation checkpointing is on.
-    pub fn checkpointing(&self) -> bool {
-        self.tape.enabled()
-    }
-
     /// Completes the backward pass of every checkpointed forward since the last call
     /// (recomputing the layers); call it after the loss's `backward()`. Does nothing when no
     /// forward was checkpointed.

@@ -67,14 +67,9 @@ impl Tape {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Whether checkpointing is on.
-    pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
-    }
-
     /// Whether a forward now should be checkpointed: checkpointing is on and autograd records.
     pub fn applies(&self) -> bool {
-        self.enabled() && grad_enabled()
+        self.enabled.load(Ordering::Relaxed) && grad_enabled()
     }
 
     /// Runs `layers` layers on `x` (the embedding output, with its graph if the embedding is
