@@ -3,7 +3,9 @@
 # (the embedded GGUF, dequantized to f32), microbatch 8, lengths <= 256, f32 on the CPU, with
 # and without activation checkpointing, beside the same step in PyTorch + transformers with
 # gradient_checkpointing off and on (ci/bench/train_pytorch.py), measured in the same run; and
-# halo-train's memory estimate against its measured peak. Prints ratios.
+# halo-train's memory estimate against its measured peak. Prints ratios. With TRL_PATH set to a
+# directory holding trl 1.16 and its dependencies (see ci/bench/train_trl_kto.py), TRL's
+# KTOTrainer (gradient_checkpointing off and on) is measured too.
 #
 #   bash ci/bench-memory.sh            (STEPS=3 THREADS=1 by default)
 #
@@ -47,8 +49,14 @@ peer=(.venv/bin/python ci/bench/train_pytorch.py "$work/plan.arrow" "$work/model
       --lr 1e-5 "${lengths[@]}")
 peer_full_rss=$(maxrss "${peer[@]:0:4}" "$work/peer_full.json" "${peer[@]:4}")
 peer_ckpt_rss=$(maxrss "${peer[@]:0:4}" "$work/peer_ckpt.json" "${peer[@]:4}" --gradient-checkpointing)
+trl_full_rss=0 trl_ckpt_rss=0
+if [ -n "${TRL_PATH:-}" ]; then
+    trl=(env PYTHONPATH="$TRL_PATH:${PYTHONPATH:-}" .venv/bin/python ci/bench/train_trl_kto.py "$work/plan.arrow" "$work/model")
+    trl_full_rss=$(maxrss "${trl[@]}" "$work/trl_full.json" "${peer[@]:4}")
+    trl_ckpt_rss=$(maxrss "${trl[@]}" "$work/trl_ckpt.json" "${peer[@]:4}" --gradient-checkpointing)
+fi
 
-.venv/bin/python - "$work" "$base_rss" "$full_rss" "$ckpt_rss" "$peer_full_rss" "$peer_ckpt_rss" "$THREADS" <<'PY'
+.venv/bin/python - "$work" "$base_rss" "$full_rss" "$ckpt_rss" "$peer_full_rss" "$peer_ckpt_rss" "$THREADS" "$trl_full_rss" "$trl_ckpt_rss" <<'PY'
 import json, statistics, sys, pyarrow.parquet as pq
 w = sys.argv[1]
 base, full, ckpt, peer_full, peer_ckpt = map(float, sys.argv[2:7])
@@ -64,6 +72,14 @@ print(f"{'':34}{'peak RSS':>12}{'s/step':>10}")
 for label, rss, sec in [("halo-train full", full, t["full"]), ("halo-train + checkpointing", ckpt, t["ckpt"]),
                         ("PyTorch+transformers full", peer_full, t["peer_full"]), ("PyTorch+transformers + grad ckpt", peer_ckpt, t["peer_ckpt"])]:
     print(f"{label:34}{rss:>9.0f} MiB{sec:>10.2f}")
+if float(sys.argv[8]) > 0:
+    trl = {k: json.load(open(f"{w}/trl_{k}.json")) for k in ("full", "ckpt")}
+    tokens = [x for x in pq.read_table(f"{w}/full.parquet").to_pydict()["tokens"] if x is not None]
+    for k, rss in (("full", float(sys.argv[8])), ("ckpt", float(sys.argv[9]))):
+        sec = statistics.median(trl[k]["seconds"][1:] or trl[k]["seconds"])
+        print(f"{'TRL KTOTrainer ' + ('full' if k == 'full' else '+ grad ckpt'):34}{rss:>9.0f} MiB{sec:>10.2f}")
+        print(f"  halo-train / TRL: peak RSS {(full if k == 'full' else ckpt) / rss:.2f}, step time {t[k] / sec:.2f}")
+    print(f"tokens per step: halo-train {tokens}, TRL {trl['full']['tokens']} (TRL drops rows whose prompt fills max_length and keeps a sequence's start)")
 print(f"ratios halo-train / peer: peak RSS full {full/peer_full:.2f}, checkpointing {ckpt/peer_ckpt:.2f}; step time full {t['full']/t['peer_full']:.2f}, checkpointing {t['ckpt']/t['peer_ckpt']:.2f}")
 print(f"checkpointing: peak RSS x{ckpt/full:.2f}, step time x{t['ckpt']/t['full']:.2f} (target <= 1.4); peer: x{peer_ckpt/peer_full:.2f}, x{t['peer_ckpt']/t['peer_full']:.2f}")
 for name, rss in [("full", full), ("ckpt", ckpt)]:
