@@ -74,12 +74,13 @@ for label, rss, sec in [("halo-train full", full, t["full"]), ("halo-train + che
     print(f"{label:34}{rss:>9.0f} MiB{sec:>10.2f}")
 if float(sys.argv[8]) > 0:
     trl = {k: json.load(open(f"{w}/trl_{k}.json")) for k in ("full", "ckpt")}
-    tokens = [x for x in pq.read_table(f"{w}/full.parquet").to_pydict()["tokens"] if x is not None]
+    m = pq.read_table(f"{w}/full.parquet").to_pydict()
+    tokens = [round(r * s) for r, s in zip(m["tokens_per_s"], m["seconds"]) if r is not None and s is not None]
     for k, rss in (("full", float(sys.argv[8])), ("ckpt", float(sys.argv[9]))):
         sec = statistics.median(trl[k]["seconds"][1:] or trl[k]["seconds"])
         print(f"{'TRL KTOTrainer ' + ('full' if k == 'full' else '+ grad ckpt'):34}{rss:>9.0f} MiB{sec:>10.2f}")
         print(f"  halo-train / TRL: peak RSS {(full if k == 'full' else ckpt) / rss:.2f}, step time {t[k] / sec:.2f}")
-    print(f"tokens per step: halo-train {tokens}, TRL {trl['full']['tokens']} (TRL drops rows whose prompt fills max_length and keeps a sequence's start)")
+    print(f"tokens per step: halo-train {tokens} (rows and KL partners), TRL {trl['full']['tokens']} (its num_tokens; of {trl['full']['rows']} rows it drops those whose prompt fills max_length)")
 print(f"ratios halo-train / peer: peak RSS full {full/peer_full:.2f}, checkpointing {ckpt/peer_ckpt:.2f}; step time full {t['full']/t['peer_full']:.2f}, checkpointing {t['ckpt']/t['peer_ckpt']:.2f}")
 print(f"checkpointing: peak RSS x{ckpt/full:.2f}, step time x{t['ckpt']/t['full']:.2f} (target <= 1.4); peer: x{peer_ckpt/peer_full:.2f}, x{t['peer_ckpt']/t['peer_full']:.2f}")
 for name, rss in [("full", full), ("ckpt", ckpt)]:
