@@ -69,6 +69,8 @@ fn the_ci_lora_pipeline_trains_an_adapter_that_sample_and_judge_read() {
     let (adapter, full) = (numel(&policy.join("adapter_model.safetensors")), numel(&train.outputs["merged"].path.join("model.safetensors")));
     eprintln!("trained {adapter} adapter parameters of {full}");
     assert_eq!(summary["trainable_parameters"].as_u64(), Some(adapter));
+    assert_eq!(summary["checkpoint_activations"], true, "ci-lora trains with activation checkpointing");
+    assert_eq!(summary["memory_estimate"]["trainable"].as_u64(), Some(adapter), "the estimate counts the adapters as trained");
     assert!(adapter * 5 < full, "LoRA trains a small fraction");
     let (a, b) = (completions(&m.stage("sample_policy").unwrap().outputs["samples"].path), completions(&m.stage("sample_merged").unwrap().outputs["samples"].path));
     assert!(a.len() > 40, "most MT-Bench prompts fit the tiny model: {}", a.len());

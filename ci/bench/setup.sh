@@ -1,6 +1,8 @@
 # Shared setup of the ML benchmarks (sourced from the repository root): bootstrap, transformers
 # for the Python peers, a work dir removed on exit, and helpers for the inputs both sides use.
-bash ci/bootstrap.sh
+# HALO_BENCH_BUILT=1: the binaries and the venv are already in place (skips the bootstrap's
+# workspace build).
+[ "${HALO_BENCH_BUILT:-}" = 1 ] || bash ci/bootstrap.sh
 source ci/env.sh
 .venv/bin/python -c "import transformers" 2>/dev/null || .venv/bin/pip install --quiet transformers
 work=$(mktemp -d)

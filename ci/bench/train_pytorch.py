@@ -7,7 +7,7 @@ order as halo-train takes them): chosen and rejected in one policy forward with 
 precomputed reference log-probs, DPO loss; then backward, clip_grad_norm_, AdamW. Writes
 per-step seconds and tokens (the sequences' lengths, as halo-train's tokens_computed).
 
-    python train_pytorch.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 12 --threads 2
+    python train_pytorch.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 12 --threads 2 [--gradient-checkpointing]
 """
 import argparse
 import json
@@ -43,11 +43,14 @@ def main():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-prompt-length", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (transformers' gradient_checkpointing_enable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
     rows = pa.ipc.open_file(pa.memory_map(args.data)).read_all().to_pylist()
     enc = lambda prompt, completion: encode(tok, prompt, completion, args.max_prompt_length, args.max_length)
     if args.loss == "kto":

@@ -15,7 +15,7 @@ const EXAMPLE: &str = "Example:
       --tokenizer ../shared/models/stories260K --out tiny-model
 
 The vocabulary size, BOS/EOS/pad ids and tokenizer files come from --tokenizer; weights are
-drawn from N(0, 0.02²) with the given --seed (norms 1, biases 0). The output loads in haloflow
+drawn from N(0, --init-std²) (default 0.02) with the given --seed (norms 1, biases 0). The output loads in haloflow
 and in transformers (config.json + model.safetensors + tokenizer files).";
 
 /// Architectures halo-init can create.
@@ -25,6 +25,8 @@ enum Arch {
     Llama,
     /// Qwen2 (q/k/v bias).
     Qwen2,
+    /// Mistral (Llama layers; every layer attends within --sliding-window when given).
+    Mistral,
 }
 
 /// Create a randomly initialised model directory.
@@ -52,9 +54,19 @@ struct Args {
     /// Longest context.
     #[arg(long, default_value_t = 512)]
     max_positions: usize,
+    /// Sliding-window attention: each query sees this many keys, itself included (mistral:
+    /// every layer; qwen2: the layers from --max-window-layers on).
+    #[arg(long)]
+    sliding_window: Option<usize>,
+    /// Qwen2: the first layer that uses the sliding window.
+    #[arg(long, default_value_t = 0)]
+    max_window_layers: usize,
     /// Tie the LM head to the embeddings.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     tie_embeddings: bool,
+    /// Standard deviation of the weights (config's initializer_range).
+    #[arg(long, default_value_t = 0.02)]
+    init_std: f64,
     /// Seed of the initialisation.
     #[arg(long, default_value_t = 0)]
     seed: i64,
@@ -94,7 +106,9 @@ fn run(args: &Args) -> Result<()> {
     let (model_type, architecture) = match args.arch {
         Arch::Llama => ("llama", "LlamaForCausalLM"),
         Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        Arch::Mistral => ("mistral", "MistralForCausalLM"),
     };
+    anyhow::ensure!(args.sliding_window.is_none() || !matches!(args.arch, Arch::Llama), "--sliding-window needs --arch mistral or qwen2 (transformers' Llama has none)");
     let mut config = json!({
         "architectures": [architecture],
         "model_type": model_type,
@@ -110,9 +124,18 @@ fn run(args: &Args) -> Result<()> {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": args.tie_embeddings,
-        "initializer_range": 0.02,
+        "initializer_range": args.init_std,
         "torch_dtype": "float32",
     });
+    match (args.arch, args.sliding_window) {
+        (Arch::Mistral, window) => config["sliding_window"] = json!(window),
+        (Arch::Qwen2, Some(window)) => {
+            config["use_sliding_window"] = json!(true);
+            config["sliding_window"] = json!(window);
+            config["max_window_layers"] = json!(args.max_window_layers);
+        }
+        _ => {}
+    }
     for (k, v) in token_ids(&args.tokenizer).as_object().expect("object") {
         if !v.is_null() {
             config[k] = v.clone();

@@ -15,7 +15,7 @@ fn init_then_load_then_save_round_trips() {
     let Some(tok) = tokenizer_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny");
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "qwen2", "mistral"] {
         let status = Command::new(env!("CARGO_BIN_EXE_halo-init"))
             .args(["--arch", arch, "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seed", "3"])
             .args(["--tokenizer", tok.to_str().unwrap(), "--out", out.to_str().unwrap()])
@@ -35,6 +35,27 @@ fn init_then_load_then_save_round_trips() {
         let diff = (tch::no_grad(|| reloaded.net.forward(&ids)) - logits).abs().max().double_value(&[]);
         assert_eq!(diff, 0.0, "{arch}: save/load changed the logits");
     }
+}
+
+#[test]
+fn sliding_windows_are_written_for_mistral_and_qwen2_and_refused_for_llama() {
+    let Some(tok) = tokenizer_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w");
+    let init = |arch: &str| {
+        Command::new(env!("CARGO_BIN_EXE_halo-init"))
+            .args(["--arch", arch, "--hidden", "32", "--layers", "3", "--sliding-window", "4", "--max-window-layers", "1"])
+            .args(["--tokenizer", tok.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    for (arch, layers) in [("mistral", vec![true, true, true]), ("qwen2", vec![false, true, true])] {
+        assert!(init(arch).status.success());
+        let model = CausalLm::load(&out, Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(model.config.sliding_window_layers().unwrap(), (Some(4), layers), "{arch}");
+    }
+    let refused = init("llama");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--sliding-window needs"));
 }
 
 #[test]

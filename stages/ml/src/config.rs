@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The architectures haloflow implements, one file each.
@@ -120,7 +120,9 @@ pub struct Config {
     pub eos_token_id: Option<TokenIds>,
     /// Padding id.
     pub pad_token_id: Option<TokenIds>,
-    /// Mistral's sliding window (refused if shorter than a sequence, see `llama.rs`).
+    /// The sliding window (keys a query sees, itself included): every layer of a Mistral
+    /// model; Qwen2's layers from `max_window_layers` on when `use_sliding_window` is set (or
+    /// those its `layer_types` name); ignored for `llama`, as transformers ignores it.
     pub sliding_window: Option<usize>,
     /// Everything else in config.json, written back unchanged on save.
     #[serde(flatten)]
@@ -144,12 +146,84 @@ impl Config {
             "qwen2" => Architecture::Qwen2,
             other => bail!("unsupported architecture `{other}` ({:?}); supported: {SUPPORTED}", self.architectures),
         };
-        if let Some(scaling) = &self.rope_scaling {
-            if scaling.rope_type != "llama3" && scaling.rope_type != "default" {
-                bail!("unsupported rope_scaling type `{}` (supported: llama3)", scaling.rope_type);
-            }
-        }
+        self.refuse_unimplemented()?;
+        self.sliding_window_layers()?;
         Ok(arch)
+    }
+
+    /// Refuses fields of config.json that change the model's math in transformers and that
+    /// haloflow does not implement, naming them (rather than computing something else).
+    fn refuse_unimplemented(&self) -> Result<()> {
+        let extra = |k: &str| self.extra.get(k).filter(|v| !v.is_null());
+        if let Some(act) = extra("hidden_act").and_then(|v| v.as_str()).filter(|a| *a != "silu") {
+            bail!("unsupported hidden_act `{act}` (supported: silu)");
+        }
+        self.rope()?;
+        if let Some(f) = extra("partial_rotary_factor").and_then(|v| v.as_f64()).filter(|f| *f != 1.0) {
+            bail!("unsupported partial_rotary_factor {f} (haloflow rotates the whole head)");
+        }
+        if let Some(tp) = extra("pretraining_tp").and_then(|v| v.as_i64()).filter(|tp| *tp != 1) {
+            bail!("unsupported pretraining_tp {tp} (haloflow implements pretraining_tp = 1)");
+        }
+        Ok(())
+    }
+
+    /// RoPE's base θ and scaling: from `rope_parameters` (transformers 5 writes them there)
+    /// when present, else from `rope_theta` and `rope_scaling`. Scaling types other than
+    /// `default` and `llama3` are refused.
+    pub fn rope(&self) -> Result<(f64, Option<RopeScaling>)> {
+        let (theta, scaling) = match self.extra.get("rope_parameters").filter(|v| !v.is_null()) {
+            Some(p) => {
+                let theta = p.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(self.rope_theta);
+                let kind = p.get("rope_type").or(p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+                let scaling = match kind {
+                    "default" => None,
+                    _ => Some(serde_json::from_value::<RopeScaling>(p.clone()).with_context(|| format!("rope_parameters {p}: not a rope scaling"))?),
+                };
+                (theta, scaling)
+            }
+            None => (self.rope_theta, self.rope_scaling.clone().filter(|s| s.rope_type != "default")),
+        };
+        if let Some(s) = &scaling {
+            ensure!(s.rope_type == "llama3", "unsupported rope scaling type `{}` (supported: llama3)", s.rope_type);
+        }
+        Ok((theta, scaling))
+    }
+
+    /// The sliding window and, per layer, whether it applies, as transformers 5 decides:
+    /// `mistral`: every layer when `sliding_window` is set; `qwen2`: when `use_sliding_window`
+    /// is true, the layers `layer_types` marks `sliding_attention`, or else those from
+    /// `max_window_layers` (default 28) on; `llama`: none. A window of 0 or an unknown layer
+    /// type is refused.
+    pub fn sliding_window_layers(&self) -> Result<(Option<usize>, Vec<bool>)> {
+        let n = self.num_hidden_layers;
+        let window = match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" if self.extra.get("use_sliding_window").and_then(|v| v.as_bool()).unwrap_or(false) => self.sliding_window,
+            _ => None,
+        };
+        let Some(window) = window else { return Ok((None, vec![false; n])) };
+        ensure!(window >= 1, "sliding_window must be at least 1, got {window}");
+        let layers = match (self.model_type.as_str(), self.extra.get("layer_types").filter(|v| !v.is_null())) {
+            ("qwen2", Some(types)) => {
+                let types: Vec<String> = serde_json::from_value(types.clone()).context("layer_types: not a list of strings")?;
+                ensure!(types.len() == n, "layer_types has {} entries for {n} layers", types.len());
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => bail!("unsupported layer type `{other}` in layer_types (supported: sliding_attention, full_attention)"),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            ("qwen2", None) => {
+                let first = self.extra.get("max_window_layers").and_then(|v| v.as_u64()).unwrap_or(28) as usize;
+                (0..n).map(|i| i >= first).collect()
+            }
+            _ => vec![true; n],
+        };
+        Ok((layers.iter().any(|&l| l).then_some(window), layers))
     }
 
     /// Key/value heads.
@@ -184,6 +258,56 @@ mod tests {
         let config: Config = serde_json::from_str(json).unwrap();
         let err = config.architecture().unwrap_err().to_string();
         assert!(err.contains("gpt2") && err.contains("qwen2") && err.contains("llama"), "{err}");
+    }
+
+    fn config(extra: serde_json::Value) -> Config {
+        let mut json = serde_json::json!({"model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "max_position_embeddings": 16});
+        json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn sliding_windows_follow_transformers() {
+        assert_eq!(config(serde_json::json!({"sliding_window": 5})).sliding_window_layers().unwrap(), (Some(5), vec![true; 4]));
+        assert_eq!(config(serde_json::json!({"sliding_window": null})).sliding_window_layers().unwrap(), (None, vec![false; 4]));
+        let llama = config(serde_json::json!({"model_type": "llama", "sliding_window": 5}));
+        assert_eq!(llama.sliding_window_layers().unwrap(), (None, vec![false; 4]));
+        let qwen = |extra: serde_json::Value| config(serde_json::json!({"model_type": "qwen2", "sliding_window": 3})).with(extra);
+        assert_eq!(qwen(serde_json::json!({})).sliding_window_layers().unwrap(), (None, vec![false; 4]), "use_sliding_window defaults to false");
+        let mixed = qwen(serde_json::json!({"use_sliding_window": true, "max_window_layers": 2}));
+        assert_eq!(mixed.sliding_window_layers().unwrap(), (Some(3), vec![false, false, true, true]));
+        let all_full = qwen(serde_json::json!({"use_sliding_window": true}));
+        assert_eq!(all_full.sliding_window_layers().unwrap(), (None, vec![false; 4]), "max_window_layers defaults to 28");
+        let typed = qwen(serde_json::json!({"use_sliding_window": true, "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}));
+        assert_eq!(typed.sliding_window_layers().unwrap(), (Some(3), vec![true, false, true, false]));
+        let odd = qwen(serde_json::json!({"use_sliding_window": true, "layer_types": ["chunked_attention", "full_attention", "full_attention", "full_attention"]}));
+        assert!(odd.architecture().unwrap_err().to_string().contains("chunked_attention"));
+        assert!(config(serde_json::json!({"sliding_window": 0})).architecture().unwrap_err().to_string().contains("sliding_window"));
+    }
+
+    #[test]
+    fn math_changing_fields_are_refused_by_name() {
+        for (extra, name) in [
+            (serde_json::json!({"hidden_act": "gelu"}), "hidden_act"),
+            (serde_json::json!({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}), "rope scaling type `yarn`"),
+            (serde_json::json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+            (serde_json::json!({"pretraining_tp": 2}), "pretraining_tp"),
+            (serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "rope scaling type `yarn`"),
+        ] {
+            let err = config(extra).architecture().unwrap_err().to_string();
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        assert!(config(serde_json::json!({"hidden_act": "silu", "pretraining_tp": 1})).architecture().is_ok());
+        let v5 = config(serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}));
+        assert_eq!(v5.rope().unwrap(), (5e5, None), "transformers 5 keeps θ in rope_parameters");
+    }
+
+    impl Config {
+        fn with(mut self, extra: serde_json::Value) -> Config {
+            self.extra.extend(extra.as_object().unwrap().clone());
+            self
+        }
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! its softmax never sees an all-masked row and never produces NaN.) After this prefill,
 //! [`Decoder::step`] feeds one token per row, reusing the keys and values of the
 //! [`KvCache`]. Finished rows leave the batch ([`KvCache::select`]), so they cost nothing
-//! afterwards.
+//! afterwards. Sliding-window layers (Mistral, Qwen2) keep only the keys and values the next
+//! query can see ([`Llama::bound_cache`]: the last `window − 1` columns, which in a
+//! left-padded batch are the same columns for every row), so their cache stays bounded
+//! however long the generation.
 //!
 //! # Choosing tokens
 //!
@@ -243,6 +246,7 @@ impl<'a> Decoder<'a> {
             .logical_or(&Tensor::eye(t as i64, (Kind::Bool, device)));
         let mut cache = KvCache::new();
         let hidden = net.hidden_states(&ids, &positions, Some(&mask), Some(&mut cache));
+        net.bound_cache(&mut cache);
         let logits = net.logits(&hidden.narrow(1, t as i64 - 1, 1)).squeeze_dim(1).to_kind(Kind::Float);
         let lengths: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
         let next_positions = Tensor::from_slice(&lengths).to_device(device);
@@ -263,8 +267,14 @@ impl<'a> Decoder<'a> {
         self.keys = Tensor::cat(&[&self.keys, &Tensor::ones([b, 1], (Kind::Bool, device))], 1);
         let mask = self.keys.view([b, 1, 1, -1]);
         let hidden = self.net.hidden_states(&ids, &self.positions.view([b, 1]), Some(&mask), Some(&mut self.cache));
+        self.net.bound_cache(&mut self.cache);
         self.positions = &self.positions + 1;
         self.net.logits(&hidden).squeeze_dim(1).to_kind(Kind::Float)
+    }
+
+    /// The cache (to see how much it holds).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
     }
 
     /// Keeps only the rows `rows` (indices into the current batch), in that order.

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::Config;
 use crate::lora::Adapter;
+use crate::recompute::{LayerArgs, Tape};
 
 /// A linear map `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached.
 #[derive(Debug)]
@@ -67,8 +68,9 @@ impl Rope {
     pub fn new(config: &Config, device: tch::Device) -> Rope {
         let dim = config.head_dim() as i64;
         let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
-        let mut inv_freq = Tensor::from(config.rope_theta as f32).to_device(device).pow(&exponents).reciprocal();
-        if let Some(s) = config.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") {
+        let (theta, scaling) = config.rope().expect("a config checked by Config::architecture");
+        let mut inv_freq = Tensor::from(theta as f32).to_device(device).pow(&exponents).reciprocal();
+        if let Some(s) = scaling.as_ref().filter(|s| s.rope_type == "llama3") {
             let old = s.original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
             let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
@@ -95,10 +97,14 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
 }
 
-/// Keys and values of earlier positions, per layer, for incremental decoding.
+/// Keys and values of earlier positions, per layer, for incremental decoding, with the
+/// position ids of the cached columns (for sliding-window masks). A sliding-window layer may
+/// hold fewer columns than the others ([`Llama::bound_cache`]): always the latest ones.
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(B, T_total)` position ids of every cached column.
+    positions: Option<Tensor>,
 }
 
 impl KvCache {
@@ -109,7 +115,13 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+        self.positions.as_ref().map_or(0, |p| p.size()[1])
+    }
+
+    /// Columns each layer holds (a sliding-window layer's may be fewer, see
+    /// [`Llama::bound_cache`]).
+    pub fn layer_columns(&self) -> Vec<i64> {
+        self.layers.iter().map(|l| l.as_ref().map_or(0, |(k, _)| k.size()[2])).collect()
     }
 
     /// Whether nothing is cached yet.
@@ -124,7 +136,7 @@ impl KvCache {
             .iter()
             .map(|l| l.as_ref().map(|(k, v)| (k.index_select(0, index), v.index_select(0, index))))
             .collect();
-        KvCache { layers }
+        KvCache { layers, positions: self.positions.as_ref().map(|p| p.index_select(0, index)) }
     }
 
     /// Keeps only the batch rows in `index` (for dropping finished sequences).
@@ -133,6 +145,20 @@ impl KvCache {
             *k = k.index_select(0, index);
             *v = v.index_select(0, index);
         }
+        if let Some(p) = self.positions.as_mut() {
+            *p = p.index_select(0, index);
+        }
+    }
+
+    /// Key position ids `(B, T_total)` for a call at `positions (B, T)`: the cached ones
+    /// followed by these, which are recorded.
+    fn push_positions(&mut self, positions: &Tensor) -> Tensor {
+        let all = match &self.positions {
+            Some(p) => Tensor::cat(&[p, positions], 1),
+            None => positions.shallow_clone(),
+        };
+        self.positions = Some(all.shallow_clone());
+        all
     }
 }
 
@@ -178,6 +204,11 @@ impl Attention {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
+        // A sliding-window layer's cache may keep only the latest columns: the mask's are the
+        // last ones of the whole cache.
+        let (keys, mask_keys) = (k.size()[2], mask.map_or(0, |m| m.size()[3]));
+        let narrowed = (mask_keys > keys).then(|| mask.expect("mask present").narrow(3, mask_keys - keys, keys));
+        let mask = narrowed.as_ref().or(mask);
         // Grouped-query attention: SDPA pairs each query head with its key/value group itself.
         let causal = mask.is_none() && !incremental && t > 1;
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, self.heads != self.kv_heads);
@@ -213,11 +244,14 @@ struct Block {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// Whether the layer attends within the sliding window only.
+    sliding: bool,
 }
 
 impl Block {
-    fn new(vs: nn::Path, c: &Config) -> Block {
+    fn new(vs: nn::Path, c: &Config, sliding: bool) -> Block {
         Block {
+            sliding,
             input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps),
             self_attn: Attention::new(&vs / "self_attn", c),
             post_attention_layernorm: RmsNorm::new(&vs / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
@@ -235,6 +269,22 @@ fn init_std(c: &Config) -> f64 {
     c.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02)
 }
 
+/// The sliding-window mask `(B, 1, T, T_total)` for queries at `positions (B, T)` and keys at
+/// `key_positions (B, T_total)`: `mask` (or causality by position) and `q − k < window`.
+/// `None` when no key can be that far (the layers' own mask is then the same).
+fn window_mask(positions: &Tensor, key_positions: &Tensor, mask: Option<&Tensor>, window: i64) -> Option<Tensor> {
+    if key_positions.size()[1] <= window {
+        return None;
+    }
+    let distance = positions.unsqueeze(-1) - key_positions.unsqueeze(1);
+    let near = distance.lt(window).unsqueeze(1);
+    let base = match mask {
+        Some(m) => m.shallow_clone(),
+        None => distance.ge(0).unsqueeze(1),
+    };
+    Some(base.logical_and(&near))
+}
+
 /// The Llama causal LM.
 #[derive(Debug)]
 pub struct Llama {
@@ -243,6 +293,10 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Option<Tensor>,
     rope: Rope,
+    /// The sliding window (keys a query sees, itself included), if any layer has one.
+    window: Option<i64>,
+    /// Activation checkpointing's record of forwards (off unless enabled).
+    tape: Tape,
 }
 
 impl Llama {
@@ -252,25 +306,40 @@ impl Llama {
         let (v, h) = (config.vocab_size as i64, config.hidden_size as i64);
         let std = init_std(config);
         let embed_tokens = (&model / "embed_tokens").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std });
-        let layers = (0..config.num_hidden_layers).map(|i| Block::new(&model / "layers" / i, config)).collect();
+        let (window, sliding) = config.sliding_window_layers().expect("a config checked by Config::architecture");
+        let layers = (0..config.num_hidden_layers).map(|i| Block::new(&model / "layers" / i, config, sliding[i])).collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| (vs / "lm_head").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std }));
-        Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(config, vs.device()) }
+        Llama { embed_tokens, layers, norm, lm_head, rope: Rope::new(config, vs.device()), window: window.map(|w| w as i64), tape: Tape::default() }
     }
 
     /// Final hidden states `(B, T, hidden)` for `input_ids (B, T)` at `positions (B, T)`.
     /// `mask` is a boolean `(B, 1, T, T_total)` attention mask (true = attend); without one the
     /// attention is causal, which is exact for right-padded batches. With a cache, keys and
-    /// values of earlier calls are prepended and this call's are appended.
+    /// values of earlier calls are prepended and this call's are appended. Sliding-window
+    /// layers also hide keys whose position id is `window` or more below the query's.
     pub fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         let (cos, sin) = self.rope.cos_sin(positions, x.kind());
+        let key_positions = match cache.as_deref_mut() {
+            Some(c) => c.push_positions(positions),
+            None => positions.shallow_clone(),
+        };
+        let window_mask = self.window.and_then(|w| window_mask(positions, &key_positions, mask, w));
+        // A forward with a cache keeps its full graph: the cached keys and values of a later
+        // call would need the earlier call's layers recomputed together with it.
+        if cache.is_none() && self.tape.applies() {
+            let args = LayerArgs { cos, sin, mask: mask.map(|m| m.shallow_clone()), window_mask };
+            let x = self.tape.forward(x, self.layers.len(), args, |i, x, a| self.layer(i, x, a));
+            return self.norm.forward(&x);
+        }
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let mask = if layer.sliding { window_mask.as_ref().or(mask) } else { mask };
             x = layer.forward(&x, &cos, &sin, mask, slot);
         }
         self.norm.forward(&x)
@@ -297,6 +366,54 @@ impl Llama {
             }
         }
         slots
+    }
+
+    /// Layer `i` on `x` without a cache.
+    fn layer(&self, i: usize, x: &Tensor, args: &LayerArgs) -> Tensor {
+        let layer = &self.layers[i];
+        let mask = if layer.sliding { args.window_mask.as_ref().or(args.mask.as_ref()) } else { args.mask.as_ref() };
+        layer.forward(x, &args.cos, &args.sin, mask, None)
+    }
+
+    /// The sliding window, when any layer has one.
+    pub fn sliding_window(&self) -> Option<i64> {
+        self.window
+    }
+
+    /// Bounds the cache of every sliding-window layer to the `window − 1` latest columns: all
+    /// that the next query can see, when the cache's columns are aligned positions (as in
+    /// [`crate::generate::Decoder`]'s left-padded batch, where a column's position id is the
+    /// same offset from every row's next position).
+    pub fn bound_cache(&self, cache: &mut KvCache) {
+        let Some(w) = self.window else { return };
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if let (true, Some((k, v))) = (layer.sliding, slot.as_mut()) {
+                let len = k.size()[2];
+                if len > w - 1 {
+                    *k = k.narrow(2, len - (w - 1), w - 1);
+                    *v = v.narrow(2, len - (w - 1), w - 1);
+                }
+            }
+        }
+    }
+
+    /// Turns activation checkpointing on or off: while on, a forward without a cache that
+    /// autograd records keeps only each layer's input, and [`Llama::finish_backward`] must
+    /// follow the loss's `backward()` (see `recompute.rs`).
+    pub fn set_checkpointing(&self, on: bool) {
+        self.tape.set_enabled(on);
+    }
+
+    /// Completes the backward pass of every checkpointed forward since the last call
+    /// (recomputing the layers); call it after the loss's `backward()`. Does nothing when no
+    /// forward was checkpointed.
+    pub fn finish_backward(&self) -> anyhow::Result<()> {
+        self.tape.finish_backward(|i, x, a| self.layer(i, x, a))
+    }
+
+    /// Checkpointed forwards waiting for [`Llama::finish_backward`].
+    pub fn pending_backward(&self) -> usize {
+        self.tape.pending()
     }
 
     /// Logits `(B, T, vocab)` from hidden states.

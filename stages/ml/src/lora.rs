@@ -78,6 +78,19 @@ impl LoraConfig {
     pub fn targets_module(&self, name: &str) -> bool {
         self.targets.iter().any(|t| name == t || name.ends_with(&format!(".{t}")))
     }
+
+    /// Elements of every adapter this config puts on a model of `config` (`r · (in + out)` per
+    /// targeted projection): what the memory estimate counts as trained.
+    pub fn adapter_elements(&self, config: &crate::config::Config) -> u64 {
+        let (h, i) = (config.hidden_size as i64, config.intermediate_size as i64);
+        let (q, kv) = ((config.num_attention_heads * config.head_dim()) as i64, (config.kv_heads() * config.head_dim()) as i64);
+        let shapes = [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv), ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i), ("mlp.down_proj", i, h)];
+        (0..config.num_hidden_layers)
+            .flat_map(|layer| shapes.iter().map(move |(name, a, b)| (format!("model.layers.{layer}.{name}"), a + b)))
+            .filter(|(name, _)| self.targets_module(name))
+            .map(|(_, widths)| (self.r * widths) as u64)
+            .sum()
+    }
 }
 
 /// What every adapter of a model shares: whether adapters are on (off: the base model, used as

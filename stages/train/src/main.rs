@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod data;
+mod estimate;
 mod metrics;
 mod microbatch;
 mod optim;
@@ -14,7 +15,7 @@ mod zero;
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use haloflow_ml::prompt_format::PromptFormatArg;
 
 const EXAMPLE: &str = "Example:
@@ -28,6 +29,10 @@ slic, orpo (paired data); sft, csft (either). Reference log-probs come from --re
 from a second copy of --model. λ_D/λ_U default to the values resample recorded in the plan.
 With --save-every N, checkpoints (weights, optimizer, step, metrics) go to --checkpoint-dir
 (default $HALO_SCRATCH_DIR, else POLICY.checkpoints) and a killed run resumes from the last one.
+--checkpoint-activations recomputes each decoder layer during backward instead of storing its
+activations. `halo-train --estimate-memory --model DIR [--dtype bf16 --microbatch-size 8
+--max-length 1024 --checkpoint-activations ...]` prints the run's memory estimate and exits; on
+CUDA a run that the estimate says will not fit stops before loading the model.
 
 With --lora, only LoRA adapters are trained (PEFT's initialisation, seeded by --seed) and
 --policy is a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that
@@ -189,6 +194,18 @@ pub struct Args {
     /// Completion positions whose logits (LM head, log-softmax) are computed at once.
     #[arg(long, default_value_t = haloflow_ml::logprobs::LOGITS_CHUNK)]
     pub logits_chunk: usize,
+    /// Activation checkpointing: keep only each decoder layer's input and recompute the layer
+    /// during backward, trading a second forward for the layers' activations
+    /// (`--checkpoint-activations`, or `--checkpoint-activations=true|false` as a pipeline
+    /// param passes it).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub checkpoint_activations: bool,
+    /// Print the training memory estimate (weights, gradients, optimizer state, master
+    /// weights, activations in GiB) for --model's config.json, --dtype, --microbatch-size,
+    /// --max-length, --checkpoint-activations, --reference, --shard-optimizer and WORLD_SIZE,
+    /// and exit: nothing but config.json is read, and --data and the outputs may be left out.
+    #[arg(long)]
+    pub estimate_memory: bool,
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,
@@ -220,7 +237,18 @@ fn main() {
     if argv.get(1).is_some_and(|a| a == "report") {
         argv.remove(1);
         haloflow::stage_cli::main(|| report::rerender(&ReportArgs::parse_from(argv)));
+    } else if argv.iter().any(|a| a == "--estimate-memory") {
+        haloflow::stage_cli::main(|| estimate::print(&estimate_args(argv)?));
     } else {
         haloflow::stage_cli::main(|| train::run(&Args::parse()));
     }
+}
+
+/// The arguments of `--estimate-memory`, which needs neither data nor outputs.
+fn estimate_args(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Args> {
+    let mut command = Args::command();
+    for name in ["data", "policy", "metrics", "report", "summary"] {
+        command = command.mut_arg(name, |a| a.required(false).default_value("-"));
+    }
+    Ok(Args::from_arg_matches(&command.get_matches_from(argv))?)
 }

@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
 use haloflow::tracking::Tracker;
+use haloflow_ml::config::Config;
 use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
@@ -25,9 +26,9 @@ use crate::microbatch::{microbatch_loss, reference, step_kl, Job, Label, Referen
 use crate::optim::{self, AdamW, AdamWConfig, Optimizer};
 use crate::parallel::Ranks;
 use crate::zero::ShardedAdamW;
-use crate::{report, Args};
+use crate::{estimate, report, Args};
 
-fn loss_params(args: &Args) -> Result<Map<String, Value>> {
+pub(crate) fn loss_params(args: &Args) -> Result<Map<String, Value>> {
     let mut params: Map<String, Value> = match &args.loss_params {
         Some(text) => serde_json::from_str(text).with_context(|| format!("--loss-params {text}: not a JSON object"))?,
         None => Map::new(),
@@ -127,6 +128,8 @@ impl Trainer<'_> {
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
             }
             acc.backward(&out)?;
+            // Activation checkpointing: the layers' part of the backward (nothing otherwise).
+            self.policy.net.finish_backward()?;
             row.add_microbatch(&out);
         }
         let mut tokens = job.tokens.take();
@@ -208,6 +211,9 @@ pub fn run(args: &Args) -> Result<()> {
     optim::validate(args.lr, &adam)?;
     ensure!(args.grad_accum >= 1, "grad_accum must be at least 1");
     let lora_config = args.lora.as_deref().map(LoraConfig::parse).transpose()?;
+    if let Some(dropout) = lora_config.as_ref().map(|c| c.dropout).filter(|&d| d > 0.0 && args.checkpoint_activations) {
+        bail!("--checkpoint-activations with LoRA dropout {dropout}: the recomputed layers would draw other dropout masks than the forward did; set the adapters' dropout to 0 or turn checkpointing off");
+    }
     let merged = merged_output(args, lora_config.is_some())?;
     let mut halo = losses::by_name(&args.loss, &loss_params(args)?)?;
     if let Some(reduce) = ranks.loss_reduce() {
@@ -224,11 +230,17 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < min_rows) {
         bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
+    let config = Config::from_dir(&args.model)?;
+    let rows = split.train.iter().chain(&split.eval).map(Vec::len).max().unwrap_or(0);
+    let length = encoded.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).max().unwrap_or(0);
+    let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows, data_kind == DataKind::Paired, length, ranks.world());
+    estimate::check_fits(&memory, device)?;
     let reference = reference(args, &tok, halo.as_ref(), device, kind)?;
     let mut policy = CausalLm::load(&args.model, device, kind)?;
     if let Some(config) = &lora_config {
         attach_lora(&mut policy, config, args)?;
     }
+    policy.net.set_checkpointing(args.checkpoint_activations);
     let mut params: BTreeMap<String, Tensor> = policy.trainable();
     let trainable_parameters: i64 = params.values().map(Tensor::numel).sum::<usize>() as i64;
     // PPO's critic: a value head trained with the policy, kept in checkpoints, not in the output.
@@ -358,6 +370,8 @@ pub fn run(args: &Args) -> Result<()> {
         "lora": lora_config,
         "trainable_parameters": trainable_parameters,
         "merge_lora": merged.is_some(),
+        "checkpoint_activations": args.checkpoint_activations,
+        "memory_estimate": memory.to_json(),
         "lambdas_from_plan": lambdas,
         "reference": match &reference { Reference::Cache(_) => "cache", Reference::Live(_) => "live", Reference::Base => "base (adapters off)", Reference::Free => "none" },
         "first": state.metrics.first().map(Row::to_json),

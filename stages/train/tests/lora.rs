@@ -48,6 +48,7 @@ fn kto_with_lora_learns_the_preference_on_held_out_prompts() {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.dir.join("summary.json")).unwrap()).unwrap();
     let trained: i64 = adapter.values().map(|t| t.numel() as i64).sum();
     assert_eq!(summary["trainable_parameters"].as_i64(), Some(trained));
+    assert_eq!(summary["memory_estimate"]["trainable"].as_i64(), Some(trained), "the memory estimate counts the adapters as trained");
     assert_eq!(summary["reference"].as_str(), Some("base (adapters off)"));
     // The adapter directory loads as base + adapter and scores like the trained policy did:
     // its logits differ from the base model's.
@@ -174,8 +175,9 @@ fn bad_lora_settings_and_foreign_adapters_are_refused() {
         ("target", r#"{"r": 4, "alpha": 8, "targets": ["q_proj", "c_attn"]}"#, "`c_attn` matches no module of the model; its modules are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
         ("rank", r#"{"r": 0, "alpha": 8}"#, "lora.r = 0 must be at least 1"),
         ("json", r#"{"r": 4}"#, "missing field `alpha`"),
+        ("dropout", r#"{"r": 4, "alpha": 8, "dropout": 0.1}"#, "--checkpoint-activations with LoRA dropout 0.1"),
     ] {
-        let (out, run) = train(dir.path(), name, &plan, &model, &["--loss", "kto", "--max-steps", "1", "--lora", lora], &[]);
+        let (out, run) = train(dir.path(), name, &plan, &model, &["--loss", "kto", "--max-steps", "1", "--lora", lora, "--checkpoint-activations=true"], &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(expected), "{name}: {err}");
         assert!(!run.dir.join("policy").exists() && !run.dir.join("summary.json").exists(), "{name}: nothing written");

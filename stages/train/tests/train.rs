@@ -181,3 +181,39 @@ fn prompt_sharing_leaves_loss_gradients_and_parameters_unchanged() {
         }
     }
 }
+
+/// Largest absolute difference between the weights of two saved policies.
+fn max_weight_difference(a: &Path, b: &Path) -> f64 {
+    use haloflow_ml::model::CausalLm;
+    let (a, b) = (CausalLm::load(a, tch::Device::Cpu, tch::Kind::Float).unwrap(), CausalLm::load(b, tch::Device::Cpu, tch::Kind::Float).unwrap());
+    let vb = b.vs.variables();
+    a.vs.variables().iter().map(|(name, t)| (t - &vb[name]).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+/// Every loss reads the policy only through log-probs of forwards the tape records (KTO's KL
+/// partners and the reference run without gradient; PPO's value head reads detached hidden
+/// states), so every loss trains with checkpointing to the same weights.
+#[test]
+fn activation_checkpointing_trains_to_the_same_weights_with_every_loss() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 4, false);
+    let pairs = dir.path().join("pairs.arrow");
+    write_pairs(&pairs, 16);
+    let binary = ["kto", "apo_zero", "ppo", "sft", "csft"].map(|l| (l, &plan));
+    let paired = ["dpo", "cdpo", "ipo", "simpo", "slic", "orpo"].map(|l| (l, &pairs));
+    for (loss, data) in binary.into_iter().chain(paired) {
+        let steps = ["--loss", loss, "--lr", "3e-3", "--max-steps", "2", "--grad-accum", "2", "--microbatch-size", "4", "--reference", "live"];
+        let (a, plain) = train(dir.path(), &format!("{loss}-plain"), data, &model, &steps, &[]);
+        let (b, ckpt) = train(dir.path(), &format!("{loss}-ckpt"), data, &model, &[&steps[..], &["--checkpoint-activations=true"]].concat(), &[]);
+        assert!(a.status.success() && b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+        let moved = max_weight_difference(&model, &plain.dir.join("policy"));
+        let diff = max_weight_difference(&plain.dir.join("policy"), &ckpt.dir.join("policy"));
+        eprintln!("{loss}: 2 steps moved the weights by up to {moved:.3e}; checkpointed vs plain differ by {diff:.3e}");
+        assert!(moved > 1e-4, "{loss}: training did not move the weights, the comparison would prove nothing");
+        assert!(diff <= 1e-5, "{loss}: checkpointed training differs by {diff}");
+        let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.dir.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["checkpoint_activations"], true);
+    }
+}

@@ -1,0 +1,237 @@
+//! A training memory estimate from a model's config (like `accelerate estimate-memory`, but for
+//! training): weights, gradients, AdamW state, f32 master weights, a live reference model and
+//! activations, in bytes, for a dtype, microbatch, sequence length, activation checkpointing,
+//! ranks and ZeRO-1 sharding.
+//!
+//! The counts follow haloflow's model and trainer:
+//! - parameters: embeddings, per layer q/k/v/o (with their biases), the SwiGLU MLP and two
+//!   RMSNorms, the final norm and an untied LM head;
+//! - trained tensors: every parameter (full training), or the count given in
+//!   [`Setup::trainable`] (LoRA adapters);
+//! - gradients in the weights' dtype; AdamW moments in f32 (2 per trained element); f32 master
+//!   weights when the weights are bf16/f16 (ZeRO-1 always keeps an f32 master slice); with
+//!   ZeRO-1 moments and masters are divided by the ranks, plus one flat f32 buffer of every
+//!   trained element (the gradient before its reduce-scatter, then the all-gathered weights;
+//!   never both at once);
+//! - activations of the forwards with gradient of one microbatch (`sequences × length` tokens):
+//!   per layer and token the tensors autograd keeps — the two RMSNorms' inputs and outputs
+//!   (plus their f32 copies below f32), rotated q and k, v, the attention output and its
+//!   log-sum-exp per head, and the MLP's gate, up, SiLU(gate) and product — and the head's
+//!   logits (in the dtype, and the f32 copy log-sum-exp keeps) with the three f32 buffers of
+//!   their size that backward holds at once (the gather's scattered gradient, log-sum-exp's,
+//!   and the un-narrowed gradient of the whole sequence).
+//!   With checkpointing only each layer's input is kept, plus one layer's activations while it
+//!   is recomputed. Attention scores are not counted (SDPA's fused kernels do not keep them).
+//!
+//! Not counted: the framework's own memory (libtorch, allocator caches), the data, PPO's value
+//! head, and the no-grad forwards (reference, KL partners) beyond their logits.
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+/// GiB in bytes.
+pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// What a training run looks like, for the estimate.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Bytes per weight element (4: f32, 2: bf16/f16).
+    pub dtype_bytes: usize,
+    /// Sequences run forward with gradient per microbatch (rows; twice the pairs for paired
+    /// losses).
+    pub sequences: usize,
+    /// Tokens per sequence (the longest a microbatch may pad to).
+    pub length: usize,
+    /// Activation checkpointing.
+    pub checkpointing: bool,
+    /// Trained elements when not every parameter is (LoRA adapters); `None`: full training.
+    pub trainable: Option<u64>,
+    /// Processes of a data-parallel run.
+    pub ranks: usize,
+    /// ZeRO-1 sharding of the optimizer state.
+    pub shard_optimizer: bool,
+    /// A live reference model (a second copy of the weights).
+    pub live_reference: bool,
+}
+
+/// The estimate, per process, in bytes.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Estimate {
+    /// Model parameters.
+    pub parameters: u64,
+    /// Trained elements.
+    pub trainable: u64,
+    /// The policy's weights.
+    pub weights: f64,
+    /// A live reference model's weights (0 without one).
+    pub reference: f64,
+    /// Gradients of the trained elements.
+    pub gradients: f64,
+    /// AdamW moments (and ZeRO-1's flat buffer).
+    pub optimizer: f64,
+    /// f32 master weights.
+    pub master_weights: f64,
+    /// Activations kept for backward at the peak of one microbatch.
+    pub activations: f64,
+}
+
+impl Estimate {
+    /// The sum of the parts.
+    pub fn total(&self) -> f64 {
+        self.weights + self.reference + self.gradients + self.optimizer + self.master_weights + self.activations
+    }
+
+    /// The parts in GiB, for summary.json.
+    pub fn to_json(&self) -> serde_json::Value {
+        let gib = |b: f64| (b / GIB * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "parameters": self.parameters,
+            "trainable": self.trainable,
+            "weights_gib": gib(self.weights),
+            "reference_gib": gib(self.reference),
+            "gradients_gib": gib(self.gradients),
+            "optimizer_gib": gib(self.optimizer),
+            "master_weights_gib": gib(self.master_weights),
+            "activations_gib": gib(self.activations),
+            "total_gib": gib(self.total()),
+        })
+    }
+
+    /// A printable table in GiB.
+    pub fn table(&self) -> String {
+        let rows = [
+            ("weights", self.weights),
+            ("reference (live)", self.reference),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("master weights", self.master_weights),
+            ("activations", self.activations),
+            ("total", self.total()),
+        ];
+        let mut out = format!("parameters {} (trained {})\n", self.parameters, self.trainable);
+        for (name, bytes) in rows {
+            out.push_str(&format!("{name:<18} {:>9.3} GiB\n", bytes / GIB));
+        }
+        out
+    }
+}
+
+/// Parameter count of `config`'s model.
+pub fn parameter_count(c: &Config) -> u64 {
+    let (h, v, i) = (c.hidden_size as u64, c.vocab_size as u64, c.intermediate_size as u64);
+    let (q, kv) = ((c.num_attention_heads * c.head_dim()) as u64, (c.kv_heads() * c.head_dim()) as u64);
+    let qkv_bias = if c.qkv_bias() { q + 2 * kv } else { 0 };
+    let o_bias = if c.o_bias() { h } else { 0 };
+    let mlp_bias = if c.mlp_bias { 2 * i + h } else { 0 };
+    let layer = h * q + 2 * h * kv + q * h + qkv_bias + o_bias + 3 * h * i + mlp_bias + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    v * h + c.num_hidden_layers as u64 * layer + h + head
+}
+
+/// Activation elements one layer keeps per token: `(in the dtype, in f32)`.
+fn layer_elements(c: &Config, dtype_bytes: usize) -> (u64, u64) {
+    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let (q, kv, heads) = ((c.num_attention_heads * c.head_dim()) as u64, (c.kv_heads() * c.head_dim()) as u64, c.num_attention_heads as u64);
+    let in_dtype = 4 * h + 2 * q + 2 * kv + 4 * i;
+    // Log-sum-exp per head (f32), RMSNorm's f32 copies of its two inputs below f32.
+    let f32s = heads + if dtype_bytes < 4 { 2 * h } else { 0 };
+    (in_dtype, f32s)
+}
+
+/// The estimate for `config` trained as `setup` says.
+pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
+    let parameters = parameter_count(config);
+    let trainable = setup.trainable.unwrap_or(parameters);
+    let s = setup.dtype_bytes as f64;
+    let (p, t) = (parameters as f64, trainable as f64);
+    let world = setup.ranks.max(1) as f64;
+    let (optimizer, master_weights) = if setup.shard_optimizer {
+        (2.0 * t * 4.0 / world + t * 4.0, t * 4.0 / world)
+    } else {
+        (2.0 * t * 4.0, if setup.dtype_bytes < 4 { t * 4.0 } else { 0.0 })
+    };
+    let tokens = (setup.sequences * setup.length) as f64;
+    let (in_dtype, f32s) = layer_elements(config, setup.dtype_bytes);
+    let layer = tokens * (in_dtype as f64 * s + f32s as f64 * 4.0);
+    let layers = config.num_hidden_layers as f64;
+    let h = config.hidden_size as f64;
+    let kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
+    // The head: logits in the dtype (when not f32) and as f32, and backward's three f32
+    // buffers of their size.
+    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + 4.0 + 3.0 * 4.0);
+    Estimate {
+        parameters,
+        trainable,
+        weights: p * s,
+        reference: if setup.live_reference { p * s } else { 0.0 },
+        gradients: t * s,
+        optimizer,
+        master_weights,
+        activations: kept + logits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama3_8b() -> Config {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": false
+        }))
+        .unwrap()
+    }
+
+    fn setup() -> Setup {
+        Setup { dtype_bytes: 2, sequences: 4, length: 1024, checkpointing: false, trainable: None, ranks: 1, shard_optimizer: false, live_reference: false }
+    }
+
+    #[test]
+    fn llama3_8b_has_its_published_parameter_count() {
+        // Meta's Llama-3-8B: 8,030,261,248 parameters.
+        assert_eq!(parameter_count(&llama3_8b()), 8_030_261_248);
+    }
+
+    #[test]
+    fn the_parts_follow_the_arithmetic() {
+        let c = llama3_8b();
+        let p = 8_030_261_248f64;
+        let e = estimate(&c, &setup());
+        assert_eq!((e.weights, e.gradients, e.optimizer, e.master_weights, e.reference), (2.0 * p, 2.0 * p, 8.0 * p, 4.0 * p, 0.0));
+        // Per token and layer: 4·4096 + 2·4096 + 2·1024 + 4·14336 bf16 elements, 32 + 2·4096 f32.
+        let per_layer = 4096.0 * ((16384.0 + 8192.0 + 2048.0 + 57344.0) * 2.0 + (32.0 + 8192.0) * 4.0);
+        let logits = 4096.0 * 128256.0 * 18.0;
+        assert_eq!(e.activations, 32.0 * per_layer + logits);
+        // Checkpointing keeps each layer's input and one layer's activations.
+        let ck = estimate(&c, &Setup { checkpointing: true, ..setup() });
+        assert_eq!(ck.activations, 32.0 * 4096.0 * 4096.0 * 2.0 + per_layer + logits);
+        // ZeRO-1 over 4 ranks: a quarter of the moments and masters, plus a flat f32 buffer.
+        let z = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, ..setup() });
+        assert_eq!((z.optimizer, z.master_weights), (2.0 * p + 4.0 * p, p));
+        // Adapters: only their elements have gradients and optimizer state.
+        let lora = estimate(&c, &Setup { trainable: Some(1_000_000), ..setup() });
+        assert_eq!((lora.gradients, lora.optimizer, lora.master_weights, lora.weights), (2e6, 8e6, 4e6, 2.0 * p));
+        // f32 needs no master weights; a live reference doubles the weights.
+        let f32 = estimate(&c, &Setup { dtype_bytes: 4, live_reference: true, ..setup() });
+        assert_eq!((f32.master_weights, f32.reference), (0.0, 4.0 * p));
+    }
+
+    #[test]
+    fn tied_heads_and_biases_are_counted() {
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 16, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        // Per layer: q 8·8 + k, v 8·4 each + o 8·8 + q/k/v bias 8+4+4 + MLP 3·8·12 + norms 2·8.
+        let layer = 64 + 64 + 64 + 16 + 288 + 16;
+        assert_eq!(parameter_count(&c), 80 + 2 * layer + 8);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        crate::qwen2::new(&vs.root(), &c);
+        assert_eq!(parameter_count(&c), vs.variables().values().map(|t| t.numel() as u64).sum::<u64>());
+    }
+}

@@ -1,0 +1,99 @@
+//! The training memory estimate of a run (`haloflow_ml::memory`) from halo-train's arguments:
+//! `--estimate-memory` prints it without loading anything but config.json; every run writes it
+//! to summary.json; on CUDA a run it says will not fit stops before loading the model.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use haloflow_ml::config::Config;
+use haloflow_ml::device::{parse_device, parse_dtype};
+use haloflow_ml::lora::LoraConfig;
+use haloflow_ml::losses::{self, DataNeed, Halo};
+use haloflow_ml::memory::{self, Estimate, Setup, GIB};
+use tch::{Device, Kind};
+
+use crate::Args;
+
+/// Whether the run keeps a live reference model (a second copy of the weights).
+pub fn live_reference(args: &Args, halo: &dyn Halo) -> bool {
+    halo.needs_reference() && args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" }) == "live"
+}
+
+/// The estimate for `config` trained as `args` say, with microbatches of `rows` rows (pairs
+/// for paired data) of at most `length` tokens, on `ranks` processes in `kind`.
+pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows: usize, paired: bool, length: usize, ranks: usize) -> Estimate {
+    let setup = Setup {
+        dtype_bytes: kind.elt_size_in_bytes(),
+        sequences: rows * if paired { 2 } else { 1 },
+        length,
+        checkpointing: args.checkpoint_activations,
+        // LoRA adapters train only their own elements.
+        trainable: args.lora.as_deref().and_then(|text| LoraConfig::parse(text).ok()).map(|lora| lora.adapter_elements(config)),
+        ranks,
+        shard_optimizer: args.shard_optimizer,
+        live_reference: live_reference(args, halo),
+    };
+    memory::estimate(config, &setup)
+}
+
+/// `halo-train --estimate-memory`: the estimate for `--model`'s config.json with microbatches
+/// of `--microbatch-size` rows (pairs for a paired loss) of `--max-length` tokens, on
+/// `WORLD_SIZE` processes (1 when unset); prints it and reads nothing else.
+pub fn print(args: &Args) -> Result<()> {
+    let config = Config::from_dir(&args.model)?;
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(&args.dtype, device)?;
+    let halo = losses::by_name(&args.loss, &crate::train::loss_params(args)?)?;
+    let ranks = match std::env::var("WORLD_SIZE") {
+        Ok(w) => w.parse().with_context(|| format!("WORLD_SIZE `{w}`: not a number"))?,
+        Err(_) => 1,
+    };
+    let paired = halo.data() == DataNeed::Paired;
+    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size, paired, args.max_length, ranks);
+    println!(
+        "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens, checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
+        args.model.display(),
+        config.num_hidden_layers,
+        config.hidden_size,
+        haloflow_ml::device::dtype_name(kind),
+        args.microbatch_size,
+        if paired { "pairs" } else { "rows" },
+        args.max_length,
+        if args.checkpoint_activations { "on" } else { "off" },
+        ranks,
+        if args.shard_optimizer { "on" } else { "off" },
+        if live_reference(args, halo.as_ref()) { "live" } else { "cached or none" },
+    );
+    print!("{}", e.table());
+    Ok(())
+}
+
+/// On CUDA, refuses a run whose estimate exceeds the device's free memory (read with
+/// `nvidia-smi`; skipped with a warning when it cannot be read). CPU runs are not checked.
+pub fn check_fits(e: &Estimate, device: Device) -> Result<()> {
+    let Device::Cuda(index) = device else { return Ok(()) };
+    let free = match free_cuda_bytes(index) {
+        Ok(free) => free,
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "free GPU memory unknown: the memory estimate is not checked");
+            return Ok(());
+        }
+    };
+    if e.total() > free {
+        bail!("the memory estimate says this run does not fit on cuda:{index}: it needs {:.2} GiB, {:.2} GiB are free\n{}(try --checkpoint-activations, a smaller --microbatch-size or --max-length, bf16, or --shard-optimizer over more ranks)", e.total() / GIB, free / GIB, e.table());
+    }
+    Ok(())
+}
+
+/// Free bytes on CUDA device `index` (as libtorch numbers it, i.e. after CUDA_VISIBLE_DEVICES).
+fn free_cuda_bytes(index: usize) -> Result<f64> {
+    let physical = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) => list.split(',').nth(index).map(|s| s.trim().to_string()).with_context(|| format!("CUDA_VISIBLE_DEVICES `{list}` has no device {index}"))?,
+        Err(_) => index.to_string(),
+    };
+    let out = Command::new("nvidia-smi").args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", &physical]).output().context("running nvidia-smi")?;
+    anyhow::ensure!(out.status.success(), "nvidia-smi: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mib: f64 = text.trim().parse().with_context(|| format!("nvidia-smi printed `{}`, not MiB", text.trim()))?;
+    Ok(mib * 1024.0 * 1024.0)
+}
