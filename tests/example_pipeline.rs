@@ -162,6 +162,9 @@ fn the_ci_tiny_pipeline_trains_kto_and_judges_end_to_end() {
     assert_eq!(losses, (1..=30).collect::<Vec<u64>>(), "every step's loss");
     assert_eq!(board["scalars"]["eval/loss"].as_array().unwrap().len(), 4, "evaluations at steps 0, 10, 20, 30");
     assert_eq!((board["hparams"]["loss"].as_str(), board["hparams"]["beta"].as_f64()), (Some("kto"), Some(0.1)), "{board}");
+    let metrics = haloflow::io::read_parquet(&train.outputs["metrics"].path).unwrap();
+    let hparams: serde_json::Value = serde_json::from_str(&metrics.schema.metadata()["haloflow.hparams"]).unwrap();
+    assert_eq!((hparams["loss"].as_str(), hparams["beta"].as_f64(), hparams["max_steps"].as_u64()), (Some("kto"), Some(0.1), Some(30)));
     let judge_board = work.join("tracking/ci-tiny").join(format!("judge-{}", &m.stage("judge").unwrap().key.as_ref().unwrap()[..8]));
     assert!(judge_board.join("metrics.jsonl").is_file());
 

@@ -54,9 +54,9 @@ fn sums(model: &CausalLm, seqs: &[Sequence], grad: bool) -> (Tensor, Tensor) {
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let batch = Batch::new(&refs, 0, Device::Cpu);
     if grad {
-        sequence_logps(&model.net, &batch)
+        sequence_logps(&model.net, &batch, haloflow_ml::logprobs::LOGITS_CHUNK)
     } else {
-        tch::no_grad(|| sequence_logps(&model.net, &batch))
+        tch::no_grad(|| sequence_logps(&model.net, &batch, haloflow_ml::logprobs::LOGITS_CHUNK))
     }
 }
 

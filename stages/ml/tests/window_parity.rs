@@ -103,7 +103,7 @@ fn completion_logps_match_transformers_plain_and_shared_prefix() {
         let model = rebuild(&m, |_| {});
         let examples = m["examples"].as_array().unwrap();
         let seqs: Vec<Sequence> = examples.iter().map(|e| Sequence { ids: ids(&e["ids"]), completion_start: e["completion_start"].as_u64().unwrap() as usize }).collect();
-        let (sums, _) = tch::no_grad(|| sequence_logps(&model.net, &Batch::new(&seqs.iter().collect::<Vec<_>>(), 0, Device::Cpu)));
+        let (sums, _) = tch::no_grad(|| sequence_logps(&model.net, &Batch::new(&seqs.iter().collect::<Vec<_>>(), 0, Device::Cpu), haloflow_ml::logprobs::LOGITS_CHUNK));
         // Shared-prefix scoring builds its own mask over a cached prefix: pair each example with
         // the other (sharing BOS) and with itself (sharing the whole prompt).
         let pairs: Vec<(&Sequence, &Sequence)> = vec![(&seqs[0], &seqs[1]), (&seqs[1], &seqs[1]), (&seqs[0], &seqs[0])];

@@ -160,8 +160,9 @@ impl Row {
     }
 }
 
-/// Writes rows as `metrics.parquet`: `step`, `epoch`, then one nullable f64 column per metric.
-pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
+/// Writes rows as `metrics.parquet`: `step`, `epoch`, then one nullable f64 column per metric;
+/// the run's hyperparameters as a JSON object under [`HPARAMS_KEY`] in the file's metadata.
+pub fn write(path: &Path, rows: &[Row], hparams: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let names: BTreeSet<&String> = rows.iter().flat_map(|r| r.values.keys()).collect();
     let mut fields = vec![Field::new("step", DataType::Int64, false), Field::new("epoch", DataType::Int64, false)];
     let mut columns: Vec<ArrayRef> = vec![
@@ -174,8 +175,12 @@ pub fn write(path: &Path, rows: &[Row]) -> Result<()> {
     }
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    haloflow::io::write_parquet(path, &schema, &[batch], Default::default())
+    let metadata = [(HPARAMS_KEY.to_string(), serde_json::Value::Object(hparams.clone()).to_string())].into();
+    haloflow::io::write_parquet(path, &schema, &[batch], metadata)
 }
+
+/// Key of the run's hyperparameters (a JSON object) in the metadata of `metrics.parquet`.
+pub const HPARAMS_KEY: &str = "haloflow.hparams";
 
 /// Reads a `metrics.parquet` written by [`write`] back into rows (null cells are left out).
 pub fn read(path: &Path) -> Result<Vec<Row>> {
@@ -259,8 +264,11 @@ mod tests {
         let mut other = Row::new(2, 0);
         other.add_microbatch(&microbatch(1, 1, (Some(0.0), Some(0.0)), (Some(-1.0), Some(-1.0))));
         other.finish(0.6, 1e-4, 1.0, 2, Tokens { tokens: 10, forward: 10, padded: 12 }, 1.0);
-        write(&path, &[row, other]).unwrap();
+        let hparams: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"loss": "kto", "beta": 0.1}"#).unwrap();
+        write(&path, &[row, other], &hparams).unwrap();
         let back = read(&path).unwrap();
+        let metadata = haloflow::io::read_parquet(&path).unwrap().schema.metadata()[HPARAMS_KEY].clone();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&metadata).unwrap(), serde_json::Value::Object(hparams));
         assert_eq!(back.iter().map(|r| r.get("logps/rejected")).collect::<Vec<_>>(), [None, Some(-1.0)]);
         assert_eq!(back.iter().map(|r| (r.step, r.epoch)).collect::<Vec<_>>(), [(1, 0), (2, 0)]);
         // Token accounting: per step, and totals over the steps read back.

@@ -181,7 +181,7 @@ mod tests {
     fn a_report_rerenders_from_the_metrics_file() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = dir.path().join("metrics.parquet");
-        crate::metrics::write(&metrics, &rows()).unwrap();
+        crate::metrics::write(&metrics, &rows(), &serde_json::Map::new()).unwrap();
         write(&dir.path().join("direct"), "kto", &rows(), 0.6).unwrap();
         let args = ReportArgs { metrics, report: dir.path().join("again"), loss: "kto".into(), smoothing: 0.6 };
         rerender(&args).unwrap();

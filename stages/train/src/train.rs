@@ -352,7 +352,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(merged) = &merged {
         policy.save_merged(merged)?;
     }
-    metrics::write(&args.metrics, &state.metrics)?;
+    metrics::write(&args.metrics, &state.metrics, &hparams)?;
     report::write(&args.report, &args.loss, &state.metrics, args.smoothing)?;
     let mut summary = json!({
         "loss": args.loss,
