@@ -268,9 +268,9 @@ impl Pipeline {
                 stage.name = format!("{stage_name}{}", point.suffix);
                 stages.push(stage);
             }
-            sweeps.push(Sweep { stage: stage_name, points });
+            sweeps.push(Sweep { stages: vec![stage_name.clone()], stage: stage_name, points });
         }
-        let stages = sweep::expand_downstream(stages, &sweeps)?;
+        let stages = sweep::expand_downstream(stages, &mut sweeps)?;
         check_references(&stages)?;
         let stages = topological_order(stages)?;
         Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, sweeps, overrides: overrides.to_vec(), executor, stages })

@@ -28,6 +28,9 @@ pub struct Sweep {
     pub stage: String,
     /// Every combination, in order (the last key varies fastest).
     pub points: Vec<Point>,
+    /// The stages expanded with it, by the names written in the pipeline: the swept stage
+    /// first, then those downstream of it.
+    pub stages: Vec<String>,
 }
 
 /// How a value appears in an instance name.
@@ -77,7 +80,7 @@ pub fn points(stage: &str, matrix: &BTreeMap<String, Vec<Value>>) -> Result<Vec<
 /// Expands every stage that reads a swept stage (directly or through other expanded stages)
 /// into one instance per point, its inputs rewired to the instances with the same point. A
 /// stage that reads two different sweeps is refused.
-pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &[Sweep]) -> Result<Vec<Stage>> {
+pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &mut [Sweep]) -> Result<Vec<Stage>> {
     let mut suffixes: BTreeMap<String, (String, Vec<String>)> =
         sweeps.iter().map(|s| (s.stage.clone(), (s.stage.clone(), s.points.iter().map(|p| p.suffix.clone()).collect()))).collect();
     let reads_swept = |stage: &Stage, swept: &BTreeMap<String, (String, Vec<String>)>| -> Vec<String> {
@@ -109,14 +112,12 @@ pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &[Sweep]) -> Result<Vec
             }
             stages.push(instance);
         }
+        if let Some(sweep) = sweeps.iter_mut().find(|s| s.stage == root) {
+            sweep.stages.push(stage.name.clone());
+        }
         suffixes.insert(stage.name.clone(), (root, points));
     }
     Ok(stages)
-}
-
-/// The point of an instance name of a sweep (`train[beta=0.1]` → the point `[beta=0.1]`).
-pub fn point_of<'a>(sweep: &'a Sweep, instance: &str) -> Option<&'a Point> {
-    sweep.points.iter().find(|p| instance.ends_with(&p.suffix))
 }
 
 #[cfg(test)]

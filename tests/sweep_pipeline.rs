@@ -51,8 +51,9 @@ fn a_sweep_runs_every_point_and_reruns_only_the_changed_one() {
 
     // One row per point, with numbers read from the instances' summaries.
     let table = text(&halo_with("runs", &["--csv", tmp.path().join("runs.csv").to_str().unwrap(), "--plot", tmp.path().join("runs.svg").to_str().unwrap()]));
-    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| train_")).collect();
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| train_") && l.contains('[')).collect();
     assert_eq!(rows.len(), 4, "{table}");
+    assert!(table.contains("| train_dpo | beta | train_dpo loss | train_dpo eval/loss | judge_dpo win rate (95% CI) |"), "each sweep has its own columns: {table}");
     assert!(rows.iter().all(|r| !r.contains('—')), "every point has its loss and win rate: {table}");
     assert!(table.contains("| train_kto | beta | train_kto loss | train_kto eval/loss | judge_kto win rate (95% CI) |"), "{table}");
     assert_eq!(std::fs::read_to_string(tmp.path().join("runs.csv")).unwrap().lines().count(), 6, "two headers + 4 rows");

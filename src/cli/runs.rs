@@ -57,8 +57,9 @@ pub fn runs(args: &RunsArgs) -> Result<bool> {
     for sweep in &pipeline.sweeps {
         let first = &sweep.points[0].suffix;
         let mut columns = Vec::new();
-        for stage in pipeline.stages.iter().filter(|s| s.name.ends_with(first.as_str())) {
-            let base = stage.name[..stage.name.len() - first.len()].to_string();
+        for base in &sweep.stages {
+            let stage = pipeline.stage(&format!("{base}{first}"))?;
+            let base = base.clone();
             match &stage.kind {
                 StageKind::Builtin(b) if b == "train" => {
                     columns.push(Column { header: format!("{base} loss"), stage: base.clone(), read: |s| fmt(s["last"]["loss"].as_f64()) });

@@ -48,11 +48,7 @@ impl CausalLm {
     /// directory (`adapter_config.json`), its base model (`base_model_name_or_path`, refused if
     /// its fingerprint differs from the one the adapter recorded) with the adapter attached.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<CausalLm> {
-        let adapter = AdapterFile::read(dir)?;
-        let base_dir = match &adapter {
-            Some(a) => a.base_dir(dir)?,
-            None => dir.to_path_buf(),
-        };
+        let (adapter, base_dir) = resolve(dir)?;
         let mut model = Self::random(Config::from_dir(&base_dir)?, dir, device, kind)?;
         if let Some(a) = &adapter {
             let path = dir.join(lora::ADAPTER_CONFIG);
@@ -66,6 +62,11 @@ impl CausalLm {
         }
         weights::load(&model.vs, dir).with_context(|| format!("loading weights of {}", dir.display()))?;
         Ok(model)
+    }
+
+    /// The config.json of a model directory, or of the base model an adapter directory names.
+    pub fn config_of(dir: &Path) -> Result<Config> {
+        Config::from_dir(&resolve(dir)?.1)
     }
 
     /// Attaches fresh LoRA adapters (PEFT's initialisation, from libtorch's RNG) and freezes
@@ -144,4 +145,15 @@ impl CausalLm {
         }
         std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
     }
+}
+
+/// The adapter of `dir` if it is an adapter directory, and the directory of the full model: its
+/// base, or `dir` itself.
+fn resolve(dir: &Path) -> Result<(Option<AdapterFile>, PathBuf)> {
+    let adapter = AdapterFile::read(dir)?;
+    let base = match &adapter {
+        Some(a) => a.base_dir(dir)?,
+        None => dir.to_path_buf(),
+    };
+    Ok((adapter, base))
 }

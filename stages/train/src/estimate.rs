@@ -40,7 +40,7 @@ pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows:
 /// of `--microbatch-size` rows (pairs for a paired loss) of `--max-length` tokens, on
 /// `WORLD_SIZE` processes (1 when unset); prints it and reads nothing else.
 pub fn print(args: &Args) -> Result<()> {
-    let config = Config::from_dir(&args.model)?;
+    let config = haloflow_ml::model::CausalLm::config_of(&args.model)?;
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype, device)?;
     let halo = losses::by_name(&args.loss, &crate::train::loss_params(args)?)?;

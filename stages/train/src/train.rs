@@ -8,7 +8,6 @@ use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
 use haloflow::tracking::Tracker;
-use haloflow_ml::config::Config;
 use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
@@ -230,7 +229,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(small) = split.train.iter().chain(&split.eval).find(|b| b.len() < min_rows) {
         bail!("loss `{}` needs microbatches of at least {min_rows} rows; microbatch of row `{}` has {}", halo.name(), encoded[small[0]].id, small.len());
     }
-    let config = Config::from_dir(&args.model)?;
+    let config = CausalLm::config_of(&args.model)?;
     let rows = split.train.iter().chain(&split.eval).map(Vec::len).max().unwrap_or(0);
     let length = encoded.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).max().unwrap_or(0);
     let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows, data_kind == DataKind::Paired, length, ranks.world());
