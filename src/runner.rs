@@ -249,6 +249,7 @@ impl Workspace {
             records: Mutex::new(BTreeMap::new()),
             progress: Progress::new(),
             slots: tokio::sync::Semaphore::new(options.jobs.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS).max(1)),
+            key_locks: Mutex::new(BTreeMap::new()),
         });
         run_graph(&ctx, &selected).await?;
         let ctx = Arc::try_unwrap(ctx).map_err(|_| anyhow!("run context still shared"))?;
@@ -332,6 +333,8 @@ struct RunContext {
     progress: Progress,
     /// One permit per stage allowed to execute at once (`--jobs`).
     slots: tokio::sync::Semaphore,
+    /// One lock per cache key, held while a stage with that key is decided and executed.
+    key_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct StageAction {
@@ -417,6 +420,17 @@ async fn run_stage(ctx: Arc<RunContext>, index: usize) -> (StageRecord, Option<i
     let key = parts.key();
     record.key = Some(key.clone());
     record.parts = Some(parts.clone());
+    // Two stages of one run can share a key (sweep points whose inputs came out identical):
+    // one executes while the other waits, then finds the result in the cache.
+    let key_lock = ctx.key_locks.lock().expect("key locks").entry(key.clone()).or_default().clone();
+    let _same_key = key_lock.lock().await;
+    let plan = match plan {
+        Plan::Run(_) | Plan::AfterUpstream(_) if !ctx.forced.contains(&stage.name) => match ctx.ws.decide(stage, &parts, false) {
+            Plan::Fresh(entry) => Plan::Fresh(entry),
+            _ => plan,
+        },
+        plan => plan,
+    };
     let (result, bar) = match plan {
         Plan::Fresh(entry) => {
             record.status = Status::Cached;

@@ -359,3 +359,33 @@ fn a_stage_on_a_full_disk_fails_with_status_1_and_says_so() {
     let msg = text(&out);
     assert!(msg.contains("exit status 1") && msg.contains("is the disk full?"), "{msg}");
 }
+
+/// Two stages with the same key in one run (as sweep points whose inputs came out identical):
+/// they never execute at once into the same temporary directory; one runs, the other finds
+/// its result in the cache.
+#[test]
+fn stages_sharing_a_key_run_once_and_share_the_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = r#"
+[stages.first]
+run = ["python3", "make.py", "{out.o}"]
+outputs = { o = "json" }
+[stages.a]
+run = ["python3", "slow.py", "{in.i}", "{out.o}", "1"]
+inputs = { i = "first.o" }
+outputs = { o = "json" }
+[stages.b]
+run = ["python3", "slow.py", "{in.i}", "{out.o}", "1"]
+inputs = { i = "first.o" }
+outputs = { o = "json" }
+"#;
+    let p = write(tmp.path(), pipeline, &[("make.py", MAKE), ("slow.py", SLOW)]);
+    let work = tmp.path().join("work");
+    run_ok(&["run", &p, "--work-dir", work.to_str().unwrap()]);
+    let m = manifest(&work, "p");
+    let (a, b) = (m.stage("a").unwrap(), m.stage("b").unwrap());
+    assert_eq!(a.key, b.key, "identical stages share a key");
+    let mut statuses = [a.status, b.status];
+    statuses.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(statuses, [Status::Cached, Status::Ran], "one ran, the other found its entry");
+}
