@@ -3,37 +3,18 @@
 //! completion log-probs within 1e-3. Reference values: tests/data/stories260k_reference.json,
 //! made by ci/parity/make_stories_reference.py.
 
-use std::path::PathBuf;
+mod common;
 
+use common::{ids, logits_of};
 use haloflow_ml::logprobs::{sequence_logps, Batch, Sequence};
 use haloflow_ml::model::CausalLm;
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
-
-fn model_dir() -> Option<PathBuf> {
-    haloflow::shared::path("models/stories260K")
-}
-
-fn reference() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/stories260k_reference.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
-
-fn logits_of(v: &Value) -> Tensor {
-    let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
-    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
-}
 
 #[test]
 fn logits_match_transformers_single_and_padded() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = common::stories_dir() else { return };
     let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let r = reference();
+    let r = common::reference("stories260k_reference.json");
     let cases = r["logits"].as_array().unwrap();
     let prompts: Vec<Vec<i64>> = cases.iter().map(|c| ids(&c["ids"])).collect();
     let expected: Vec<Tensor> = cases.iter().map(|c| logits_of(&c["logits"])).collect();
@@ -59,9 +40,9 @@ fn logits_match_transformers_single_and_padded() {
 
 #[test]
 fn completion_logps_match_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = common::stories_dir() else { return };
     let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let r = reference();
+    let r = common::reference("stories260k_reference.json");
     let examples = r["examples"].as_array().unwrap();
     let seqs: Vec<Sequence> = examples
         .iter()
@@ -80,9 +61,9 @@ fn completion_logps_match_transformers() {
 #[test]
 fn shared_prefix_scoring_equals_separate_scoring() {
     use haloflow_ml::logprobs::{shared_prefix_logps, token_logps};
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = common::stories_dir() else { return };
     let model = CausalLm::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let r = reference();
+    let r = common::reference("stories260k_reference.json");
     let seqs: Vec<Sequence> = r["examples"]
         .as_array()
         .unwrap()

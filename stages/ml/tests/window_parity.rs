@@ -7,33 +7,15 @@
 //! (which says how the models were written); the test rebuilds the same random weights from
 //! the stored config and seed, as halo-init does, and checks their checksum.
 
-use std::path::PathBuf;
+mod common;
 
+use common::{ids, logits_of};
 use haloflow_ml::config::Config;
 use haloflow_ml::generate::Decoder;
 use haloflow_ml::logprobs::{sequence_logps, shared_prefix_logps, Batch, Sequence};
 use haloflow_ml::model::CausalLm;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
-
-fn tokenizer_dir() -> Option<PathBuf> {
-    haloflow::shared::path("models/stories260K")
-}
-
-fn reference() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/window_reference.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
-
-fn logits_of(v: &Value) -> Tensor {
-    let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
-    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
-}
 
 /// The reference's model rebuilt as halo-init wrote it (seed, then random weights), with
 /// `config` changed by `edit`; panics if the weights are not the ones transformers ran.
@@ -46,7 +28,7 @@ fn rebuild(m: &Value, edit: impl Fn(&mut Value)) -> CausalLm {
     let model = {
         let _one_at_a_time = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(m["seed"].as_i64().unwrap());
-        CausalLm::random(config, &tokenizer_dir().unwrap(), Device::Cpu, Kind::Float).unwrap()
+        CausalLm::random(config, &common::stories_dir().unwrap(), Device::Cpu, Kind::Float).unwrap()
     };
     let sum: f64 = model.vs.variables().values().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
     let want = m["weight_abs_sum"].as_f64().unwrap();
@@ -55,12 +37,12 @@ fn rebuild(m: &Value, edit: impl Fn(&mut Value)) -> CausalLm {
 }
 
 fn models() -> Vec<Value> {
-    reference()["models"].as_array().unwrap().clone()
+    common::reference("window_reference.json")["models"].as_array().unwrap().clone()
 }
 
 #[test]
 fn logits_match_transformers_beyond_the_window() {
-    if tokenizer_dir().is_none() {
+    if common::stories_dir().is_none() {
         return;
     }
     for m in models() {
@@ -95,7 +77,7 @@ fn logits_match_transformers_beyond_the_window() {
 
 #[test]
 fn completion_logps_match_transformers_plain_and_shared_prefix() {
-    if tokenizer_dir().is_none() {
+    if common::stories_dir().is_none() {
         return;
     }
     for m in models() {
@@ -125,7 +107,7 @@ fn completion_logps_match_transformers_plain_and_shared_prefix() {
 
 #[test]
 fn greedy_generation_matches_transformers_with_a_bounded_cache() {
-    if tokenizer_dir().is_none() {
+    if common::stories_dir().is_none() {
         return;
     }
     let _no_grad = tch::no_grad_guard();

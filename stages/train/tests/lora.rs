@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{model_dir, refcache, train, write_plan};
+use common::{assert_resume_is_exact, model_dir, refcache, train, write_plan};
 use haloflow_ml::model::CausalLm;
 use tch::{Device, Kind, Tensor};
 
@@ -142,23 +142,10 @@ fn a_killed_lora_run_resumes_with_identical_metrics() {
     // Dropout on: the resumed run must draw the same masks.
     let lora = r#"{"r": 4, "alpha": 8, "dropout": 0.1}"#;
     let args = ["--loss", "kto", "--lr", "5e-3", "--epochs", "2", "--save-every", "1", "--warmup-steps", "2", "--decay", "cosine", "--eval-batches", "1", "--eval-every", "3", "--lora", lora];
-    let (whole, reference) = train(dir.path(), "whole", &plan, &model, &args, &[]);
-    assert!(whole.status.success());
-    let (killed, _) = train(dir.path(), "resumed", &plan, &model, &args, &[("HALO_FAULT_AFTER_STEPS", "4")]);
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "killed by SIGKILL");
-    let ckpt = std::fs::read_dir(dir.path().join("resumed/ckpt")).unwrap().flatten().next().unwrap().path();
-    assert!(ckpt.join("model/adapter_model.safetensors").is_file() && !ckpt.join("model/model.safetensors").exists(), "checkpoints hold the adapter only");
-    let (resumed, run) = train(dir.path(), "resumed", &plan, &model, &args, &[]);
-    assert!(resumed.status.success());
-    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming"));
-    let (a, b) = (reference.metrics(), run.metrics());
-    for (name, values) in &a {
-        if ["seconds", "tokens_per_s", "examples_per_s"].contains(&name.as_str()) {
-            continue;
-        }
-        assert_eq!(values, &b[name], "metric {name} differs after resuming");
-    }
-    assert_eq!(a["step"].len(), 11, "step 0 (eval) and 10 steps");
+    let (reference, run) = assert_resume_is_exact(dir.path(), &plan, &model, &args, || {
+        let ckpt = std::fs::read_dir(dir.path().join("resumed/ckpt")).unwrap().flatten().next().unwrap().path();
+        assert!(ckpt.join("model/adapter_model.safetensors").is_file() && !ckpt.join("model/model.safetensors").exists(), "checkpoints hold the adapter only");
+    });
     let (x, y) = (tensors(&reference.dir.join("policy/adapter_model.safetensors")), tensors(&run.dir.join("policy/adapter_model.safetensors")));
     for (name, t) in &x {
         assert!(max_diff(t, &y[name]) == 0.0, "{name} differs after resuming");

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{model_dir, refcache, train, write_pairs, write_plan};
+use common::{assert_resume_is_exact, model_dir, refcache, train, write_pairs, write_plan};
 
 #[test]
 fn kto_learns_the_preference_on_held_out_prompts() {
@@ -63,21 +63,7 @@ fn a_killed_run_resumes_with_identical_metrics() {
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 6, false);
     let args = ["--loss", "kto", "--lr", "2e-3", "--epochs", "2", "--save-every", "1", "--warmup-steps", "2", "--decay", "cosine", "--eval-batches", "1", "--eval-every", "3"];
-    let (whole, reference) = train(dir.path(), "whole", &plan, &model, &args, &[]);
-    assert!(whole.status.success());
-    let (killed, _) = train(dir.path(), "resumed", &plan, &model, &args, &[("HALO_FAULT_AFTER_STEPS", "4")]);
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "killed by SIGKILL");
-    let (resumed, run) = train(dir.path(), "resumed", &plan, &model, &args, &[]);
-    assert!(resumed.status.success());
-    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming"));
-    let (a, b) = (reference.metrics(), run.metrics());
-    for (name, values) in &a {
-        if ["seconds", "tokens_per_s", "examples_per_s"].contains(&name.as_str()) {
-            continue;
-        }
-        assert_eq!(values, &b[name], "metric {name} differs after resuming");
-    }
-    assert_eq!(a["step"].len(), 11, "step 0 (eval) and 10 steps");
+    assert_resume_is_exact(dir.path(), &plan, &model, &args, || {});
 }
 
 #[test]

@@ -148,3 +148,26 @@ pub fn refcache(dir: &Path, name: &str, plan: &Path, model: &Path, extra: &[&str
     assert!(status.success(), "halo-refcache on {name} failed");
     out
 }
+
+/// Trains `args` on `plan` whole, then again killed by SIGKILL after 4 steps (`inspect` looks
+/// at the work dir while killed) and resumed; asserts the rerun resumed and that every metric
+/// but timing equals the whole run's, over step 0 and 10 steps. Returns (whole, resumed).
+pub fn assert_resume_is_exact(dir: &Path, plan: &Path, model: &Path, args: &[&str], inspect: impl FnOnce()) -> (Run, Run) {
+    let (whole, reference) = train(dir, "whole", plan, model, args, &[]);
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+    let (killed, _) = train(dir, "resumed", plan, model, args, &[("HALO_FAULT_AFTER_STEPS", "4")]);
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "killed by SIGKILL");
+    inspect();
+    let (resumed, run) = train(dir, "resumed", plan, model, args, &[]);
+    assert!(resumed.status.success());
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming"));
+    let (a, b) = (reference.metrics(), run.metrics());
+    for (name, values) in &a {
+        if ["seconds", "tokens_per_s", "examples_per_s"].contains(&name.as_str()) {
+            continue;
+        }
+        assert_eq!(values, &b[name], "metric {name} differs after resuming");
+    }
+    assert_eq!(a["step"].len(), 11, "step 0 (eval) and 10 steps");
+    (reference, run)
+}
