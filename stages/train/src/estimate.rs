@@ -16,7 +16,8 @@ use crate::Args;
 
 /// Whether the run keeps a live reference model (a second copy of the weights).
 pub fn live_reference(args: &Args, halo: &dyn Halo) -> bool {
-    halo.needs_reference() && args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" }) == "live"
+    // With LoRA the live reference is the policy with its adapters off: no second copy.
+    args.lora.is_none() && halo.needs_reference() && args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" }) == "live"
 }
 
 /// The estimate for `config` trained as `args` say, with microbatches of `rows` rows (pairs
@@ -62,7 +63,11 @@ pub fn print(args: &Args) -> Result<()> {
         if args.checkpoint_activations { "on" } else { "off" },
         ranks,
         if args.shard_optimizer { "on" } else { "off" },
-        if live_reference(args, halo.as_ref()) { "live" } else { "cached or none" },
+        match (live_reference(args, halo.as_ref()), args.lora.is_some() && halo.needs_reference()) {
+            (true, _) => "live",
+            (false, true) => "the base (adapters off) or cached",
+            (false, false) => "cached or none",
+        },
     );
     print!("{}", e.table());
     Ok(())

@@ -49,6 +49,7 @@ fn kto_with_lora_learns_the_preference_on_held_out_prompts() {
     let trained: i64 = adapter.values().map(|t| t.numel() as i64).sum();
     assert_eq!(summary["trainable_parameters"].as_i64(), Some(trained));
     assert_eq!(summary["memory_estimate"]["trainable"].as_i64(), Some(trained), "the memory estimate counts the adapters as trained");
+    assert_eq!(summary["memory_estimate"]["reference_gib"].as_f64(), Some(0.0), "with LoRA the live reference is the policy itself: no second copy");
     assert_eq!(summary["reference"].as_str(), Some("base (adapters off)"));
     // The adapter directory loads as base + adapter and scores like the trained policy did:
     // its logits differ from the base model's.
