@@ -2,7 +2,7 @@
 //! tables converted to Parquet, CSV or JSON lines, and a model card for a trained policy.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
@@ -213,11 +213,11 @@ pub fn parse_target(target: &str) -> Result<(String, String)> {
 }
 
 /// Refuses to replace an existing destination unless asked to.
-pub fn check_dest(dest: &Path, force: bool) -> Result<PathBuf> {
+pub fn check_dest(dest: &Path, force: bool) -> Result<()> {
     if dest.exists() && !force {
         bail!("{} exists: give --force to replace it", dest.display());
     }
-    Ok(dest.to_path_buf())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -268,7 +268,7 @@ impl Pipeline {
                 stage.name = format!("{stage_name}{}", point.suffix);
                 stages.push(stage);
             }
-            sweeps.push(Sweep { stages: vec![stage_name.clone()], stage: stage_name, points });
+            sweeps.push(Sweep::new(stage_name, points));
         }
         let stages = sweep::expand_downstream(stages, &mut sweeps)?;
         check_references(&stages)?;

@@ -24,13 +24,23 @@ pub struct Point {
 /// A swept stage and its points.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sweep {
-    /// The stage's name as written (`train`).
-    pub stage: String,
     /// Every combination, in order (the last key varies fastest).
     pub points: Vec<Point>,
     /// The stages expanded with it, by the names written in the pipeline: the swept stage
     /// first, then those downstream of it.
     pub stages: Vec<String>,
+}
+
+impl Sweep {
+    /// A sweep of the stage `stage` (its name as written, `train`) over `points`.
+    pub fn new(stage: String, points: Vec<Point>) -> Sweep {
+        Sweep { points, stages: vec![stage] }
+    }
+
+    /// The swept stage's name as written (`train`).
+    pub fn stage(&self) -> &str {
+        &self.stages[0]
+    }
 }
 
 /// How a value appears in an instance name.
@@ -81,41 +91,38 @@ pub fn points(stage: &str, matrix: &BTreeMap<String, Vec<Value>>) -> Result<Vec<
 /// into one instance per point, its inputs rewired to the instances with the same point. A
 /// stage that reads two different sweeps is refused.
 pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &mut [Sweep]) -> Result<Vec<Stage>> {
-    let mut suffixes: BTreeMap<String, (String, Vec<String>)> =
-        sweeps.iter().map(|s| (s.stage.clone(), (s.stage.clone(), s.points.iter().map(|p| p.suffix.clone()).collect()))).collect();
-    let reads_swept = |stage: &Stage, swept: &BTreeMap<String, (String, Vec<String>)>| -> Vec<String> {
+    // Stage name as written → the sweep it follows.
+    let mut follows: BTreeMap<String, usize> = sweeps.iter().enumerate().map(|(i, s)| (s.stage().to_string(), i)).collect();
+    let swept_inputs = |stage: &Stage, follows: &BTreeMap<String, usize>| -> Vec<usize> {
         stage
             .inputs
             .values()
             .filter_map(|r| match r {
-                InputRef::Stage { stage, .. } if swept.contains_key(stage) => Some(stage.clone()),
-                _ => None,
+                InputRef::Stage { stage, .. } => follows.get(stage).copied(),
+                InputRef::File(_) => None,
             })
             .collect()
     };
-    while let Some(i) = stages.iter().position(|s| !reads_swept(s, &suffixes).is_empty()) {
+    while let Some(i) = stages.iter().position(|s| !swept_inputs(s, &follows).is_empty()) {
         let stage = stages.remove(i);
-        let read = reads_swept(&stage, &suffixes);
-        let (root, points) = suffixes[&read[0]].clone();
-        if let Some(other) = read.iter().find(|r| suffixes[*r].0 != root) {
-            bail!("stage `{}` reads two different sweeps (of `{root}` and of `{}`): a stage may follow one sweep", stage.name, suffixes[other].0);
+        let read = swept_inputs(&stage, &follows);
+        if let Some(&other) = read.iter().find(|&&s| s != read[0]) {
+            bail!("stage `{}` reads two different sweeps (of `{}` and of `{}`): a stage may follow one sweep", stage.name, sweeps[read[0]].stage(), sweeps[other].stage());
         }
-        for suffix in &points {
+        for point in &sweeps[read[0]].points {
             let mut instance = stage.clone();
-            instance.name = format!("{}{suffix}", stage.name);
+            instance.name = format!("{}{}", stage.name, point.suffix);
             for input in instance.inputs.values_mut() {
                 if let InputRef::Stage { stage: from, .. } = input {
-                    if suffixes.contains_key(from.as_str()) {
-                        *from = format!("{from}{suffix}");
+                    if follows.contains_key(from.as_str()) {
+                        *from = format!("{from}{}", point.suffix);
                     }
                 }
             }
             stages.push(instance);
         }
-        if let Some(sweep) = sweeps.iter_mut().find(|s| s.stage == root) {
-            sweep.stages.push(stage.name.clone());
-        }
-        suffixes.insert(stage.name.clone(), (root, points));
+        sweeps[read[0]].stages.push(stage.name.clone());
+        follows.insert(stage.name, read[0]);
     }
     Ok(stages)
 }

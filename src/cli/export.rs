@@ -49,8 +49,9 @@ pub fn export(args: &ExportArgs) -> Result<bool> {
         .cache
         .output_path(&entry, &output)
         .with_context(|| format!("stage `{}` has no output `{output}` (outputs: {})", stage.name, outputs.join(", ")))?;
-    let dest = export::check_dest(&args.dest, args.force)?;
-    let format = args.format.unwrap_or_else(|| Format::from_dest(&dest));
+    export::check_dest(&args.dest, args.force)?;
+    let dest = &args.dest;
+    let format = args.format.unwrap_or_else(|| Format::from_dest(dest));
     if src.is_dir() {
         if format != Format::Copy {
             bail!("`{}` is a directory: it exports as a copy only (not {format:?})", args.target);
@@ -66,11 +67,11 @@ pub fn export(args: &ExportArgs) -> Result<bool> {
             }
             extra.push(("README.md", export::model_card(&workspace.pipeline, &stage, &summary, &judges)));
         }
-        export::copy_dir(&src, &dest, &extra)?;
+        export::copy_dir(&src, dest, &extra)?;
     } else if format == Format::Copy {
-        export::copy_file(&src, &dest)?;
+        export::copy_file(&src, dest)?;
     } else {
-        export::write_table(&src, &dest, format)?;
+        export::write_table(&src, dest, format)?;
     }
     println!("exported {} to {}", args.target, dest.display());
     Ok(true)

@@ -24,16 +24,46 @@ pub struct RunsArgs {
     plot: Option<PathBuf>,
 }
 
-/// A cell: a final metric of a train instance or a judge instance's win rate.
-struct Column {
-    header: String,
-    /// The stage name without the point's suffix, and how to read a value from its summary.
-    stage: String,
-    read: fn(&Value) -> Option<String>,
+/// What a table shows of a stage that follows a sweep.
+enum Shown {
+    /// A train stage: its final loss and eval loss.
+    Train,
+    /// A judge stage: its win rate with the 95% interval (and a bar in the plot).
+    Judge,
 }
 
-fn fmt(v: Option<f64>) -> Option<String> {
-    v.map(|x| format!("{x:.4}"))
+/// The stage (its name without the point's suffix) and what is shown of it.
+struct Part {
+    stage: String,
+    shown: Shown,
+}
+
+impl Part {
+    fn headers(&self) -> Vec<String> {
+        match self.shown {
+            Shown::Train => vec![format!("{} loss", self.stage), format!("{} eval/loss", self.stage)],
+            Shown::Judge => vec![format!("{} win rate (95% CI)", self.stage)],
+        }
+    }
+
+    /// The cells of one instance from its summary ("—" where a value is missing).
+    fn cells(&self, summary: Option<&Value>) -> Vec<String> {
+        let fmt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |x| format!("{x:.4}"));
+        let get = |f: fn(&Value) -> Option<f64>| fmt(summary.and_then(f));
+        match self.shown {
+            Shown::Train => vec![get(|s| s["last"]["loss"].as_f64()), get(|s| s["last"]["eval/loss"].as_f64())],
+            Shown::Judge => {
+                let ci = summary.and_then(ci95).map(|(lo, hi)| format!(" ({lo:.3}–{hi:.3})")).unwrap_or_default();
+                vec![get(|s| s["win_rate"].as_f64()) + &ci]
+            }
+        }
+    }
+}
+
+/// A judge summary's 95% interval of the win rate.
+fn ci95(summary: &Value) -> Option<(f64, f64)> {
+    let c = summary["win_rate_ci95"].as_array()?;
+    Some((c.first()?.as_f64()?, c.get(1)?.as_f64()?))
 }
 
 /// Prints one row per sweep point of the last run: the point's params, each train instance's
@@ -53,52 +83,39 @@ pub fn runs(args: &RunsArgs) -> Result<bool> {
         serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     };
     let mut csv = String::new();
+    let mut line = |cells: &[String]| {
+        println!("| {} |", cells.join(" | "));
+        csv += &(cells.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",") + "\n");
+    };
     let mut bars = Vec::new();
     for sweep in &pipeline.sweeps {
         let first = &sweep.points[0].suffix;
-        let mut columns = Vec::new();
+        let mut parts = Vec::new();
         for base in &sweep.stages {
-            let stage = pipeline.stage(&format!("{base}{first}"))?;
-            let base = base.clone();
-            match &stage.kind {
-                StageKind::Builtin(b) if b == "train" => {
-                    columns.push(Column { header: format!("{base} loss"), stage: base.clone(), read: |s| fmt(s["last"]["loss"].as_f64()) });
-                    columns.push(Column { header: format!("{base} eval/loss"), stage: base, read: |s| fmt(s["last"]["eval/loss"].as_f64()) });
-                }
-                StageKind::Builtin(b) if b == "judge" => {
-                    columns.push(Column {
-                        header: format!("{base} win rate (95% CI)"),
-                        stage: base,
-                        read: |s| {
-                            let ci = s["win_rate_ci95"].as_array().map(|c| format!(" ({:.3}–{:.3})", c[0].as_f64().unwrap_or(f64::NAN), c[1].as_f64().unwrap_or(f64::NAN)));
-                            fmt(s["win_rate"].as_f64()).map(|w| w + &ci.unwrap_or_default())
-                        },
-                    });
-                }
-                _ => {}
-            }
+            let shown = match &pipeline.stage(&format!("{base}{first}"))?.kind {
+                StageKind::Builtin(b) if b == "train" => Shown::Train,
+                StageKind::Builtin(b) if b == "judge" => Shown::Judge,
+                _ => continue,
+            };
+            parts.push(Part { stage: base.clone(), shown });
         }
-        let keys: Vec<&str> = sweep.points[0].params.iter().map(|(k, _)| k.as_str()).collect();
-        let header: Vec<String> = std::iter::once(sweep.stage.clone()).chain(keys.iter().map(|k| k.to_string())).chain(columns.iter().map(|c| c.header.clone())).collect();
-        println!("| {} |", header.join(" | "));
-        println!("|{}", "---|".repeat(header.len()));
-        csv += &(header.iter().map(|h| csv_field(h)).collect::<Vec<_>>().join(",") + "\n");
+        let keys = sweep.points[0].params.iter().map(|(k, _)| k.clone());
+        let header: Vec<String> = std::iter::once(sweep.stage().to_string()).chain(keys).chain(parts.iter().flat_map(Part::headers)).collect();
+        let columns = header.len();
+        line(&header);
+        println!("|{}", "---|".repeat(columns));
         for point in &sweep.points {
-            let mut row = vec![format!("{}{}", sweep.stage, point.suffix)];
+            let mut row = vec![format!("{}{}", sweep.stage(), point.suffix)];
             row.extend(point.params.iter().map(|(_, v)| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())));
-            for c in &columns {
-                let instance = format!("{}{}", c.stage, point.suffix);
-                let value = summary(&instance).and_then(|s| (c.read)(&s));
-                if c.header.contains("win rate") {
-                    if let Some(s) = summary(&instance) {
-                        let ci = s["win_rate_ci95"].as_array().and_then(|c| Some((c[0].as_f64()?, c[1].as_f64()?)));
-                        bars.push(Bar { label: format!("{} {}", c.stage, point.suffix), value: s["win_rate"].as_f64().unwrap_or(f64::NAN), low: ci.map(|c| c.0), high: ci.map(|c| c.1) });
-                    }
+            for part in &parts {
+                let found = summary(&format!("{}{}", part.stage, point.suffix));
+                row.extend(part.cells(found.as_ref()));
+                if let (Shown::Judge, Some(s)) = (&part.shown, &found) {
+                    let ci = ci95(s);
+                    bars.push(Bar { label: format!("{} {}", part.stage, point.suffix), value: s["win_rate"].as_f64().unwrap_or(f64::NAN), low: ci.map(|c| c.0), high: ci.map(|c| c.1) });
                 }
-                row.push(value.unwrap_or_else(|| "—".into()));
             }
-            println!("| {} |", row.join(" | "));
-            csv += &(row.iter().map(|h| csv_field(h)).collect::<Vec<_>>().join(",") + "\n");
+            line(&row);
         }
         println!();
     }
