@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
@@ -19,7 +19,6 @@ pub const TRACKING_DIR_ENV: &str = "HALO_TRACKING_DIR";
 
 /// Appends a run's metrics to `metrics.jsonl` and a TensorBoard event file in one directory.
 pub struct Tracker {
-    dir: PathBuf,
     jsonl: BufWriter<File>,
     events: BufWriter<File>,
 }
@@ -37,7 +36,7 @@ impl Tracker {
         let events = BufWriter::new(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
         let jsonl_path = dir.join("metrics.jsonl");
         let jsonl = OpenOptions::new().create(true).append(true).open(&jsonl_path).with_context(|| format!("opening {}", jsonl_path.display()))?;
-        let mut tracker = Tracker { dir: dir.to_path_buf(), jsonl: BufWriter::new(jsonl), events };
+        let mut tracker = Tracker { jsonl: BufWriter::new(jsonl), events };
         tracker.record(&event(now, 0, Some("brain.Event:2"), None))?;
         tracker.record(&event(now, 0, None, Some(&hparams_summary(hparams, now))))?;
         tracker.flush()?;
@@ -67,11 +66,6 @@ impl Tracker {
         }
         self.record(&event(now, step as i64, None, Some(&summary)))?;
         self.flush()
-    }
-
-    /// The directory written to.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn record(&mut self, data: &[u8]) -> Result<()> {
