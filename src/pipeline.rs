@@ -22,6 +22,8 @@
 //! ranks = 2                   # optional: N local processes with the torchrun environment
 //! launcher = "torchrun"       # optional: start them with `torchrun --no-python` instead
 //! matrix = { min_chars = [20, 60] }     # optional: one instance per value (see `sweep`)
+//!                             # an input "judge[*].summary" gathers every instance of a swept
+//!                             # stage: an argument with {in.X} / {point.X} repeats per instance
 //! resources = { partition = "gpu", gpus_per_node = 1, cpus = 4, mem = "16G", time = "01:00:00" }
 //!                             # optional: what the stage's Slurm job asks for (executor = "slurm")
 //! ```
@@ -99,7 +101,22 @@ pub struct Stage {
     pub launcher: Launcher,
     /// What its Slurm job asks for (used by the Slurm executor only).
     pub resources: Resources,
+    /// Inputs that gather every instance of a swept stage (`r = "judge[*].summary"`), by the
+    /// name written in the pipeline; each instance is read through its own entry of `inputs`.
+    pub gathers: BTreeMap<String, Vec<Gathered>>,
 }
+
+/// One instance a gathering input reads (see [`Stage::gathers`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gathered {
+    /// The entry of the stage's `inputs` it is read through (`r[beta=0.05]`).
+    pub input: String,
+    /// Its sweep point without brackets (`beta=0.05`), the value of `{point.r}`.
+    pub point: String,
+}
+
+/// The suffix that makes an input reference gather every instance of a swept stage.
+pub const GATHER: &str = "[*]";
 
 /// Where the stages of a pipeline run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -270,7 +287,8 @@ impl Pipeline {
             }
             sweeps.push(Sweep::new(stage_name, points));
         }
-        let stages = sweep::expand_downstream(stages, &mut sweeps)?;
+        let mut stages = sweep::expand_downstream(stages, &mut sweeps)?;
+        sweep::expand_gathers(&mut stages, &sweeps)?;
         check_references(&stages)?;
         let stages = topological_order(stages)?;
         Ok(Pipeline { name, path: path.to_path_buf(), dir, work_dir, vars, sweeps, overrides: overrides.to_vec(), executor, stages })
@@ -401,6 +419,14 @@ fn resolve_stage(
             Some((stage, output)) if stage_names.iter().any(|s| s == stage) && !output.contains('/') => {
                 InputRef::Stage { stage: stage.to_string(), output: output.to_string() }
             }
+            // `judge[*].summary`: expanded into one input per instance once sweeps are known.
+            Some((stage, output)) if stage.ends_with(GATHER) && !output.contains('/') => {
+                let swept = &stage[..stage.len() - GATHER.len()];
+                if !stage_names.iter().any(|s| s == swept) {
+                    bail!("input `{input}` gathers `{reference}`, but there is no stage `{swept}` (stages: {})", stage_names.join(", "));
+                }
+                InputRef::Stage { stage: stage.to_string(), output: output.to_string() }
+            }
             _ => InputRef::File(dir.join(&reference)),
         };
         inputs.insert(input, parsed);
@@ -410,6 +436,9 @@ fn resolve_stage(
         (None, None) => bail!("missing `uses` (a built-in stage) or `run` (a command argv)"),
         (Some(uses), None) => {
             let builtin = stages::builtin(&uses)?;
+            if let Some((input, r)) = inputs.iter().find(|(_, r)| is_gather(r)) {
+                bail!("input `{input}` gathers `{r}`, but built-in stage `{uses}` reads one file per input: gather in a `run` stage");
+            }
             if !raw.outputs.is_empty() {
                 bail!("`outputs` is fixed for built-in stage `{uses}`; remove it");
             }
@@ -474,7 +503,12 @@ fn resolve_stage(
         None => Resources::default(),
         Some(v) => Resources::parse(expand_value(v, vars)?)?,
     };
-    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher, resources })
+    Ok(Stage { name: name.to_string(), kind, inputs, outputs, params, version: raw.version, ranks, launcher, resources, gathers: BTreeMap::new() })
+}
+
+/// Whether an input reference gathers the instances of a swept stage (`judge[*].summary`).
+pub fn is_gather(reference: &InputRef) -> bool {
+    matches!(reference, InputRef::Stage { stage, .. } if stage.ends_with(GATHER))
 }
 
 /// The `ranks` of a stage: a positive integer, given as a number or a string such as
@@ -491,14 +525,14 @@ fn parse_ranks(value: Value) -> Result<usize> {
     }
 }
 
-/// The `{in.X}`, `{out.Y}`, `{params.Z}` and `{out_dir}` placeholders of an argv element.
+/// The `{in.X}`, `{out.Y}`, `{params.Z}`, `{point.X}` and `{out_dir}` placeholders of an argv element.
 pub fn placeholders(arg: &str) -> Vec<&str> {
     let mut found = Vec::new();
     let mut rest = arg;
     while let Some(start) = rest.find('{') {
         let Some(len) = rest[start..].find('}') else { break };
         let inner = &rest[start + 1..start + len];
-        if inner == "out_dir" || ["in.", "out.", "params."].iter().any(|p| inner.starts_with(p)) {
+        if inner == "out_dir" || ["in.", "out.", "params.", "point."].iter().any(|p| inner.starts_with(p)) {
             found.push(inner);
         }
         rest = &rest[start + len + 1..];
@@ -512,8 +546,14 @@ fn check_placeholders(
     outputs: &[(String, SchemaDef)],
     params: &Params,
 ) -> Result<()> {
+    let mut gathered = BTreeSet::new();
     for p in placeholders(arg) {
         let ok = match p.split_once('.') {
+            Some(("in" | "point", n)) if inputs.get(n).is_some_and(is_gather) => {
+                gathered.insert(n);
+                true
+            }
+            Some(("point", n)) => bail!("`run` argument \"{arg}\" uses {{point.{n}}}, but input `{n}` gathers no sweep (write it as \"STAGE[*].OUTPUT\")"),
             Some(("in", n)) => inputs.contains_key(n),
             Some(("out", n)) => outputs.iter().any(|(o, _)| o == n),
             Some(("params", n)) => params.contains_key(n),
@@ -522,6 +562,9 @@ fn check_placeholders(
         if !ok {
             bail!("`run` argument \"{arg}\" uses {{{p}}}, which is not declared");
         }
+    }
+    if gathered.len() > 1 {
+        bail!("`run` argument \"{arg}\" uses two gathering inputs ({}): an argument repeats once per instance of one", gathered.into_iter().collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }
@@ -729,6 +772,39 @@ outputs = { o = "json" }
 "#;
         let err = format!("{:#}", parse(text).unwrap_err());
         assert!(err.contains("{in.missing}"), "{err}");
+    }
+
+    #[test]
+    fn a_gathering_input_reads_every_instance_of_a_sweep() {
+        let text = r#"
+[stages.a]
+run = ["x", "{params.k}", "{out.o}"]
+outputs = { o = "json" }
+params = { k = 1 }
+matrix = { k = [1, 2] }
+[stages.b]
+run = ["x", "{in.i}", "{out.o}"]
+inputs = { i = "a.o" }
+outputs = { o = "json" }
+[stages.all]
+run = ["x", "--in={in.r}", "--name=b {point.r}", "{out.o}"]
+inputs = { r = "b[*].o" }
+outputs = { o = "json" }
+"#;
+        let p = parse(text).unwrap();
+        let all = p.stage("all").unwrap();
+        let inputs: Vec<String> = all.inputs.iter().map(|(n, r)| format!("{n}={r}")).collect();
+        assert_eq!(inputs, ["r[k=1]=b[k=1].o", "r[k=2]=b[k=2].o"]);
+        assert_eq!(all.gathers["r"], [Gathered { input: "r[k=1]".into(), point: "k=1".into() }, Gathered { input: "r[k=2]".into(), point: "k=2".into() }]);
+        assert_eq!(p.stages.last().unwrap().name, "all", "after every instance it reads");
+        let err = |t: String| format!("{:#}", parse(&t).unwrap_err());
+        assert!(err(text.replace("b[*].o", "c[*].o")).contains("there is no stage `c`"));
+        assert!(err(text.replace("matrix = { k = [1, 2] }", "")).contains("`b` is not swept"));
+        assert!(err(text.replace("{point.r}", "{point.q}")).contains("input `q` gathers no sweep"));
+        let two = text.replace("inputs = { r = \"b[*].o\" }", "inputs = { r = \"b[*].o\", s = \"a[*].o\" }").replace("{point.r}", "{point.s}{in.r}");
+        assert!(err(two).contains("two gathering inputs"));
+        let builtin = format!("{BASE}\n{}", text.replace("[stages.all]\nrun = [\"x\", \"--in={in.r}\", \"--name=b {point.r}\", \"{out.o}\"]", "[stages.all]\nuses = \"unpair\"").replace("inputs = { r = \"b[*].o\" }\noutputs = { o = \"json\" }\n", "inputs = { pairs = \"b[*].o\" }\n"));
+        assert!(err(builtin).contains("built-in stage `unpair` reads one file per input"));
     }
 
     #[test]

@@ -487,13 +487,14 @@ fn command_line(ws: &Workspace, stage: &Stage, temp: &Path, upstream: &BTreeMap<
             argv.extend(crate::stages::param_args(&stage.params));
             argv
         }
-        StageKind::Command(argv) => argv
-            .iter()
-            .map(|arg| {
-                let mut arg = arg.clone();
-                for p in pipeline::placeholders(&arg.clone()) {
+        StageKind::Command(argv) => {
+            // One argument, with `{in.X}` / `{point.X}` of the gathered instance `one` when given.
+            let fill = |arg: &str, one: Option<&pipeline::Gathered>| {
+                let mut filled = arg.to_string();
+                for p in pipeline::placeholders(arg) {
                     let value = match p.split_once('.') {
-                        Some(("in", n)) => inputs[n].clone(),
+                        Some(("in", n)) => inputs[one.filter(|_| stage.gathers.contains_key(n)).map_or(n, |g| g.input.as_str())].clone(),
+                        Some(("point", _)) => one.expect("checked at parse: {point.X} names a gathering input").point.clone(),
                         Some(("out", n)) => outputs[n].clone(),
                         Some(("params", n)) => match &stage.params[n] {
                             serde_json::Value::String(s) => s.clone(),
@@ -501,11 +502,20 @@ fn command_line(ws: &Workspace, stage: &Stage, temp: &Path, upstream: &BTreeMap<
                         },
                         _ => temp.to_string_lossy().into_owned(),
                     };
-                    arg = arg.replace(&format!("{{{p}}}"), &value);
+                    filled = filled.replace(&format!("{{{p}}}"), &value);
                 }
-                arg
-            })
-            .collect(),
+                filled
+            };
+            let mut filled = Vec::new();
+            for arg in argv {
+                let gathered = pipeline::placeholders(arg).into_iter().find_map(|p| p.strip_prefix("in.").or(p.strip_prefix("point.")).and_then(|n| stage.gathers.get(n)));
+                match gathered {
+                    Some(instances) => filled.extend(instances.iter().map(|g| fill(arg, Some(g)))),
+                    None => filled.push(fill(arg, None)),
+                }
+            }
+            filled
+        }
     })
 }
 

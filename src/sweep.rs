@@ -3,14 +3,17 @@
 //! each with those params set, and every stage downstream of a swept stage expands with it
 //! (`sample[beta=0.05,loss=kto]` reads `train[beta=0.05,loss=kto].policy`). Instances are
 //! ordinary stages: each has its own cache key, so changing one value reruns only that
-//! instance's stages.
+//! instance's stages. A `run` stage gathers every instance with an input such as
+//! `reports = "judge[*].summary"`: it runs once, reading each instance through an input of its
+//! own (`reports[beta=0.05,loss=kto]`), and an argument holding `{in.reports}` or
+//! `{point.reports}` is repeated once per instance (`--summary={in.reports}`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::pipeline::{InputRef, Stage};
+use crate::pipeline::{is_gather, Gathered, InputRef, Stage, GATHER};
 
 /// One combination of a matrix: the instance-name suffix and the params it sets.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +128,30 @@ pub fn expand_downstream(mut stages: Vec<Stage>, sweeps: &mut [Sweep]) -> Result
         follows.insert(stage.name, read[0]);
     }
     Ok(stages)
+}
+
+/// Replaces each gathering input (`reports = "judge[*].summary"`) by one input per instance of
+/// the sweep its stage follows (`reports[beta=0.05]` = `judge[beta=0.05].summary`), recorded in
+/// the stage's `gathers`. Gathering a stage that no sweep expands is an error.
+pub fn expand_gathers(stages: &mut [Stage], sweeps: &[Sweep]) -> Result<()> {
+    for stage in stages.iter_mut() {
+        let gathering: Vec<String> = stage.inputs.iter().filter(|(_, r)| is_gather(r)).map(|(n, _)| n.clone()).collect();
+        for name in gathering {
+            let Some(InputRef::Stage { stage: from, output }) = stage.inputs.remove(&name) else { unreachable!("a gathering input names a stage") };
+            let swept = &from[..from.len() - GATHER.len()];
+            let Some(sweep) = sweeps.iter().find(|s| s.stages.iter().any(|n| n == swept)) else {
+                bail!("stage `{}` input `{name}` gathers `{from}.{output}`, but `{swept}` is not swept (no `matrix` on it or upstream of it)", stage.name);
+            };
+            let mut instances = Vec::new();
+            for point in &sweep.points {
+                let input = format!("{name}{}", point.suffix);
+                stage.inputs.insert(input.clone(), InputRef::Stage { stage: format!("{swept}{}", point.suffix), output: output.clone() });
+                instances.push(Gathered { input, point: point.suffix[1..point.suffix.len() - 1].to_string() });
+            }
+            stage.gathers.insert(name, instances);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

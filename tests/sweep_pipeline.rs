@@ -59,14 +59,23 @@ fn a_sweep_runs_every_point_and_reruns_only_the_changed_one() {
     assert_eq!(std::fs::read_to_string(tmp.path().join("runs.csv")).unwrap().lines().count(), 6, "two headers + 4 rows");
     assert!(std::fs::read_to_string(tmp.path().join("runs.svg")).unwrap().contains("<svg"));
 
+    // The gathering stage compared all four points in one table, named by their points.
+    let compare = |m: &haloflow::manifest::Manifest| std::fs::read_to_string(m.stage("compare").unwrap().outputs["report"].path.join("compare.md")).unwrap();
+    let md = compare(&m);
+    for name in ["kto beta=0.05", "kto beta=0.1", "dpo beta=0.05", "dpo beta=0.1"] {
+        assert_eq!(md.lines().filter(|l| l.starts_with(&format!("| {name} |"))).count(), 1, "{name} in: {md}");
+    }
+
     // Changing one value reruns exactly that point's stages.
     let changed = text_of.replacen("matrix = { beta = [0.05, 0.1] }", "matrix = { beta = [0.05, 0.2] }", 1);
     assert_ne!(changed, text_of);
     std::fs::write(&pipeline, changed).unwrap();
     assert!(halo_with("run", &[]).status.success());
     let ran = stages_with(&work, "ci-sweep", Status::Ran);
-    let point: std::collections::BTreeSet<String> = set(&["train_kto[beta=0.2]", "sample_kto[beta=0.2]", "judge_kto[beta=0.2]"]);
-    assert!(ran.is_subset(&point) && ran.contains("train_kto[beta=0.2]") && ran.contains("sample_kto[beta=0.2]"), "only the new point's stages ran: {ran:?}");
+    let point: std::collections::BTreeSet<String> = set(&["train_kto[beta=0.2]", "sample_kto[beta=0.2]", "judge_kto[beta=0.2]", "compare"]);
+    assert!(ran.is_subset(&point) && ran.contains("train_kto[beta=0.2]") && ran.contains("sample_kto[beta=0.2]"), "only the new point's stages (and the comparison) ran: {ran:?}");
+    let md = compare(&manifest(&work, "ci-sweep"));
+    assert!(md.contains("| kto beta=0.2 |") && !md.contains("| kto beta=0.1 |"), "the comparison follows the sweep: {md}");
     assert!(manifest(&work, "ci-sweep").stage("judge_kto[beta=0.2]").unwrap().key.is_some(), "the new point is judged (or its verdicts found cached)");
 
     // The named first run keeps its entries (train_kto[beta=0.1] and its chain) through gc.
