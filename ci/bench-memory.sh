@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): peak memory (max RSS) and step time of KTO steps on SmolLM2-135M
-# (the embedded GGUF, dequantized to f32), microbatch 8, lengths <= 256, f32 on the CPU, with
-# and without activation checkpointing, beside the same step in PyTorch + transformers with
-# gradient_checkpointing off and on (ci/bench/train_pytorch.py), measured in the same run; and
-# halo-train's memory estimate against its measured peak. Prints ratios. With TRL_PATH set to a
-# directory holding trl 1.16 and its dependencies (see ci/bench/train_trl_kto.py), TRL's
-# KTOTrainer (gradient_checkpointing off and on) is measured too.
+# (the embedded GGUF, dequantized to f32), microbatch 8, lengths <= 256, f32 on the CPU: full
+# training and LoRA (r = 16, alpha 32, every projection), each with and without activation
+# checkpointing, beside the same step in PyTorch + transformers with gradient_checkpointing off
+# and on (ci/bench/train_pytorch.py) and TRL 1.16's KTOTrainer in the four settings (peft LoRA;
+# ci/bench/train_trl.py, TRL and peft installed into .cache/trl on first use or taken from
+# TRL_PATH; TRL=0 leaves it out), measured in the same run; and halo-train's memory estimate
+# against its measured peak. Prints ratios (target: LoRA + checkpointing peak <= 0.8 of TRL's).
 #
 #   bash ci/bench-memory.sh            (STEPS=3 THREADS=1 by default)
 #
@@ -43,50 +44,58 @@ train=(halo-train --data "$work/plan.arrow" --model "$work/model" --loss kto --l
        --decay constant --device cpu --dtype f32 --threads "$THREADS" "${lengths[@]}" --ref-logps "$work/ref.parquet"
        --report "$work/report")
 base_rss=$(maxrss halo-train --estimate-memory --model "$work/model" --device cpu --dtype f32 "${lengths[@]}")
-full_rss=$(maxrss "${train[@]}" --policy "$work/p1" --metrics "$work/full.parquet" --summary "$work/full.json")
-ckpt_rss=$(maxrss "${train[@]}" --checkpoint-activations --policy "$work/p2" --metrics "$work/ckpt.parquet" --summary "$work/ckpt.json")
+lora=(--lora '{"r": 16, "alpha": 32}')
 peer=(.venv/bin/python ci/bench/train_pytorch.py "$work/plan.arrow" "$work/model" --steps "$STEPS" --threads "$THREADS"
       --lr 1e-5 "${lengths[@]}")
-peer_full_rss=$(maxrss "${peer[@]:0:4}" "$work/peer_full.json" "${peer[@]:4}")
-peer_ckpt_rss=$(maxrss "${peer[@]:0:4}" "$work/peer_ckpt.json" "${peer[@]:4}" --gradient-checkpointing)
-trl_full_rss=0 trl_ckpt_rss=0
-if [ -n "${TRL_PATH:-}" ]; then
-    trl=(env PYTHONPATH="$TRL_PATH:${PYTHONPATH:-}" .venv/bin/python ci/bench/train_trl_kto.py "$work/plan.arrow" "$work/model")
-    trl_full_rss=$(maxrss "${trl[@]}" "$work/trl_full.json" "${peer[@]:4}")
-    trl_ckpt_rss=$(maxrss "${trl[@]}" "$work/trl_ckpt.json" "${peer[@]:4}" --gradient-checkpointing)
+[ "${TRL:-1}" = 0 ] || trl=(env PYTHONPATH="$(trl_path):${PYTHONPATH:-}" .venv/bin/python ci/bench/train_trl.py "$work/plan.arrow" "$work/model")
+# Each configuration: NAME then its command; the run's peak RSS goes to $work/NAME.rss.
+measure() { local name=$1; shift; maxrss "$@" > "$work/$name.rss"; }
+for v in full ckpt lora lora_ckpt; do
+    extra=(); [[ $v == *ckpt* ]] && extra+=(--checkpoint-activations); [[ $v == lora* ]] && extra+=("${lora[@]}")
+    measure "$v" "${train[@]}" "${extra[@]}" --policy "$work/p-$v" --metrics "$work/$v.parquet" --summary "$work/$v.json"
+done
+measure peer_full "${peer[@]:0:4}" "$work/peer_full.json" "${peer[@]:4}"
+measure peer_ckpt "${peer[@]:0:4}" "$work/peer_ckpt.json" "${peer[@]:4}" --gradient-checkpointing
+if [ -n "${trl:-}" ]; then
+    measure trl_full "${trl[@]}" "$work/trl_full.json" "${peer[@]:4}"
+    measure trl_ckpt "${trl[@]}" "$work/trl_ckpt.json" "${peer[@]:4}" --gradient-checkpointing
+    measure trl_lora "${trl[@]}" "$work/trl_lora.json" "${peer[@]:4}" --lora 16
+    measure trl_lora_ckpt "${trl[@]}" "$work/trl_lora_ckpt.json" "${peer[@]:4}" --lora 16 --gradient-checkpointing
 fi
 
-.venv/bin/python - "$work" "$base_rss" "$full_rss" "$ckpt_rss" "$peer_full_rss" "$peer_ckpt_rss" "$THREADS" "$trl_full_rss" "$trl_ckpt_rss" <<'PY'
-import json, statistics, sys, pyarrow.parquet as pq
-w = sys.argv[1]
-base, full, ckpt, peer_full, peer_ckpt = map(float, sys.argv[2:7])
-def ours(name):
-    s = [x for x in pq.read_table(f"{w}/{name}.parquet").to_pydict()["seconds"] if x is not None]
+.venv/bin/python - "$work" "$base_rss" "$THREADS" <<'PY'
+import json, os, statistics, sys, pyarrow.parquet as pq
+w, base, threads = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+rss = lambda name: float(open(f"{w}/{name}.rss").read())
+def seconds(name):
+    if os.path.exists(f"{w}/{name}.parquet"):
+        s = [x for x in pq.read_table(f"{w}/{name}.parquet").to_pydict()["seconds"] if x is not None]
+    else:
+        s = json.load(open(f"{w}/{name}.json"))["seconds"]
     return statistics.median(s[1:] or s)
-def peer(name):
-    s = json.load(open(f"{w}/{name}.json"))["seconds"]
-    return statistics.median(s[1:] or s)
-t = {"full": ours("full"), "ckpt": ours("ckpt"), "peer_full": peer("peer_full"), "peer_ckpt": peer("peer_ckpt")}
-print(f"KTO step on SmolLM2-135M (f32, CPU, {sys.argv[7]} thread(s)), microbatch 8, lengths <= 256; peak RSS of the process, median step time after the first:")
+rows = [("full", "halo-train full"), ("ckpt", "halo-train + checkpointing"), ("lora", "halo-train LoRA r=16"),
+        ("lora_ckpt", "halo-train LoRA + checkpointing"), ("peer_full", "PyTorch+transformers full"),
+        ("peer_ckpt", "PyTorch+transformers + grad ckpt"), ("trl_full", "TRL KTOTrainer full"), ("trl_ckpt", "TRL KTOTrainer + grad ckpt"),
+        ("trl_lora", "TRL + peft LoRA r=16"), ("trl_lora_ckpt", "TRL + peft LoRA + grad ckpt")]
+rows = [(k, label) for k, label in rows if os.path.exists(f"{w}/{k}.rss")]
+m, t = {k: rss(k) for k, _ in rows}, {k: seconds(k) for k, _ in rows}
+print(f"KTO step on SmolLM2-135M (f32, CPU, {threads} thread(s)), microbatch 8, lengths <= 256; peak RSS of the process, median step time after the first:")
 print(f"{'':34}{'peak RSS':>12}{'s/step':>10}")
-for label, rss, sec in [("halo-train full", full, t["full"]), ("halo-train + checkpointing", ckpt, t["ckpt"]),
-                        ("PyTorch+transformers full", peer_full, t["peer_full"]), ("PyTorch+transformers + grad ckpt", peer_ckpt, t["peer_ckpt"])]:
-    print(f"{label:34}{rss:>9.0f} MiB{sec:>10.2f}")
-if float(sys.argv[8]) > 0:
-    trl = {k: json.load(open(f"{w}/trl_{k}.json")) for k in ("full", "ckpt")}
-    m = pq.read_table(f"{w}/full.parquet").to_pydict()
-    tokens = [round(r * s) for r, s in zip(m["tokens_per_s"], m["seconds"]) if r is not None and s is not None]
-    for k, rss in (("full", float(sys.argv[8])), ("ckpt", float(sys.argv[9]))):
-        sec = statistics.median(trl[k]["seconds"][1:] or trl[k]["seconds"])
-        print(f"{'TRL KTOTrainer ' + ('full' if k == 'full' else '+ grad ckpt'):34}{rss:>9.0f} MiB{sec:>10.2f}")
-        print(f"  halo-train / TRL: peak RSS {(full if k == 'full' else ckpt) / rss:.2f}, step time {t[k] / sec:.2f}")
-    print(f"tokens per step: halo-train {tokens} (rows and KL partners), TRL {trl['full']['tokens']} (its num_tokens; of {trl['full']['rows']} rows it drops those whose prompt fills max_length)")
-print(f"ratios halo-train / peer: peak RSS full {full/peer_full:.2f}, checkpointing {ckpt/peer_ckpt:.2f}; step time full {t['full']/t['peer_full']:.2f}, checkpointing {t['ckpt']/t['peer_ckpt']:.2f}")
-print(f"checkpointing: peak RSS x{ckpt/full:.2f}, step time x{t['ckpt']/t['full']:.2f} (target <= 1.4); peer: x{peer_ckpt/peer_full:.2f}, x{t['peer_ckpt']/t['peer_full']:.2f}")
-for name, rss in [("full", full), ("ckpt", ckpt)]:
+for k, label in rows:
+    print(f"{label:34}{m[k]:>9.0f} MiB{t[k]:>10.2f}")
+if "trl_full" in m:
+    for k in ("full", "ckpt", "lora", "lora_ckpt"):
+        print(f"halo-train / TRL, {k}: peak RSS {m[k] / m['trl_' + k]:.2f}, step time {t[k] / t['trl_' + k]:.2f}")
+    print(f"target: LoRA + checkpointing peak RSS <= 0.8 of TRL's with the same settings: {m['lora_ckpt'] / m['trl_lora_ckpt']:.2f}")
+    trl = json.load(open(f"{w}/trl_full.json"))
+    tokens = pq.read_table(f"{w}/full.parquet").to_pydict()["tokens_computed"]
+    print(f"tokens per step: halo-train {tokens} (rows and KL partners), TRL {trl['tokens']} (non-padding positions of its forwards; of {trl['rows']} rows it drops those whose prompt fills max_length)")
+print(f"ratios halo-train / peer: peak RSS full {m['full']/m['peer_full']:.2f}, checkpointing {m['ckpt']/m['peer_ckpt']:.2f}; step time full {t['full']/t['peer_full']:.2f}, checkpointing {t['ckpt']/t['peer_ckpt']:.2f}")
+print(f"checkpointing: peak RSS x{m['ckpt']/m['full']:.2f}, step time x{t['ckpt']/t['full']:.2f} (target <= 1.4); with LoRA x{m['lora_ckpt']/m['lora']:.2f}, x{t['lora_ckpt']/t['lora']:.2f}; peer: x{m['peer_ckpt']/m['peer_full']:.2f}, x{t['peer_ckpt']/t['peer_full']:.2f}")
+for name in ("full", "ckpt", "lora", "lora_ckpt"):
     e = json.load(open(f"{w}/{name}.json"))["memory_estimate"]
     est = e["total_gib"] * 1024
-    print(f"estimate {name}: {est:.0f} MiB (activations {e['activations_gib']*1024:.0f} MiB); measured peak {rss:.0f} MiB, "
-          f"{rss - base:.0f} MiB above the runtime's {base:.0f} MiB (halo-train --estimate-memory's peak RSS); "
-          f"estimate / (peak - runtime) = {est / (rss - base):.2f}, estimate / peak = {est / rss:.2f}")
+    print(f"estimate {name}: {est:.0f} MiB (activations {e['activations_gib']*1024:.0f} MiB); measured peak {m[name]:.0f} MiB, "
+          f"{m[name] - base:.0f} MiB above the runtime's {base:.0f} MiB (halo-train --estimate-memory's peak RSS); "
+          f"estimate / (peak - runtime) = {est / (m[name] - base):.2f}, estimate / peak = {est / m[name]:.2f}")
 PY

@@ -24,3 +24,16 @@ PY
 random_model() {
     halo-init --hidden "$1" --layers "$2" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$3" 2>/dev/null
 }
+
+# trl_path: prints a directory holding TRL 1.16, PEFT 0.21 and the packages they need beyond transformers
+# (pinned; installed once into .cache/trl, the venv left as it is), or $TRL_PATH when set.
+trl_path() {
+    local dir=${TRL_PATH:-$PWD/.cache/trl}
+    if [ ! -d "$dir/trl" ] || [ ! -d "$dir/peft" ]; then
+        .venv/bin/pip install --quiet --target "$dir" --no-deps trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 \
+            pandas==3.1.1 python-dateutil==4.0.0 pytz==2026.6 tzdata==2026.6 dill==0.4.1 multiprocess==0.70.19 \
+            xxhash==4.1.0 psutil==7.2.2 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 \
+            charset-normalizer==3.5.3 six==1.17.0 >&2
+    fi
+    echo "$dir"
+}
