@@ -62,6 +62,8 @@ pub enum Answer {
     Ok(Value),
     /// This status with `{"error": {"message": ...}}`.
     Error(u16, String),
+    /// 200 with this body as it is (for answers that are not JSON).
+    Raw(String),
 }
 
 /// Makes the answer to a request that no fault marker caught.
@@ -273,6 +275,10 @@ fn answer(stream: &mut TcpStream, request: &Request, stats: &Stats, config: &Con
         Answer::Ok(body) => {
             stats.ok.fetch_add(1, Ordering::SeqCst);
             respond(stream, 200, "", &body.to_string())
+        }
+        Answer::Raw(body) => {
+            stats.ok.fetch_add(1, Ordering::SeqCst);
+            respond(stream, 200, "", &body)
         }
         Answer::Error(status, message) => {
             if status >= 500 {
