@@ -329,7 +329,7 @@ fn a_pipeline_stage_samples_from_the_server_and_no_file_holds_the_key() {
     std::fs::remove_dir_all(work_dir.path()).unwrap();
     let out = halo(&stage("api_key = \"{vars.key}\""));
     let error = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && error.contains("param `api_key` is not a flag of halo-sample") && error.contains("api_key_env"), "{error}");
+    assert!(!out.status.success() && error.contains("param `api_key` is not a flag of halo-sample"), "{error}");
     assert!(!error.contains(&KEY[..12]), "{error}");
     if work_dir.path().exists() {
         key_in_no_file(work_dir.path());
