@@ -7,7 +7,8 @@
 //! statuses (400, 401, 404, ...) fail at once.
 //!
 //! The API key is read from the environment variable the command line names and travels only in
-//! the `Authorization` header. Every text the client returns (answers it reads, error reasons)
+//! the `Authorization` header; creating a client caps the `log` records (ureq's) at DEBUG, since
+//! ureq's TRACE level dumps whole requests, headers included. Every text the client returns (answers it reads, error reasons)
 //! passes through [`Client::redact`] before anything cuts it, so a server that echoes the key,
 //! whole or in part, cannot get it written into outputs, caches or logs.
 
@@ -110,6 +111,9 @@ impl Client {
     /// The client the flags describe; reads the API key from the environment. `agent_name`
     /// goes into the User-Agent (e.g. `haloflow-judge/0.1.0`).
     pub fn new(args: &ClientArgs, agent_name: &str) -> Result<Client> {
+        // ureq logs whole requests, headers (the key) included, at TRACE: never let them reach
+        // the log, whatever RUST_LOG says.
+        log::set_max_level(log::max_level().min(log::LevelFilter::Debug));
         let api_key = std::env::var(&args.api_key_env).ok().filter(|k| !k.is_empty());
         if api_key.is_none() {
             tracing::info!("${} is not set: sending requests without an Authorization header", args.api_key_env);
