@@ -189,6 +189,13 @@ fn read_answer(endpoint: Endpoint, body: &str, redact: &dyn Fn(&str) -> String) 
 
 /// Runs the backend and writes the outputs.
 pub fn run(args: &Args, rows: &[PromptRow], options: &GenerateOptions) -> Result<()> {
+    if let Some(rv) = haloflow_dist::read_rendezvous(|k| std::env::var(k).ok())? {
+        bail!(
+            "--backend openai runs as one process (this is rank {} of {}): drop `ranks` and raise --concurrency instead",
+            rv.rank,
+            rv.world_size
+        );
+    }
     let api_model = args.api_model.clone().context("--backend openai needs --api-model (the served model's name, as the server's /v1/models lists it)")?;
     let model_id = args.model_id.clone().unwrap_or_else(|| api_model.clone());
     let client = Client::new(&args.client, concat!("haloflow-sample/", env!("CARGO_PKG_VERSION")))?;

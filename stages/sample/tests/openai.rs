@@ -279,6 +279,12 @@ fn errors_name_the_prompt_row_keep_the_key_out_and_write_nothing() {
     assert!(error.contains("prompt row 0 (prompt_id `p-fine`), sample 0") && error.contains(&url) && error.contains("(after 1 retries)"), "{error}");
     no_outputs("down");
 
+    // Several ranks: the server does the parallel work, one process asks it.
+    let ranks = [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1")];
+    let error = failed(&sample(dir.path(), &server.base_url(), "ranks", &[], true, &ranks));
+    assert!(error.contains("--backend openai runs as one process (this is rank 0 of 2)"), "{error}");
+    no_outputs("ranks");
+
     // Missing settings.
     let error = failed(&sample(dir.path(), &server.base_url(), "nomodel", &["--backend", "local"], true, &[]));
     assert!(error.contains("--backend local needs --model"), "{error}");
