@@ -1,5 +1,6 @@
 //! The judging run: plan one request per pair and order, answer each from the cache or from the
-//! backend (a [`haloflow_openai::pool`] of [`Backend::concurrency`] threads), and gather one [`Judgment`] per request.
+//! backend (a [`haloflow_openai::pool`] of [`Backend::concurrency`] threads), and gather one
+//! [`Judgment`] per request.
 //!
 //! Workers only call the backend; the calling thread appends each answer to the cache the moment
 //! it arrives (and then passes the `after_judgments` fault point, for crash tests), so a killed
