@@ -121,9 +121,9 @@ pub fn builtins() -> Vec<Builtin> {
         },
         Builtin {
             name: "sample",
-            about: "sample completions for prompts with a local model (batched, KV cache, seeded)",
+            about: "sample completions for prompts with a local model (batched, KV cache, seeded) or an OpenAI-compatible server (vLLM, llama.cpp)",
             inputs: &[("prompts", &[schema::PROMPTS]), ("model", &[schema::DIR])],
-            optional: &[],
+            optional: &["model"],
             outputs: |_| Ok(out(&[("samples", schema::SAMPLES), ("summary", schema::JSON)])),
             ranks: Ranks::Same,
         },

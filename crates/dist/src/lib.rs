@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-pub use env::{first_host, Rendezvous};
+pub use env::{first_host, read as read_rendezvous, Rendezvous};
 use group::{Group, Op};
 
 /// How a collective combines the processes' tensors.

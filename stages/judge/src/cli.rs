@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use haloflow_openai::client::ClientArgs;
 
 /// The command-line name of a value of a [`ValueEnum`] (e.g. `openai`, `both`).
 pub fn value_name(value: &impl ValueEnum) -> String {
@@ -113,9 +114,9 @@ pub struct JudgeArgs {
     /// Seed of the random order and of the judge's sampling (sent as `seed`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Base URL of the OpenAI-compatible API (requests go to BASE_URL/chat/completions).
-    #[arg(long, default_value = "https://api.openai.com/v1")]
-    pub base_url: String,
+    /// The OpenAI-compatible API (openai backend; requests go to BASE_URL/chat/completions).
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Judge model name (required with --backend openai).
     #[arg(long)]
     pub model: Option<String>,
@@ -125,22 +126,6 @@ pub struct JudgeArgs {
     /// Most tokens of a judge answer (default: the template's, else 1024).
     #[arg(long)]
     pub max_tokens: Option<u32>,
-    /// Name of the environment variable holding the API key (unset: no Authorization header).
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    pub api_key_env: String,
-    /// Most requests in flight at once.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    /// Timeout of one request attempt, in seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub timeout_s: f64,
-    /// Retries of a request after a 429, a 5xx, a timeout or a connection error.
-    #[arg(long, default_value_t = 5)]
-    pub max_retries: u32,
-    /// First retry delay in seconds; doubles with each retry (with jitter), unless the server
-    /// sends Retry-After.
-    #[arg(long, default_value_t = 1.0)]
-    pub backoff_s: f64,
     /// Fail the stage (after writing its outputs) when more than this fraction of the requests
     /// failed.
     #[arg(long, default_value_t = 0.1)]

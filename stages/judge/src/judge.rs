@@ -1,13 +1,12 @@
 //! The judging run: plan one request per pair and order, answer each from the cache or from the
-//! backend (a pool of [`Backend::concurrency`] threads), and gather one [`Judgment`] per request.
+//! backend (a [`haloflow_openai::pool`] of [`Backend::concurrency`] threads), and gather one
+//! [`Judgment`] per request.
 //!
 //! Workers only call the backend; the calling thread appends each answer to the cache the moment
 //! it arrives (and then passes the `after_judgments` fault point, for crash tests), so a killed
 //! run loses at most the requests in flight. Identical requests are asked once.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -151,58 +150,38 @@ pub fn run(
     );
     let started = Instant::now();
     let mut failures: HashMap<String, Failed> = HashMap::new();
-    let workers = backend.concurrency().clamp(1, todo.len().max(1));
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
     let bar = haloflow::stage_cli::progress(todo.len() as u64, "judging");
-    let mut append_error = None;
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel();
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let (next, stop, todo, planned) = (&next, &stop, &todo, &planned);
-            scope.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    let p = &planned[i];
-                    let pair = &pairs[p.pair];
-                    let (answer_a, answer_b) = p.outputs(pair);
-                    let reference = pair.reference.as_deref();
-                    let request = JudgeRequest { messages: &p.messages, template, answer_a, answer_b, reference };
-                    let t = Instant::now();
-                    let result = backend.judge(&request);
-                    if tx.send((i, result, t.elapsed().as_secs_f64() * 1000.0)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let mut appended = 0;
-        for (i, result, elapsed_ms) in rx {
-            let key = &planned[i].key;
+    let mut appended = 0;
+    let asked = haloflow_openai::pool::run(
+        todo.len(),
+        backend.concurrency(),
+        |j| {
+            let p = &planned[todo[j]];
+            let pair = &pairs[p.pair];
+            let (answer_a, answer_b) = p.outputs(pair);
+            let request = JudgeRequest { messages: &p.messages, template, answer_a, answer_b, reference: pair.reference.as_deref() };
+            let t = Instant::now();
+            let result = backend.judge(&request);
+            (result, t.elapsed().as_secs_f64() * 1000.0)
+        },
+        |j, (result, elapsed_ms)| {
+            bar.inc(1);
+            let key = &planned[todo[j]].key;
             match result {
-                Ok(answer) => match cache.append(key, &answer) {
-                    Ok(()) => {
-                        appended += 1;
-                        haloflow::stage_cli::fault_point("after_judgments", appended);
-                    }
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        append_error.get_or_insert(e);
-                    }
-                },
+                Ok(answer) => {
+                    cache.append(key, &answer)?;
+                    appended += 1;
+                    haloflow::stage_cli::fault_point("after_judgments", appended);
+                }
                 Err(e) => {
                     failures.insert(key.clone(), Failed { reason: format!("{e:#}"), latency_ms: elapsed_ms });
                 }
             }
-            bar.inc(1);
-        }
-    });
+            Ok(())
+        },
+    );
     bar.finish_and_clear();
-    if let Some(e) = append_error {
-        return Err(e);
-    }
+    asked?;
     let stats = RunStats { requests: planned.len(), asked: todo.len(), failed: failures.len(), seconds: started.elapsed().as_secs_f64() };
     let judgments = planned
         .iter()

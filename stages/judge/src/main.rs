@@ -21,8 +21,6 @@ use clap::Parser;
 
 fn main() {
     haloflow::stage_cli::main(|| {
-        // ureq logs whole requests, headers included, at TRACE: never let them reach the log.
-        log::set_max_level(log::max_level().min(log::LevelFilter::Debug));
         let mut argv: Vec<String> = std::env::args().collect();
         match argv.get(1).map(String::as_str) {
             Some("compare") => {

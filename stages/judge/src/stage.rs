@@ -26,8 +26,7 @@ pub fn run(args: &JudgeArgs) -> Result<()> {
     tracing::info!(template = %template.name, "{}", template.description);
     let backend = backends::build(args, &template)?;
     let inputs = inputs::load(&args.candidate, &args.baseline, args.prompts.as_deref())?;
-    let stage_cache = std::env::var_os(cache::STAGE_CACHE_ENV).map(std::path::PathBuf::from);
-    let cache_dir = cache::dir(args.cache_dir.as_deref(), stage_cache.as_deref());
+    let cache_dir = cache::dir(args.cache_dir.as_deref());
     tracing::info!(cache = %cache_dir.display(), "answer cache");
     let mut cache = Cache::open(&cache_dir)?;
     let (judgments, run) = judge::run(&inputs.pairs, &template, backend.as_ref(), &mut cache, args.order, args.seed)?;

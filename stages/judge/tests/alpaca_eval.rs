@@ -42,7 +42,7 @@ fn the_weighted_win_rate_comes_from_the_servers_top_logprobs() {
     let n = write_inputs(&run);
     let names = ["--candidate-name", "kto", "--baseline-name", "base"];
     assert_ok(&run.judge(&args(&run, &server, "out", &names), &[]));
-    assert_eq!(server.stats.asked_logprobs.load(Ordering::SeqCst), 2 * n, "every request asked for logprobs");
+    assert_eq!(server.logprobs.asked.load(Ordering::SeqCst), 2 * n, "every request asked for logprobs");
 
     // By hand: the fake judge gives the label it answers 0.7, the other label 0.2 and `The`
     // 0.1; normalised over the two labels the answered one has 0.7 / 0.9. A pair the candidate
@@ -103,16 +103,16 @@ fn without_logprobs_the_summary_says_it_counts_verdicts_and_annotations_are_1_1_
     // A server that refuses it with 400: asked once more without, then never again.
     let refusing = FakeServer::start(Config { reject_logprobs: true, ..Config::default() });
     assert_ok(&run.judge(&args(&run, &refusing, "refused", &["--concurrency", "1"]), &[]));
-    let st = &refusing.stats;
-    assert_eq!((st.rejected_logprobs.load(Ordering::SeqCst), st.asked_logprobs.load(Ordering::SeqCst)), (1, 1));
-    assert_eq!(st.total(), 2 * n + 1);
+    let lp = &refusing.logprobs;
+    assert_eq!((lp.rejected.load(Ordering::SeqCst), lp.asked.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(refusing.stats.total(), 2 * n + 1);
     let s = run.summary("refused");
     assert_eq!((s["wins"].as_u64(), s["losses"].as_u64(), s["weighted_from"].as_str()), (Some(3), Some(1), Some("verdicts")));
 
     // --top-logprobs 0 never asks.
     let plain = FakeServer::start(Config { logprobs: true, ..Config::default() });
     assert_ok(&run.judge(&args(&run, &plain, "zero", &["--top-logprobs", "0"]), &[]));
-    assert_eq!(plain.stats.asked_logprobs.load(Ordering::SeqCst), 0);
+    assert_eq!(plain.logprobs.asked.load(Ordering::SeqCst), 0);
     assert!(run.summary("zero")["weighted_win_rate"].is_null());
 }
 

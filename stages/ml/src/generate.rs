@@ -55,7 +55,7 @@ use std::cmp::Reverse;
 use std::fmt;
 
 use anyhow::{ensure, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::llama::{KvCache, Llama};
@@ -116,7 +116,7 @@ pub struct PromptIds {
 }
 
 /// Why a sample ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// It generated a stop token (EOS).

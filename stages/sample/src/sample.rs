@@ -1,5 +1,5 @@
-//! The sample run: read prompts, tokenize them, generate, write the `samples` table and the
-//! summary.
+//! The sample run: read prompts, draw samples (in-process with libtorch, or from a server:
+//! [`crate::api`]), write the `samples` table and the summary.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,28 +11,57 @@ use arrow_array::{Int64Array, RecordBatch, StringArray};
 use haloflow::records::{messages_array, messages_at, Columns, Message};
 use haloflow::schema;
 use haloflow_ml::device::{parse_device, parse_dtype};
-use haloflow_ml::generate::{FinishReason, GenerateOptions, Generation, Generator, PromptIds, Sample};
+use haloflow_ml::generate::{FinishReason, GenerateOptions, Generator, PromptIds, Sample};
 use haloflow_ml::model::CausalLm;
 use haloflow_dist::Dist;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::{shard, Args};
+use crate::{shard, Args, Backend};
 
 /// Skipped prompts listed by id in the summary (the count covers all).
 const SKIPPED_EXAMPLES: usize = 20;
 
 /// A row of the input `prompts` table.
 #[derive(Debug, Clone, PartialEq)]
-struct PromptRow {
-    prompt_id: String,
-    prompt: Vec<Message>,
+pub struct PromptRow {
+    /// Its `prompt_id`.
+    pub prompt_id: String,
+    /// Its messages.
+    pub prompt: Vec<Message>,
+}
+
+/// One sample, whichever backend drew it: a row of the `samples` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    /// Index of its prompt in the input.
+    pub prompt: usize,
+    /// Index among the samples of its prompt.
+    pub sample_index: usize,
+    /// The completion.
+    pub text: String,
+    /// Tokens of the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+impl From<&Sample> for Drawn {
+    fn from(s: &Sample) -> Drawn {
+        Drawn {
+            prompt: s.prompt,
+            sample_index: s.sample_index,
+            text: s.text.clone(),
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.token_ids.len(),
+            finish_reason: s.finish_reason,
+        }
+    }
 }
 
 /// Runs the stage.
 pub fn run(args: &Args) -> Result<()> {
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -43,18 +72,29 @@ pub fn run(args: &Args) -> Result<()> {
         batch_size: args.batch_size,
     };
     options.validate()?;
-    let device = parse_device(&args.device)?;
-    let kind = parse_dtype(&args.dtype, device)?;
-    let model_id = match &args.model_id {
-        Some(id) => id.clone(),
-        None => model_name(&args.model)?,
-    };
-
     let rows = read_prompts(&args.prompts)?;
     if rows.is_empty() {
         bail!("{}: no prompts to sample from", args.prompts.display());
     }
-    let tok = args.format.tokenizer(&args.model)?;
+    match args.backend {
+        Backend::Local => run_local(args, &rows, &options),
+        Backend::Openai => crate::api::run(args, &rows, &options),
+    }
+}
+
+/// The local backend: every rank generates its share, rank 0 writes the outputs.
+fn run_local(args: &Args, rows: &[PromptRow], options: &GenerateOptions) -> Result<()> {
+    let model_dir = args.model.as_deref().context("--backend local needs --model (a Hugging Face model directory)")?;
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(&args.dtype, device)?;
+    let model_id = match &args.model_id {
+        Some(id) => id.clone(),
+        None => model_name(model_dir)?,
+    };
+    let tok = args.format.tokenizer(model_dir)?;
     let prompts = rows
         .iter()
         .map(|r| {
@@ -67,12 +107,12 @@ pub fn run(args: &Args) -> Result<()> {
     let device = dist.as_ref().map_or(device, |d| d.rank_device(device));
     let mine = shard::share(prompts.len(), rank, world);
     let my_prompts: Vec<PromptIds> = mine.iter().map(|&i| prompts[i].clone()).collect();
-    let model = CausalLm::load(&args.model, device, kind)?;
+    let model = CausalLm::load(model_dir, device, kind)?;
     tracing::info!(model = %model_id, device = ?device, dtype = ?kind, prompts = my_prompts.len(), of = rows.len(), rank, world, n = options.n, "sampling");
 
     let bar = haloflow::stage_cli::progress((my_prompts.len() * options.n * options.max_new_tokens) as u64, "sampling tokens");
     let started = Instant::now();
-    let generation = Generator::new(&model, &tok).generate(&my_prompts, &options, |p| {
+    let generation = Generator::new(&model, &tok).generate(&my_prompts, options, |p| {
         bar.set_length(p.token_bound);
         bar.set_position(p.tokens);
     })?;
@@ -94,41 +134,61 @@ pub fn run(args: &Args) -> Result<()> {
     if generation.samples.is_empty() {
         bail!("no sample generated: all {} prompts were skipped ({})", rows.len(), generation.skipped[0].reason);
     }
-    let batch = samples_batch(&rows, &generation, &model_id)?;
-    haloflow::io::write_arrow(&args.samples, &batch.schema(), &[batch], Default::default())?;
-
-    let tokens: usize = generation.samples.iter().map(|s| s.token_ids.len()).sum();
-    let mut finish_reasons: BTreeMap<&str, usize> =
-        [FinishReason::Eos, FinishReason::Stop, FinishReason::Length].iter().map(|r| (r.as_str(), 0)).collect();
-    for s in &generation.samples {
-        *finish_reasons.entry(s.finish_reason.as_str()).or_default() += 1;
-    }
-    let tokens_per_s = tokens as f64 / seconds.max(1e-9);
+    let drawn: Vec<Drawn> = generation.samples.iter().map(Drawn::from).collect();
+    let tokens: usize = drawn.iter().map(|s| s.completion_tokens).sum();
     let skipped_examples: Vec<_> = generation
         .skipped
         .iter()
         .take(SKIPPED_EXAMPLES)
         .map(|s| json!({"prompt_id": rows[s.prompt].prompt_id, "reason": s.reason}))
         .collect();
-    let summary = json!({
-        "model": model_id,
-        "prompts": rows.len(),
+    let mut summary = summary(rows, &drawn, &model_id, options, "local");
+    let extra = json!({
         "prompts_sampled": rows.len() - generation.skipped.len(),
-        "samples": generation.samples.len(),
         "skipped": generation.skipped.len(),
         "skipped_examples": skipped_examples,
-        "prompt_tokens": generation.samples.iter().map(|s| s.prompt_tokens).sum::<usize>(),
-        "tokens_generated": tokens,
-        "tokens_per_s": tokens_per_s,
+        "tokens_per_s": tokens as f64 / seconds.max(1e-9),
         "seconds": seconds,
-        "finish_reasons": finish_reasons,
         "device": haloflow_ml::device::device_name(device),
         "dtype": haloflow_ml::device::dtype_name(kind),
         "ranks": world,
-        "options": options,
     });
-    haloflow::io::write_json(&args.summary, &summary)?;
-    tracing::info!(samples = generation.samples.len(), skipped = generation.skipped.len(), tokens, tokens_per_s = %format!("{tokens_per_s:.0}"), "samples written");
+    extend(&mut summary, extra);
+    write_outputs(args, rows, &drawn, &model_id, &summary)
+}
+
+/// The summary fields both backends write: counts, tokens, finish reasons and the options.
+pub fn summary(rows: &[PromptRow], drawn: &[Drawn], model_id: &str, options: &GenerateOptions, backend: &str) -> Value {
+    let mut finish_reasons: BTreeMap<&str, usize> =
+        [FinishReason::Eos, FinishReason::Stop, FinishReason::Length].iter().map(|r| (r.as_str(), 0)).collect();
+    for s in drawn {
+        *finish_reasons.entry(s.finish_reason.as_str()).or_default() += 1;
+    }
+    json!({
+        "backend": backend,
+        "model": model_id,
+        "prompts": rows.len(),
+        "samples": drawn.len(),
+        "prompt_tokens": drawn.iter().map(|s| s.prompt_tokens).sum::<usize>(),
+        "tokens_generated": drawn.iter().map(|s| s.completion_tokens).sum::<usize>(),
+        "finish_reasons": finish_reasons,
+        "options": options,
+    })
+}
+
+/// Adds the fields of `extra` (an object) to `summary` (an object).
+pub fn extend(summary: &mut Value, extra: Value) {
+    if let (Some(summary), Value::Object(extra)) = (summary.as_object_mut(), extra) {
+        summary.extend(extra);
+    }
+}
+
+/// Writes the `samples` table and the summary (each to a temporary file renamed into place).
+pub fn write_outputs(args: &Args, rows: &[PromptRow], drawn: &[Drawn], model_id: &str, summary: &Value) -> Result<()> {
+    let batch = samples_batch(rows, drawn, model_id)?;
+    haloflow::io::write_arrow(&args.samples, &batch.schema(), &[batch], Default::default())?;
+    haloflow::io::write_json(&args.summary, summary)?;
+    tracing::info!(samples = drawn.len(), tokens = %summary["tokens_generated"], tokens_per_s = %summary["tokens_per_s"], "samples written");
     Ok(())
 }
 
@@ -174,10 +234,10 @@ fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
     Ok(rows)
 }
 
-/// The `samples` table: one row per sample, by prompt in input order, then sample index.
-fn samples_batch(rows: &[PromptRow], generation: &Generation, model_id: &str) -> Result<RecordBatch> {
-    let samples = &generation.samples;
-    let row = |s: &Sample| &rows[s.prompt];
+/// The `samples` table: one row per sample, in the order given (by prompt in input order, then
+/// sample index).
+fn samples_batch(rows: &[PromptRow], samples: &[Drawn], model_id: &str) -> Result<RecordBatch> {
+    let row = |s: &Drawn| &rows[s.prompt];
     Ok(RecordBatch::try_new(
         schema::by_name(schema::SAMPLES)?.arrow_schema(),
         vec![
@@ -187,7 +247,7 @@ fn samples_batch(rows: &[PromptRow], generation: &Generation, model_id: &str) ->
             Arc::new(StringArray::from_iter_values(samples.iter().map(|s| s.text.as_str()))),
             Arc::new(StringArray::from_iter_values(samples.iter().map(|_| model_id))),
             Arc::new(samples.iter().map(|s| s.prompt_tokens as i64).collect::<Int64Array>()),
-            Arc::new(samples.iter().map(|s| s.token_ids.len() as i64).collect::<Int64Array>()),
+            Arc::new(samples.iter().map(|s| s.completion_tokens as i64).collect::<Int64Array>()),
             Arc::new(StringArray::from_iter_values(samples.iter().map(|s| s.finish_reason.as_str()))),
         ],
     )?)
@@ -229,11 +289,8 @@ mod tests {
             prompt_tokens: 3,
             finish_reason,
         };
-        let generation = Generation {
-            samples: vec![sample(1, 0, FinishReason::Eos), sample(1, 1, FinishReason::Stop)],
-            skipped: vec![],
-        };
-        let batch = samples_batch(&rows, &generation, "m").unwrap();
+        let drawn: Vec<Drawn> = [sample(1, 0, FinishReason::Eos), sample(1, 1, FinishReason::Stop)].iter().map(Drawn::from).collect();
+        let batch = samples_batch(&rows, &drawn, "m").unwrap();
         schema::by_name(schema::SAMPLES).unwrap().check_batch(&batch, 0).unwrap();
         let cols = Columns::new(&batch);
         assert_eq!(cols.str("prompt_id").unwrap().value(1), "b");

@@ -1,34 +1,19 @@
 //! halo-sample on the real stories260K model: a valid `samples` table in input order, a
 //! summary that adds up, skipped prompts counted, and the same samples for any batch size.
 
+#[allow(dead_code)]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
-use arrow_array::{RecordBatch, StringArray};
-use haloflow::records::{messages_array, messages_at, Columns, Message};
+use common::write_prompts;
+use haloflow::records::{messages_at, Columns, Message};
 use haloflow::schema;
 use serde_json::Value;
 
 fn model_dir() -> Option<PathBuf> {
     haloflow::shared::path("models/stories260K")
-}
-
-/// Writes a `prompts` table: (prompt_id, user message) rows, no reference or category.
-fn write_prompts(path: &Path, prompts: &[(&str, String)]) {
-    let messages: Vec<Vec<Message>> = prompts.iter().map(|(_, text)| vec![Message::new("user", text.as_str())]).collect();
-    let none = || Arc::new(StringArray::from(vec![None::<&str>; prompts.len()]));
-    let batch = RecordBatch::try_new(
-        schema::by_name(schema::PROMPTS).unwrap().arrow_schema(),
-        vec![
-            Arc::new(StringArray::from_iter_values(prompts.iter().map(|(id, _)| *id))),
-            messages_array(messages.iter().map(|m| m.as_slice())),
-            none(),
-            none(),
-        ],
-    )
-    .unwrap();
-    haloflow::io::write_arrow(path, &batch.schema(), &[batch], Default::default()).unwrap();
 }
 
 fn sample(dir: &Path, prompts: &Path, model: &Path, out: &str, extra: &[&str]) -> Output {

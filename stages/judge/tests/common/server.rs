@@ -1,23 +1,17 @@
-//! A small OpenAI-compatible chat-completions server on 127.0.0.1, for the tests and the
-//! benchmark: minimal HTTP/1.1 with keep-alive, one thread per connection.
+//! The fake judge: haloflow-openai's fake OpenAI-compatible server (its HTTP, counters and fault
+//! markers: `FAULT-429`, `FAULT-500`, `FAULT-HANG`, `FAULT-DOWN`, `FAULT-ECHO`, `ECHO-CUT`)
+//! answering chat completions like a judge.
 //!
-//! It judges like a judge that prefers the output containing `GOOD` over the one containing
-//! `BAD` (a tie when neither is there), answering in the style of the template it recognizes
-//! (MT-Bench `[[A]]`, HALOs `Response 1`, AlpacaEval `m`, else `A`/`B`/`tie`). Markers in the
-//! judged texts inject faults; attempts are counted per distinct request body:
+//! It prefers the output containing `GOOD` over the one containing `BAD` (a tie when neither is
+//! there), answering in the style of the template it recognizes (MT-Bench `[[A]]`, HALOs
+//! `Response 1`, AlpacaEval `m`, else `A`/`B`/`tie`). More markers in the judged texts:
 //!
 //! | marker | behaviour |
 //! |---|---|
 //! | `BIASED` | always prefers the first output |
-//! | `FAULT-429` | first attempt: 429 with `Retry-After: 1` |
-//! | `FAULT-500` | first two attempts: 500 |
-//! | `FAULT-HANG` | first attempt: no answer for `Config::hang`, then the connection closes |
 //! | `FAULT-GARBAGE` | a garbage answer |
 //! | `FAULT-BOTH` | an answer naming both outputs |
-//! | `FAULT-DOWN` | always 500 |
-//! | `FAULT-ECHO` | always 500, echoing the request's `Authorization` header |
 //! | `ECHO-KEY` | a correct answer that also echoes the `Authorization` header |
-//! | `ECHO-CUT` | always 500, echoing the `Authorization` header so that the key straddles character 200 of the error message |
 //!
 //! [`Config::invert`] makes it prefer `BAD` instead (a different judge behind another URL).
 //! With [`Config::logprobs`] it answers a request asking for `logprobs` with the first answer
@@ -25,14 +19,12 @@
 //! and an unrelated token (`The`) 0.1 (see [`top_logprobs`]). With [`Config::reject_logprobs`]
 //! a request naming `logprobs` gets a 400, as from a server that does not support them.
 
-use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use haloflow_openai::fake::{self, Answer, Received};
 use serde_json::{json, Value};
 
 /// Server settings.
@@ -42,7 +34,7 @@ pub struct Config {
     pub latency: Duration,
     /// How long a `FAULT-HANG` request hangs.
     pub hang: Duration,
-    /// The API key a request should carry (counted in [`Stats::authorized`]).
+    /// The API key a request should carry (counted in `stats.authorized`).
     pub expected_key: Option<String>,
     /// Prefer the output containing `BAD` (a different judge).
     pub invert: bool,
@@ -54,231 +46,76 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            latency: Duration::ZERO,
-            hang: Duration::from_secs(3),
-            expected_key: None,
-            invert: false,
-            logprobs: false,
-            reject_logprobs: false,
-        }
+        let base = fake::Config::default();
+        Config { latency: base.latency, hang: base.hang, expected_key: None, invert: false, logprobs: false, reject_logprobs: false }
     }
 }
 
-/// Server-side counters.
+/// Counters of `logprobs` requests.
 #[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests received.
-    pub requests: AtomicUsize,
-    /// 200 answers sent.
-    pub ok: AtomicUsize,
-    /// 429 answers sent.
-    pub too_many: AtomicUsize,
-    /// 500 answers sent.
-    pub server_errors: AtomicUsize,
-    /// 400 answers sent to requests naming `logprobs` ([`Config::reject_logprobs`]).
-    pub rejected_logprobs: AtomicUsize,
+pub struct Logprobs {
     /// Requests that asked for `logprobs`.
-    pub asked_logprobs: AtomicUsize,
-    /// Requests left hanging.
-    pub hangs: AtomicUsize,
-    /// Requests carrying `Authorization: Bearer <expected_key>`.
-    pub authorized: AtomicUsize,
-    /// Milliseconds between a 429 and the next attempt of the same request.
-    pub retry_gaps_ms: Mutex<Vec<f64>>,
-    /// Per request body: attempts so far and when the last 429 was sent.
-    attempts: Mutex<HashMap<u64, (u32, Option<Instant>)>>,
+    pub asked: AtomicUsize,
+    /// 400 answers sent to requests naming `logprobs` ([`Config::reject_logprobs`]).
+    pub rejected: AtomicUsize,
 }
 
-impl Stats {
-    /// Requests received so far.
-    pub fn total(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-/// A running server; stops accepting when dropped.
+/// A running fake judge (derefs to the shared server: `addr`, `stats`, `base_url()`).
 pub struct FakeServer {
-    /// Where it listens.
-    pub addr: SocketAddr,
-    /// Its counters.
-    pub stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
+    server: fake::FakeServer,
+    /// Its `logprobs` counters.
+    pub logprobs: Arc<Logprobs>,
+}
+
+impl Deref for FakeServer {
+    type Target = fake::FakeServer;
+    fn deref(&self) -> &fake::FakeServer {
+        &self.server
+    }
 }
 
 impl FakeServer {
-    /// Starts a server on a free port of 127.0.0.1.
+    /// Starts a fake judge on a free port of 127.0.0.1.
     pub fn start(config: Config) -> FakeServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-        let addr = listener.local_addr().unwrap();
-        let stats = Arc::new(Stats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, st, config) = (stats.clone(), stop.clone(), Arc::new(config));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let (s, config) = (s.clone(), config.clone());
-                std::thread::spawn(move || serve(stream, &s, &config));
-            }
-        });
-        FakeServer { addr, stats, stop }
-    }
-
-    /// The `--base-url` for this server.
-    pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        let logprobs = Arc::new(Logprobs::default());
+        let base = fake::Config { latency: config.latency, hang: config.hang, expected_key: config.expected_key.clone() };
+        let counters = logprobs.clone();
+        let server = fake::FakeServer::start(base, move |request| answer(request, &config, &counters));
+        FakeServer { server, logprobs }
     }
 }
 
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
+/// The judge's answer to a request no fault marker caught.
+fn answer(request: &Received, config: &Config, logprobs: &Logprobs) -> Answer {
+    let parsed = &request.body;
+    if !request.path.ends_with("/chat/completions") {
+        return Answer::Error(400, "bad request".into());
     }
-}
-
-/// One parsed request.
-struct Request {
-    path: String,
-    authorization: Option<String>,
-    body: Vec<u8>,
-    close: bool,
-}
-
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let path = line.split_whitespace().nth(1)?.to_string();
-    let (mut length, mut authorization, mut close) = (0usize, None, false);
-    loop {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        let (name, value) = header.split_once(':')?;
-        match name.trim().to_ascii_lowercase().as_str() {
-            "content-length" => length = value.trim().parse().ok()?,
-            "authorization" => authorization = Some(value.trim().to_string()),
-            "connection" => close = value.trim().eq_ignore_ascii_case("close"),
-            _ => {}
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).ok()?;
-    Some(Request { path, authorization, body, close })
-}
-
-fn respond(stream: &mut TcpStream, status: &str, extra_headers: &str, body: &str) -> std::io::Result<()> {
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes())?;
-    stream.flush()
-}
-
-fn serve(stream: TcpStream, stats: &Stats, config: &Config) {
-    let _ = stream.set_nodelay(true);
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(stream);
-    while let Some(request) = read_request(&mut reader) {
-        if !answer(&mut writer, &request, stats, config) || request.close {
-            return;
-        }
-    }
-}
-
-/// Handles one request; false when the connection must close.
-fn answer(stream: &mut TcpStream, request: &Request, stats: &Stats, config: &Config) -> bool {
-    stats.requests.fetch_add(1, Ordering::SeqCst);
-    let auth = request.authorization.clone().unwrap_or_default();
-    if config.expected_key.as_ref().is_some_and(|k| auth == format!("Bearer {k}")) {
-        stats.authorized.fetch_add(1, Ordering::SeqCst);
-    }
-    let parsed: Value = match serde_json::from_slice(&request.body) {
-        Ok(v) if request.path.ends_with("/chat/completions") => v,
-        _ => return respond(stream, "400 Bad Request", "", r#"{"error":{"message":"bad request"}}"#).is_ok(),
-    };
     if parsed.get("logprobs").is_some() {
-        stats.asked_logprobs.fetch_add(1, Ordering::SeqCst);
+        logprobs.asked.fetch_add(1, Ordering::SeqCst);
         if config.reject_logprobs {
-            stats.rejected_logprobs.fetch_add(1, Ordering::SeqCst);
-            let message = r#"{"error":{"message":"logprobs is not supported by this model"}}"#;
-            return respond(stream, "400 Bad Request", "", message).is_ok();
+            logprobs.rejected.fetch_add(1, Ordering::SeqCst);
+            return Answer::Error(400, "logprobs is not supported by this model".into());
         }
     }
-    let text: String = parsed["messages"]
-        .as_array()
-        .map(|ms| ms.iter().filter_map(|m| m["content"].as_str()).collect::<Vec<_>>().join("\n"))
-        .unwrap_or_default();
-    let mut hasher = DefaultHasher::new();
-    request.body.hash(&mut hasher);
-    let key = hasher.finish();
-    let (attempt, last_429) = {
-        let mut attempts = stats.attempts.lock().unwrap();
-        let entry = attempts.entry(key).or_insert((0, None));
-        entry.0 += 1;
-        (entry.0, entry.1.take())
-    };
-    if let Some(at) = last_429 {
-        stats.retry_gaps_ms.lock().unwrap().push(at.elapsed().as_secs_f64() * 1000.0);
-    }
-    let error = |stats: &Stats, stream: &mut TcpStream, message: &str| {
-        stats.server_errors.fetch_add(1, Ordering::SeqCst);
-        respond(stream, "500 Internal Server Error", "", &json!({"error": {"message": message}}).to_string()).is_ok()
-    };
-    if text.contains("FAULT-429") && attempt == 1 {
-        stats.too_many.fetch_add(1, Ordering::SeqCst);
-        stats.attempts.lock().unwrap().get_mut(&key).unwrap().1 = Some(Instant::now());
-        return respond(stream, "429 Too Many Requests", "Retry-After: 1\r\n", r#"{"error":{"message":"Rate limit reached"}}"#).is_ok();
-    }
-    if text.contains("FAULT-DOWN") || (text.contains("FAULT-500") && attempt <= 2) {
-        return error(stats, stream, "The server had an error while processing your request.");
-    }
-    if text.contains("FAULT-ECHO") {
-        return error(stats, stream, &format!("invalid header: Authorization: {auth}"));
-    }
-    if text.contains("ECHO-CUT") {
-        // The key starts 12 characters before the 200th character of the message.
-        let message = format!("{}invalid header: Authorization: {auth}", "x".repeat(200 - 12 - "invalid header: Authorization: Bearer ".len()));
-        return error(stats, stream, &message);
-    }
-    if text.contains("FAULT-HANG") && attempt == 1 {
-        stats.hangs.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(config.hang);
-        return false;
-    }
-    std::thread::sleep(config.latency);
-    let (mut content, labels) = judge(&text, config.invert);
+    let text = &request.text;
+    let (mut content, labels) = judge(text, config.invert);
     if text.contains("ECHO-KEY") {
-        content = format!("{content} (you sent {auth})");
+        content = format!("{content} (you sent {})", request.authorization.as_deref().unwrap_or_default());
     }
-    stats.ok.fetch_add(1, Ordering::SeqCst);
     let mut choice = json!({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"});
     if config.logprobs && parsed["logprobs"] == json!(true) {
         let top = top_logprobs(labels);
         choice["logprobs"] = json!({"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]});
     }
-    let body = json!({
+    Answer::Ok(json!({
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "model": parsed["model"],
         "choices": [choice],
         "usage": {"prompt_tokens": text.len() / 4, "completion_tokens": 5, "total_tokens": text.len() / 4 + 5},
-    });
-    respond(stream, "200 OK", "", &body.to_string()).is_ok()
+    }))
 }
-
 /// The first token's `top_logprobs` for an answer: with `labels` = `[given, other]` (the label
 /// answered and the other position's label), `given` 0.7, `other` 0.2 and `The` 0.1; without
 /// labels (a tie or garbage), `The` alone with probability 1 (no label among them).
