@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use haloflow_ml::config::Config;
-use haloflow_ml::llama::KvCache;
+use haloflow_ml::network::KvCache;
 use haloflow_ml::logprobs::{sequence_logps, target_logps, Batch, Sequence};
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{by_name, KlPartners, LossInputs, Sums};
