@@ -11,7 +11,7 @@ use tch::nn;
 use tch::Tensor;
 
 use crate::config::Config;
-use crate::layers::{Attention, Linear, Mlp, RmsNorm};
+use crate::layers::{self, Attention, Linear, Mlp, RmsNorm};
 use crate::network::Layer;
 
 /// One Gemma block.
@@ -56,9 +56,7 @@ impl Layer for Block {
     }
 
     fn projections(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        let mut all: Vec<_> = self.self_attn.projections().into_iter().collect();
-        all.extend(self.mlp.projections());
-        all
+        layers::projections(&mut self.self_attn, &mut self.mlp)
     }
 }
 

@@ -10,7 +10,7 @@
 //! its softmax never sees an all-masked row and never produces NaN.) After this prefill,
 //! [`Decoder::step`] feeds one token per row, reusing the keys and values of the
 //! [`KvCache`]. Finished rows leave the batch ([`KvCache::select`]), so they cost nothing
-//! afterwards. Sliding-window layers (Mistral, Qwen2) keep only the keys and values the next
+//! afterwards. Sliding-window layers (Mistral, Qwen2/Qwen3, Gemma) keep only the keys and values the next
 //! query can see ([`Network::bound_cache`]: the last `window − 1` columns, which in a
 //! left-padded batch are the same columns for every row), so their cache stays bounded
 //! however long the generation.

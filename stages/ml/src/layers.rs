@@ -9,7 +9,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use crate::config::{Config, RopeScaling};
+use crate::config::{Architecture, Config, RopeScaling};
 use crate::lora::Adapter;
 
 /// A linear map `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached.
@@ -132,13 +132,13 @@ fn rotate_half(x: &Tensor) -> Tensor {
 #[derive(Debug)]
 pub struct Attention {
     /// Query projection.
-    pub q_proj: Linear,
+    q_proj: Linear,
     /// Key projection.
-    pub k_proj: Linear,
+    k_proj: Linear,
     /// Value projection.
-    pub v_proj: Linear,
+    v_proj: Linear,
     /// Output projection.
-    pub o_proj: Linear,
+    o_proj: Linear,
     /// Per-head norms of q and k (Qwen3, Gemma 3).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     /// Scale of the logits; `None`: `head_dim^-½`.
@@ -155,7 +155,7 @@ impl Attention {
     pub fn new(vs: nn::Path, c: &Config) -> Attention {
         let (h, kv, d, std) = (c.num_attention_heads, c.kv_heads(), c.head_dim(), init_std(c));
         let arch = c.architecture().expect("a config checked by Config::architecture");
-        let qk_norm = matches!(arch, crate::config::Architecture::Qwen3 | crate::config::Architecture::Gemma3)
+        let qk_norm = matches!(arch, Architecture::Qwen3 | Architecture::Gemma3)
             .then(|| (RmsNorm::of(&vs / "q_norm", c, d), RmsNorm::of(&vs / "k_norm", c, d)));
         Attention {
             q_proj: Linear::new(&vs / "q_proj", c.hidden_size, h * d, c.qkv_bias(), std),
@@ -233,11 +233,11 @@ impl Attention {
 #[derive(Debug)]
 pub struct Mlp {
     /// Gate projection.
-    pub gate_proj: Linear,
+    gate_proj: Linear,
     /// Up projection.
-    pub up_proj: Linear,
+    up_proj: Linear,
     /// Down projection.
-    pub down_proj: Linear,
+    down_proj: Linear,
     /// GELU (tanh) instead of SiLU.
     gelu: bool,
 }
@@ -262,18 +262,18 @@ impl Mlp {
     }
 }
 
-impl Attention {
-    /// The projections with their names under `self_attn`.
-    pub fn projections(&mut self) -> [(&'static str, &mut Linear); 4] {
-        [("self_attn.q_proj", &mut self.q_proj), ("self_attn.k_proj", &mut self.k_proj), ("self_attn.v_proj", &mut self.v_proj), ("self_attn.o_proj", &mut self.o_proj)]
-    }
-}
-
-impl Mlp {
-    /// The projections with their names under `mlp`.
-    pub fn projections(&mut self) -> [(&'static str, &mut Linear); 3] {
-        [("mlp.gate_proj", &mut self.gate_proj), ("mlp.up_proj", &mut self.up_proj), ("mlp.down_proj", &mut self.down_proj)]
-    }
+/// The linear maps of a block's attention and MLP, named under the block
+/// (`self_attn.q_proj`, `mlp.gate_proj`), in the order PEFT lists them.
+pub fn projections<'a>(attn: &'a mut Attention, mlp: &'a mut Mlp) -> Vec<(&'static str, &'a mut Linear)> {
+    vec![
+        ("self_attn.q_proj", &mut attn.q_proj),
+        ("self_attn.k_proj", &mut attn.k_proj),
+        ("self_attn.v_proj", &mut attn.v_proj),
+        ("self_attn.o_proj", &mut attn.o_proj),
+        ("mlp.gate_proj", &mut mlp.gate_proj),
+        ("mlp.up_proj", &mut mlp.up_proj),
+        ("mlp.down_proj", &mut mlp.down_proj),
+    ]
 }
 
 /// Standard deviation of random weights (`initializer_range`, default 0.02).
