@@ -15,7 +15,8 @@ const EXAMPLE: &str = "Example:
       --tokenizer ../shared/models/stories260K --out tiny-model
 
 The vocabulary size, BOS/EOS/pad ids and tokenizer files come from --tokenizer; weights are
-drawn from N(0, --init-std²) (default 0.02) with the given --seed (norms 1, biases 0). The output loads in haloflow
+drawn from N(0, --init-std²) (default 0.02) with the given --seed (norms 1, biases 0; Gemma's
+(1 + w) norms draw w from the same distribution, so that they matter). The output loads in haloflow
 and in transformers (config.json + model.safetensors + tokenizer files).";
 
 /// Architectures halo-init can create.

@@ -30,15 +30,15 @@ pub struct Block {
 impl Block {
     /// The block's parameters under `vs` (`model.layers.N`).
     pub fn new(vs: nn::Path, c: &Config, sliding: bool) -> Block {
-        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let h = c.hidden_size;
         Block {
             sliding,
-            input_layernorm: RmsNorm::gemma(&vs / "input_layernorm", h, eps),
+            input_layernorm: RmsNorm::of(&vs / "input_layernorm", c, h),
             self_attn: Attention::new(&vs / "self_attn", c),
-            post_attention_layernorm: RmsNorm::gemma(&vs / "post_attention_layernorm", h, eps),
-            pre_feedforward_layernorm: RmsNorm::gemma(&vs / "pre_feedforward_layernorm", h, eps),
+            post_attention_layernorm: RmsNorm::of(&vs / "post_attention_layernorm", c, h),
+            pre_feedforward_layernorm: RmsNorm::of(&vs / "pre_feedforward_layernorm", c, h),
             mlp: Mlp::new(&vs / "mlp", c),
-            post_feedforward_layernorm: RmsNorm::gemma(&vs / "post_feedforward_layernorm", h, eps),
+            post_feedforward_layernorm: RmsNorm::of(&vs / "post_feedforward_layernorm", c, h),
         }
     }
 }

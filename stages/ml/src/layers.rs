@@ -55,15 +55,12 @@ impl RmsNorm {
         RmsNorm { weight: vs.var("weight", &[size as i64], Init::Const(1.0)), eps, offset: false }
     }
 
-    /// Gemma's `(1 + w)` RMSNorm (weight initialised to 0, the identity scale).
-    pub fn gemma(vs: nn::Path, size: usize, eps: f64) -> RmsNorm {
-        RmsNorm { weight: vs.var("weight", &[size as i64], Init::Const(0.0)), eps, offset: true }
-    }
-
-    /// The norm of `c`'s architecture over `size` features.
+    /// The norm of `c`'s architecture over `size` features: Llama's, or Gemma's `(1 + w)`
+    /// form with `w` drawn from N(0, initializer_range²) (transformers starts it at 0; random
+    /// weights make a random model's norms matter, for parity tests).
     pub fn of(vs: nn::Path, c: &Config, size: usize) -> RmsNorm {
         match c.architecture().is_ok_and(|a| a.is_gemma()) {
-            true => RmsNorm::gemma(vs, size, c.rms_norm_eps),
+            true => RmsNorm { weight: vs.var("weight", &[size as i64], Init::Randn { mean: 0.0, stdev: init_std(c) }), eps: c.rms_norm_eps, offset: true },
             false => RmsNorm::new(vs, size, c.rms_norm_eps),
         }
     }
