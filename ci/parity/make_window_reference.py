@@ -62,7 +62,8 @@ def reference(name, seed, path):
            "weight_abs_sum": sum(float(t.double().abs().sum()) for t in weights.values()),
            "logits": [], "examples": []}
     full_config = AutoConfig.from_pretrained(path)
-    full_config.sliding_window = None
+    if full_config.model_type not in ("gemma2", "gemma3_text"):  # Gemma's masks need a window
+        full_config.sliding_window = None
     if hasattr(full_config, "layer_types"):
         full_config.use_sliding_window = False
         full_config.layer_types = ["full_attention"] * full_config.num_hidden_layers

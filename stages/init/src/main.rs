@@ -15,7 +15,8 @@ const EXAMPLE: &str = "Example:
       --tokenizer ../shared/models/stories260K --out tiny-model
 
 The vocabulary size, BOS/EOS/pad ids and tokenizer files come from --tokenizer; weights are
-drawn from N(0, --init-std²) (default 0.02) with the given --seed (norms 1, biases 0). The output loads in haloflow
+drawn from N(0, --init-std²) (default 0.02) with the given --seed (norms 1, biases 0; Gemma's
+(1 + w) norms draw w from the same distribution, so that they matter). The output loads in haloflow
 and in transformers (config.json + model.safetensors + tokenizer files).";
 
 /// Architectures halo-init can create.
@@ -27,6 +28,12 @@ enum Arch {
     Qwen2,
     /// Mistral (Llama layers; every layer attends within --sliding-window when given).
     Mistral,
+    /// Qwen3 (per-head q/k RMSNorm, no bias).
+    Qwen3,
+    /// Gemma 2 (GeGLU, sandwich norms, soft-capping, alternating sliding/global layers).
+    Gemma2,
+    /// Gemma 3's text model (Gemma 2 with q/k norms and local/global RoPE bases, no soft-capping).
+    Gemma3,
 }
 
 /// Create a randomly initialised model directory.
@@ -55,12 +62,27 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     max_positions: usize,
     /// Sliding-window attention: each query sees this many keys, itself included (mistral:
-    /// every layer; qwen2: the layers from --max-window-layers on).
+    /// every layer; qwen2/qwen3: the layers from --max-window-layers on; gemma2/gemma3: all
+    /// but every --global-every-th layer; default 4096 for Gemma, none otherwise).
     #[arg(long)]
     sliding_window: Option<usize>,
-    /// Qwen2: the first layer that uses the sliding window.
+    /// Qwen2/Qwen3: the first layer that uses the sliding window.
     #[arg(long, default_value_t = 0)]
     max_window_layers: usize,
+    /// Gemma: every N-th layer attends globally, the others within the window (default: 2 for
+    /// gemma2, 6 for gemma3, as transformers).
+    #[arg(long)]
+    global_every: Option<usize>,
+    /// Gemma: `query_pre_attn_scalar` (the attention scale is its inverse square root;
+    /// default: the head width).
+    #[arg(long)]
+    query_pre_attn_scalar: Option<usize>,
+    /// Gemma 2: soft-capping of the attention logits (transformers' default 50).
+    #[arg(long, default_value_t = 50.0)]
+    attn_softcap: f64,
+    /// Gemma 2: soft-capping of the final logits (transformers' default 30).
+    #[arg(long, default_value_t = 30.0)]
+    final_softcap: f64,
     /// Tie the LM head to the embeddings.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     tie_embeddings: bool,
@@ -107,8 +129,13 @@ fn run(args: &Args) -> Result<()> {
         Arch::Llama => ("llama", "LlamaForCausalLM"),
         Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         Arch::Mistral => ("mistral", "MistralForCausalLM"),
+        Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        Arch::Gemma2 => ("gemma2", "Gemma2ForCausalLM"),
+        Arch::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
     };
-    anyhow::ensure!(args.sliding_window.is_none() || !matches!(args.arch, Arch::Llama), "--sliding-window needs --arch mistral or qwen2 (transformers' Llama has none)");
+    let gemma = matches!(args.arch, Arch::Gemma2 | Arch::Gemma3);
+    anyhow::ensure!(gemma || (args.global_every.is_none() && args.query_pre_attn_scalar.is_none()), "--global-every and --query-pre-attn-scalar need --arch gemma2 or gemma3");
+    anyhow::ensure!(args.sliding_window.is_none() || !matches!(args.arch, Arch::Llama), "--sliding-window needs an --arch other than llama (transformers' Llama has none)");
     let mut config = json!({
         "architectures": [architecture],
         "model_type": model_type,
@@ -119,17 +146,42 @@ fn run(args: &Args) -> Result<()> {
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads,
         "head_dim": args.hidden / args.heads,
-        "hidden_act": "silu",
         "max_position_embeddings": args.max_positions,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rms_norm_eps": if gemma { 1e-6 } else { 1e-5 },
         "tie_word_embeddings": args.tie_embeddings,
         "initializer_range": args.init_std,
         "torch_dtype": "float32",
     });
+    let head_dim = args.hidden / args.heads;
+    match args.arch {
+        Arch::Gemma2 | Arch::Gemma3 => {
+            config["hidden_activation"] = json!("gelu_pytorch_tanh");
+            config["query_pre_attn_scalar"] = json!(args.query_pre_attn_scalar.unwrap_or(head_dim));
+            let every = args.global_every.unwrap_or(if matches!(args.arch, Arch::Gemma2) { 2 } else { 6 });
+            anyhow::ensure!(every >= 1, "--global-every must be at least 1");
+            let types: Vec<&str> = (0..args.layers).map(|i| if (i + 1) % every != 0 { "sliding_attention" } else { "full_attention" }).collect();
+            config["layer_types"] = json!(types);
+        }
+        _ => config["hidden_act"] = json!("silu"),
+    }
+    match args.arch {
+        Arch::Gemma2 => {
+            config["rope_theta"] = json!(10000.0);
+            config["attn_logit_softcapping"] = json!(args.attn_softcap);
+            config["final_logit_softcapping"] = json!(args.final_softcap);
+        }
+        Arch::Gemma3 => {
+            config["rope_parameters"] = json!({
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            });
+        }
+        _ => config["rope_theta"] = json!(10000.0),
+    }
     match (args.arch, args.sliding_window) {
         (Arch::Mistral, window) => config["sliding_window"] = json!(window),
-        (Arch::Qwen2, Some(window)) => {
+        (Arch::Gemma2 | Arch::Gemma3, window) => config["sliding_window"] = json!(window.unwrap_or(4096)),
+        (Arch::Qwen2 | Arch::Qwen3, Some(window)) => {
             config["use_sliding_window"] = json!(true);
             config["sliding_window"] = json!(window);
             config["max_window_layers"] = json!(args.max_window_layers);

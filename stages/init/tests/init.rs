@@ -15,7 +15,7 @@ fn init_then_load_then_save_round_trips() {
     let Some(tok) = tokenizer_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny");
-    for arch in ["llama", "qwen2", "mistral"] {
+    for arch in ["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3"] {
         let status = Command::new(env!("CARGO_BIN_EXE_halo-init"))
             .args(["--arch", arch, "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seed", "3"])
             .args(["--tokenizer", tok.to_str().unwrap(), "--out", out.to_str().unwrap()])
@@ -38,7 +38,7 @@ fn init_then_load_then_save_round_trips() {
 }
 
 #[test]
-fn sliding_windows_are_written_for_mistral_and_qwen2_and_refused_for_llama() {
+fn sliding_windows_are_written_as_transformers_reads_them_and_refused_for_llama() {
     let Some(tok) = tokenizer_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w");
@@ -49,7 +49,8 @@ fn sliding_windows_are_written_for_mistral_and_qwen2_and_refused_for_llama() {
             .output()
             .unwrap()
     };
-    for (arch, layers) in [("mistral", vec![true, true, true]), ("qwen2", vec![false, true, true])] {
+    let (all, second_on, alternating) = (vec![true, true, true], vec![false, true, true], vec![true, false, true]);
+    for (arch, layers) in [("mistral", all.clone()), ("qwen2", second_on.clone()), ("qwen3", second_on), ("gemma2", alternating), ("gemma3", all)] {
         assert!(init(arch).status.success());
         let model = CausalLm::load(&out, Device::Cpu, Kind::Float).unwrap();
         assert_eq!(model.config.sliding_window_layers().unwrap(), (Some(4), layers), "{arch}");

@@ -10,8 +10,8 @@
 //! its softmax never sees an all-masked row and never produces NaN.) After this prefill,
 //! [`Decoder::step`] feeds one token per row, reusing the keys and values of the
 //! [`KvCache`]. Finished rows leave the batch ([`KvCache::select`]), so they cost nothing
-//! afterwards. Sliding-window layers (Mistral, Qwen2) keep only the keys and values the next
-//! query can see ([`Llama::bound_cache`]: the last `window − 1` columns, which in a
+//! afterwards. Sliding-window layers (Mistral, Qwen2/Qwen3, Gemma) keep only the keys and values the next
+//! query can see ([`Network::bound_cache`]: the last `window − 1` columns, which in a
 //! left-padded batch are the same columns for every row), so their cache stays bounded
 //! however long the generation.
 //!
@@ -58,7 +58,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::llama::{KvCache, Llama};
+use crate::network::{KvCache, Network};
 use crate::model::CausalLm;
 use crate::tokenize::Tokenizer;
 
@@ -214,7 +214,7 @@ pub struct Progress {
 
 /// Incremental decoding of a left-padded batch (see the module documentation).
 pub struct Decoder<'a> {
-    net: &'a Llama,
+    net: &'a Network,
     cache: KvCache,
     /// `(B, T_total)` bool: which cached positions hold real tokens.
     keys: Tensor,
@@ -226,7 +226,7 @@ impl<'a> Decoder<'a> {
     /// Runs `prompts` (at least one, none empty), left-padded into one batch on `device`,
     /// through `net`. Returns the decoder and the f32 logits `(B, vocab)` that predict each
     /// prompt's next token.
-    pub fn prefill(net: &'a Llama, prompts: &[&[i64]], device: Device) -> (Decoder<'a>, Tensor) {
+    pub fn prefill(net: &'a Network, prompts: &[&[i64]], device: Device) -> (Decoder<'a>, Tensor) {
         assert!(!prompts.is_empty() && prompts.iter().all(|p| !p.is_empty()), "prefill needs prompts with at least one token");
         let (b, t) = (prompts.len(), prompts.iter().map(|p| p.len()).max().unwrap_or(0));
         let (mut ids, mut real, mut positions) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));

@@ -13,7 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::llama::Llama;
+use crate::network::Network;
 
 /// Default number of positions whose logits are computed at once ([`completion_logps`]).
 pub const LOGITS_CHUNK: usize = 1024;
@@ -79,7 +79,7 @@ impl Batch {
     }
 
     /// Final hidden states `(B, T, hidden)` of the batch (causal, positions `0..T`).
-    pub fn hidden_states(&self, net: &Llama) -> Tensor {
+    pub fn hidden_states(&self, net: &Network) -> Tensor {
         let (b, t) = self.input_ids.size2().expect("input ids are (B, T)");
         let positions = Tensor::arange(t, (Kind::Int64, self.input_ids.device())).unsqueeze(0).expand([b, t], false);
         net.hidden_states(&self.input_ids, &positions, None, None)
@@ -87,7 +87,7 @@ impl Batch {
 
     /// Completion log-probs `(N,)` (f32) from the batch's hidden states, in chunks of `chunk`
     /// positions ([`completion_logps`]).
-    pub fn completion_logps(&self, net: &Llama, hidden: &Tensor, chunk: usize) -> Tensor {
+    pub fn completion_logps(&self, net: &Network, hidden: &Tensor, chunk: usize) -> Tensor {
         completion_logps(net, hidden, &self.predictors, &self.targets, chunk)
     }
 
@@ -117,7 +117,7 @@ impl Batch {
 /// `hidden (…, H)`): the hidden states are gathered, then the LM head, log-softmax and the
 /// target's gather run on `chunk` positions at a time and the chunks are concatenated (with
 /// their graph when gradients are on).
-pub fn completion_logps(net: &Llama, hidden: &Tensor, predictors: &Tensor, targets: &Tensor, chunk: usize) -> Tensor {
+pub fn completion_logps(net: &Network, hidden: &Tensor, predictors: &Tensor, targets: &Tensor, chunk: usize) -> Tensor {
     let width = *hidden.size().last().expect("hidden states have a width");
     let picked = hidden.reshape([-1, width]).index_select(0, predictors);
     let n = picked.size()[0];
@@ -140,7 +140,7 @@ pub fn completion_logps(net: &Llama, hidden: &Tensor, predictors: &Tensor, targe
 
 /// Per-token log-probs `(B, T-1)` of each next token (f32), zero outside the completion,
 /// computed for completion positions only, in chunks of `chunk`.
-pub fn token_logps(net: &Llama, batch: &Batch, chunk: usize) -> Tensor {
+pub fn token_logps(net: &Network, batch: &Batch, chunk: usize) -> Tensor {
     batch.dense(&batch.completion_logps(net, &batch.hidden_states(net), chunk))
 }
 
@@ -158,7 +158,7 @@ pub fn target_logps(logits: &Tensor, batch: &Batch) -> Tensor {
 
 /// Summed completion log-probs `(B,)` (f32) and completion token counts `(B,)`, computed for
 /// completion positions only, in chunks of `chunk`.
-pub fn sequence_logps(net: &Llama, batch: &Batch, chunk: usize) -> (Tensor, Tensor) {
+pub fn sequence_logps(net: &Network, batch: &Batch, chunk: usize) -> (Tensor, Tensor) {
     let values = batch.completion_logps(net, &batch.hidden_states(net), chunk);
     (batch.sums(&values), batch.counts())
 }
@@ -232,7 +232,7 @@ impl SharedLogps {
 /// (KTO's KL partners continue from the policy's prompt pass this way, adding nothing to the
 /// backward pass). Groups never mix sides, so a side's results are the same bit for bit
 /// whether the other side is scored in the same call or skipped.
-pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device: Device, suffix_budget: usize, chunk: usize, sides: [Option<bool>; 2]) -> SharedLogps {
+pub fn shared_prefix_pass(net: &Network, pairs: &[(&Sequence, &Sequence)], device: Device, suffix_budget: usize, chunk: usize, sides: [Option<bool>; 2]) -> SharedLogps {
     let b = pairs.len() as i64;
     let prefix: Vec<usize> = pairs.iter().map(|(x, y)| shareable_prefix(x, y)).collect();
     assert!(prefix.iter().all(|&l| l >= 1), "every pair must share its first token");
@@ -243,7 +243,7 @@ pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device:
         let prefix_ids: Vec<i64> = pairs.iter().zip(&prefix).flat_map(|((x, _), &l)| x.ids[..l].iter().copied().chain(std::iter::repeat(0)).take(lmax)).collect();
         let prefix_ids = Tensor::from_slice(&prefix_ids).view([b, lmax as i64]).to_device(device);
         let positions = Tensor::arange(lmax as i64, (Kind::Int64, device)).unsqueeze(0).expand([b, lmax as i64], false);
-        let mut cache = crate::llama::KvCache::new();
+        let mut cache = crate::network::KvCache::new();
         let hidden = net.hidden_states(&prefix_ids, &positions, None, Some(&mut cache));
         let last: Vec<i64> = prefix.iter().map(|&l| l as i64 - 1).collect();
         let width = hidden.size()[2];
@@ -318,7 +318,7 @@ pub fn shared_prefix_pass(net: &Llama, pairs: &[(&Sequence, &Sequence)], device:
 
 /// [`shared_prefix_pass`] without gradient, as f64 results per pair (refcache's scoring; the
 /// LM head in chunks of [`LOGITS_CHUNK`]). Also returns the padded token positions computed.
-pub fn shared_prefix_logps(net: &Llama, pairs: &[(&Sequence, &Sequence)], device: Device, per_token: bool, suffix_budget: usize) -> (Vec<[Scored; 2]>, usize) {
+pub fn shared_prefix_logps(net: &Network, pairs: &[(&Sequence, &Sequence)], device: Device, per_token: bool, suffix_budget: usize) -> (Vec<[Scored; 2]>, usize) {
     let pass = shared_prefix_pass(net, pairs, device, suffix_budget, LOGITS_CHUNK, [Some(false), Some(false)]);
     let values = Vec::<f64>::try_from(pass.values.to_device(Device::Cpu).to_kind(Kind::Double)).expect("f64 log-probs");
     let mut scored: Vec<Option<Scored>> = vec![None; 2 * pairs.len()];

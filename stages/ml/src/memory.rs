@@ -4,8 +4,9 @@
 //! ranks and ZeRO-1 sharding.
 //!
 //! The counts follow haloflow's model and trainer:
-//! - parameters: embeddings, per layer q/k/v/o (with their biases), the SwiGLU MLP and two
-//!   RMSNorms, the final norm and an untied LM head;
+//! - parameters: embeddings, per layer q/k/v/o (with their biases), the gated MLP and two
+//!   RMSNorms (four for Gemma; plus per-head q/k norms for Qwen3 and Gemma 3), the final norm
+//!   and an untied LM head;
 //! - trained tensors: every parameter (full training), or the count given in
 //!   [`Setup::trainable`] (LoRA adapters);
 //! - gradients in the weights' dtype; AdamW moments in f32 (2 per trained element); f32 master
@@ -19,7 +20,11 @@
 //!   log-sum-exp per head, and the MLP's gate, up, SiLU(gate) and product — and the head's
 //!   logits (in the dtype, and the f32 copy log-sum-exp keeps) with the three f32 buffers of
 //!   their size that backward holds at once (the gather's scattered gradient, log-sum-exp's,
-//!   and the un-narrowed gradient of the whole sequence).
+//!   and the un-narrowed gradient of the whole sequence). Gemma adds its two further norms'
+//!   inputs and outputs, Qwen3 and Gemma 3 the q/k norms' inputs; Gemma 2's soft-capped
+//!   attention is computed outside SDPA and keeps, per head and key, the capped logits and the
+//!   probabilities (dtype) and the softmax output (f32), plus the key/value heads repeated to
+//!   the query heads and the boolean mask; its soft-capped final logits keep one more copy.
 //!   With checkpointing only each layer's input is kept, plus one layer's activations while it
 //!   is recomputed. Attention scores are not counted (SDPA's fused kernels do not keep them).
 //!
@@ -28,7 +33,7 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Architecture, Config};
 
 /// GiB in bytes.
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -123,20 +128,38 @@ pub fn parameter_count(c: &Config) -> u64 {
     let (q, kv) = ((c.num_attention_heads * c.head_dim()) as u64, (c.kv_heads() * c.head_dim()) as u64);
     let qkv_bias = if c.qkv_bias() { q + 2 * kv } else { 0 };
     let o_bias = if c.o_bias() { h } else { 0 };
-    let mlp_bias = if c.mlp_bias { 2 * i + h } else { 0 };
-    let layer = h * q + 2 * h * kv + q * h + qkv_bias + o_bias + 3 * h * i + mlp_bias + 2 * h;
-    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    let mlp_bias = if c.mlp_bias() { 2 * i + h } else { 0 };
+    let (norms, qk_norms) = norms(c);
+    let layer = h * q + 2 * h * kv + q * h + qkv_bias + o_bias + 3 * h * i + mlp_bias + norms * h + qk_norms * c.head_dim() as u64;
+    let head = if c.tied() { 0 } else { v * h };
     v * h + c.num_hidden_layers as u64 * layer + h + head
 }
 
-/// Activation elements one layer keeps per token: `(in the dtype, in f32)`.
-fn layer_elements(c: &Config, dtype_bytes: usize) -> (u64, u64) {
+/// RMSNorms of width `hidden` per layer, and per-head q/k norms (of width `head_dim`).
+fn norms(c: &Config) -> (u64, u64) {
+    let arch = c.architecture().ok();
+    let norms = if arch.is_some_and(|a| a.is_gemma()) { 4 } else { 2 };
+    let qk = if matches!(arch, Some(Architecture::Qwen3 | Architecture::Gemma3)) { 2 } else { 0 };
+    (norms, qk)
+}
+
+/// Activation bytes one layer keeps per token, for sequences of `length` tokens.
+fn layer_bytes(c: &Config, dtype_bytes: usize, length: usize) -> f64 {
     let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
     let (q, kv, heads) = ((c.num_attention_heads * c.head_dim()) as u64, (c.kv_heads() * c.head_dim()) as u64, c.num_attention_heads as u64);
-    let in_dtype = 4 * h + 2 * q + 2 * kv + 4 * i;
-    // Log-sum-exp per head (f32), RMSNorm's f32 copies of its two inputs below f32.
-    let f32s = heads + if dtype_bytes < 4 { 2 * h } else { 0 };
-    (in_dtype, f32s)
+    let (norms, qk_norms) = norms(c);
+    // Each norm's input and output; the q/k norms' inputs (their outputs are the rotated q, k).
+    let mut in_dtype = 2 * norms * h + 2 * q + 2 * kv + 4 * i + if qk_norms > 0 { q + kv } else { 0 };
+    // Log-sum-exp per head (f32), RMSNorm's f32 copies of its inputs below f32.
+    let mut f32s = heads + if dtype_bytes < 4 { norms * h } else { 0 };
+    let mut bytes = 0.0;
+    if c.softcap("attn_logit_softcapping").is_some() {
+        let keys = length as u64;
+        in_dtype += 2 * heads * keys + 2 * q;
+        f32s += heads * keys - heads;
+        bytes += keys as f64;
+    }
+    in_dtype as f64 * dtype_bytes as f64 + f32s as f64 * 4.0 + bytes
 }
 
 /// The estimate for `config` trained as `setup` says.
@@ -152,14 +175,15 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
         (2.0 * t * 4.0, if setup.dtype_bytes < 4 { t * 4.0 } else { 0.0 })
     };
     let tokens = (setup.sequences * setup.length) as f64;
-    let (in_dtype, f32s) = layer_elements(config, setup.dtype_bytes);
-    let layer = tokens * (in_dtype as f64 * s + f32s as f64 * 4.0);
+    let layer = tokens * layer_bytes(config, setup.dtype_bytes, setup.length);
     let layers = config.num_hidden_layers as f64;
     let h = config.hidden_size as f64;
     let kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
     // The head: logits in the dtype (when not f32) and as f32, and backward's three f32
     // buffers of their size.
-    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + 4.0 + 3.0 * 4.0);
+    // Soft-capped logits keep one more copy in the dtype (tanh's output).
+    let capped = if config.softcap("final_logit_softcapping").is_some() { s } else { 0.0 };
+    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + capped + 4.0 + 3.0 * 4.0);
     Estimate {
         parameters,
         trainable,
@@ -231,7 +255,40 @@ mod tests {
         let layer = 64 + 64 + 64 + 16 + 288 + 16;
         assert_eq!(parameter_count(&c), 80 + 2 * layer + 8);
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        crate::qwen2::new(&vs.root(), &c);
+        crate::network::Network::new(&vs.root(), &c);
         assert_eq!(parameter_count(&c), vs.variables().values().map(|t| t.numel() as u64).sum::<u64>());
+    }
+
+    #[test]
+    fn new_architectures_count_their_parameters_exactly() {
+        for (model_type, extra) in [
+            ("qwen3", serde_json::json!({"head_dim": 6})),
+            ("gemma2", serde_json::json!({"head_dim": 6, "sliding_window": 4})),
+            ("gemma3_text", serde_json::json!({"head_dim": 6, "sliding_window": 4, "tie_word_embeddings": false})),
+        ] {
+            let mut json = serde_json::json!({"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16});
+            json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let c: Config = serde_json::from_value(json).unwrap();
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            crate::network::Network::new(&vs.root(), &c);
+            assert_eq!(parameter_count(&c), vs.variables().values().map(|t| t.numel() as u64).sum::<u64>(), "{model_type}");
+        }
+    }
+
+    #[test]
+    fn softcapped_attention_counts_its_score_matrices() {
+        let gemma = |cap: serde_json::Value| -> Config {
+            serde_json::from_value(serde_json::json!({"model_type": "gemma2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "max_position_embeddings": 64,
+                "sliding_window": 4, "attn_logit_softcapping": cap, "final_logit_softcapping": null}))
+            .unwrap()
+        };
+        let s = Setup { dtype_bytes: 4, sequences: 1, length: 32, ..setup() };
+        let (capped, plain) = (estimate(&gemma(serde_json::json!(50.0)), &s), estimate(&gemma(serde_json::Value::Null), &s));
+        // Per token and layer: 2 heads × 32 keys × (2 f32 copies + the f32 softmax) − the
+        // log-sum-exp SDPA would keep, + q-width repeated keys and values, + 32 mask bytes.
+        let per_token = (2.0 * 32.0 * 2.0 + 2.0 * 8.0) * 4.0 + (2.0 * 32.0 - 2.0) * 4.0 + 32.0;
+        assert_eq!(capped.activations - plain.activations, 2.0 * 32.0 * per_token);
     }
 }

@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Architecture, Config};
-use crate::llama::Llama;
+use crate::config::Config;
 use crate::lora::{self, AdapterFile, Lora, LoraConfig};
-use crate::{qwen2, weights};
+use crate::network::Network;
+use crate::weights;
 
 /// Files besides the weights that make a Hugging Face model directory; copied on save.
 pub const SIDE_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
@@ -23,7 +23,7 @@ pub struct CausalLm {
     /// Owner of every parameter (named as in the checkpoint).
     pub vs: VarStore,
     /// The network.
-    pub net: Llama,
+    pub net: Network,
     /// Directory it was loaded from (tokenizer files are read from here).
     pub dir: PathBuf,
     /// LoRA adapters, when attached (then only they are trained, and `save` writes them).
@@ -34,10 +34,8 @@ impl CausalLm {
     /// Builds the network for `config` with random weights on `device` in `kind`.
     pub fn random(config: Config, dir: &Path, device: Device, kind: Kind) -> Result<CausalLm> {
         let mut vs = VarStore::new(device);
-        let net = match config.architecture()? {
-            Architecture::Llama => Llama::new(&vs.root(), &config),
-            Architecture::Qwen2 => qwen2::new(&vs.root(), &config),
-        };
+        config.architecture()?;
+        let net = Network::new(&vs.root(), &config);
         if kind != Kind::Float {
             vs.set_kind(kind);
         }

@@ -1,22 +1,13 @@
-//! Qwen2 / Qwen2.5: the Llama decoder of `llama.rs` with a bias on the q, k and v projections
+//! Qwen2 / Qwen2.5: the Llama block of `llama.rs` with a bias on the q, k and v projections
 //! (and none on o), RMSNorm ε and RoPE θ from the config. `Config::qkv_bias` encodes the
-//! difference, so the Qwen2 model is built by the same code; this module names the variant and
-//! holds its tests.
-
-use tch::nn;
-
-use crate::config::Config;
-use crate::llama::Llama;
-
-/// Builds a Qwen2 model under `vs`.
-pub fn new(vs: &nn::Path, config: &Config) -> Llama {
-    debug_assert!(config.qkv_bias() && !config.o_bias());
-    Llama::new(vs, config)
-}
+//! difference, so [`crate::network::Network`] builds Qwen2 with the Llama block; this module
+//! names the variant and holds its tests.
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::config::Config;
+    use crate::network::Network;
+    use tch::nn;
 
     #[test]
     fn qwen2_has_qkv_bias_and_no_o_bias() {
@@ -27,7 +18,7 @@ mod tests {
         }))
         .unwrap();
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        new(&vs.root(), &config);
+        Network::new(&vs.root(), &config);
         let names: Vec<String> = vs.variables().into_keys().collect();
         for bias in ["q_proj.bias", "k_proj.bias", "v_proj.bias"] {
             assert!(names.contains(&format!("model.layers.0.self_attn.{bias}")), "{bias} missing");

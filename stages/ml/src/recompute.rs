@@ -35,6 +35,8 @@ pub struct LayerArgs {
     pub cos: Tensor,
     /// Rotary sin, `(B, 1, T, head_dim)`.
     pub sin: Tensor,
+    /// Gemma 3's cos and sin of the sliding-window layers' RoPE base.
+    pub local: Option<(Tensor, Tensor)>,
     /// Boolean attention mask, when the forward had one.
     pub mask: Option<Tensor>,
     /// The sliding-window layers' mask, when it hides a key.

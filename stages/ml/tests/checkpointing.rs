@@ -1,14 +1,14 @@
 //! Activation checkpointing (`recompute.rs`): the gradients of every trained tensor equal
 //! those of the ordinary graph within 1e-5, for KTO (with KL partners), DPO (chosen and
 //! rejected as two forwards), PPO (value head on the detached hidden states), with a frozen
-//! embedding (as with LoRA adapters), with a sliding window, in bf16, on stories260K (tied embeddings, real weights)
+//! embedding (as with LoRA adapters), with a sliding window, on Qwen3, Gemma 2 and Gemma 3, in bf16, on stories260K (tied embeddings, real weights)
 //! and on a random 4-layer model; forwards without gradient or with a KV cache record nothing.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use haloflow_ml::config::Config;
-use haloflow_ml::llama::KvCache;
+use haloflow_ml::network::KvCache;
 use haloflow_ml::logprobs::{sequence_logps, target_logps, Batch, Sequence};
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{by_name, KlPartners, LossInputs, Sums};
@@ -23,13 +23,17 @@ fn random_model(layers: usize, kind: Kind) -> CausalLm {
 }
 
 fn random_model_of(model_type: &str, sliding_window: Option<usize>, layers: usize, kind: Kind) -> CausalLm {
-    let config: Config = serde_json::from_value(serde_json::json!({
+    let mut json = serde_json::json!({
         "model_type": model_type, "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
-        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "max_position_embeddings": 128, "tie_word_embeddings": false, "initializer_range": 0.2,
         "sliding_window": sliding_window
-    }))
-    .unwrap();
+    });
+    if model_type == "qwen3" {
+        json["use_sliding_window"] = serde_json::json!(true);
+        json["max_window_layers"] = serde_json::json!(1);
+    }
+    let config: Config = serde_json::from_value(json).unwrap();
     tch::manual_seed(7);
     CausalLm::random(config, Path::new("."), Device::Cpu, kind).unwrap()
 }
@@ -182,6 +186,18 @@ fn sliding_window_gradients_match() {
     assert_eq!(model.net.sliding_window(), Some(4));
     let diff = assert_same_gradients(&model, &[&model.vs], TOLERANCE, dpo_loss);
     eprintln!("sliding window: max |Δgrad| {diff:.2e}");
+}
+
+#[test]
+fn qwen3_and_gemma_gradients_match() {
+    // Per-head q/k norms, sandwich norms, soft-capped attention (Gemma 2) and the local RoPE of
+    // Gemma 3's sliding layers are recomputed too.
+    for model_type in ["qwen3", "gemma2", "gemma3_text"] {
+        let model = random_model_of(model_type, Some(4), 4, Kind::Float);
+        let kto = assert_same_gradients(&model, &[&model.vs], TOLERANCE, kto_loss);
+        let dpo = assert_same_gradients(&model, &[&model.vs], TOLERANCE, dpo_loss);
+        eprintln!("{model_type}: max |Δgrad| kto {kto:.2e}, dpo {dpo:.2e}");
+    }
 }
 
 #[test]

@@ -1,0 +1,299 @@
+//! The model interface: a decoder-only causal LM whose blocks are chosen by its
+//! [`Architecture`] — token embedding (scaled by `sqrt(hidden)` for Gemma), `num_hidden_layers`
+//! decoder [`Layer`]s (Llama's pre-norm block in `llama.rs` for Llama, Mistral, Qwen2 and
+//! Qwen3; Gemma's sandwich-norm block in `gemma2.rs` for Gemma 2 and 3), a final RMSNorm and
+//! the LM head (soft-capped for Gemma 2). Log-probs, generation, activation checkpointing,
+//! LoRA, training and the judge all go through [`Network`]; nothing outside the block files
+//! knows an architecture.
+//!
+//! Per layer, a forward passes the rotary cos/sin (Gemma 3's sliding layers get their own
+//! base's), the attention mask (the sliding-window mask on sliding layers) and the layer's KV
+//! cache slot.
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+use crate::config::{Architecture, Config};
+use crate::layers::{init_std, Linear, RmsNorm, Rope};
+use crate::lora::Adapter;
+use crate::recompute::{LayerArgs, Tape};
+use crate::{gemma2, llama};
+
+/// One decoder block.
+pub trait Layer: std::fmt::Debug + Send {
+    /// The block on hidden states `x (B, T, hidden)` with rotary `cos`/`sin`, a boolean
+    /// attention `mask` (true = attend; causal without one) and its cache slot.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor;
+
+    /// Whether the block attends within the sliding window only.
+    fn sliding(&self) -> bool;
+
+    /// Its linear maps, named under the block (`self_attn.q_proj`), for LoRA.
+    fn projections(&mut self) -> Vec<(&'static str, &mut Linear)>;
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding, with the
+/// position ids of the cached columns (for sliding-window masks). A sliding-window layer may
+/// hold fewer columns than the others ([`Network::bound_cache`]): always the latest ones.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(B, T_total)` position ids of every cached column.
+    positions: Option<Tensor>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        self.positions.as_ref().map_or(0, |p| p.size()[1])
+    }
+
+    /// Columns each layer holds (a sliding-window layer's may be fewer, see
+    /// [`Network::bound_cache`]).
+    pub fn layer_columns(&self) -> Vec<i64> {
+        self.layers.iter().map(|l| l.as_ref().map_or(0, |(k, _)| k.size()[2])).collect()
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A cache holding the rows in `index` (rows may repeat), leaving this one as it is.
+    pub fn selected(&self, index: &Tensor) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| (k.index_select(0, index), v.index_select(0, index))))
+            .collect();
+        KvCache { layers, positions: self.positions.as_ref().map(|p| p.index_select(0, index)) }
+    }
+
+    /// Keeps only the batch rows in `index` (for dropping finished sequences).
+    pub fn select(&mut self, index: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, index);
+            *v = v.index_select(0, index);
+        }
+        if let Some(p) = self.positions.as_mut() {
+            *p = p.index_select(0, index);
+        }
+    }
+
+    /// Key position ids `(B, T_total)` for a call at `positions (B, T)`: the cached ones
+    /// followed by these, which are recorded.
+    fn push_positions(&mut self, positions: &Tensor) -> Tensor {
+        let all = match &self.positions {
+            Some(p) => Tensor::cat(&[p, positions], 1),
+            None => positions.shallow_clone(),
+        };
+        self.positions = Some(all.shallow_clone());
+        all
+    }
+}
+
+/// The sliding-window mask `(B, 1, T, T_total)` for queries at `positions (B, T)` and keys at
+/// `key_positions (B, T_total)`: `mask` (or causality by position) and `q − k < window`.
+/// `None` when no key can be that far (the layers' own mask is then the same).
+fn window_mask(positions: &Tensor, key_positions: &Tensor, mask: Option<&Tensor>, window: i64) -> Option<Tensor> {
+    if key_positions.size()[1] <= window {
+        return None;
+    }
+    let distance = positions.unsqueeze(-1) - key_positions.unsqueeze(1);
+    let near = distance.lt(window).unsqueeze(1);
+    let base = match mask {
+        Some(m) => m.shallow_clone(),
+        None => distance.ge(0).unsqueeze(1),
+    };
+    Some(base.logical_and(&near))
+}
+
+/// A causal LM of any supported architecture (see the module documentation).
+#[derive(Debug)]
+pub struct Network {
+    embed_tokens: Tensor,
+    /// Gemma's embedding scale `sqrt(hidden)`.
+    embed_scale: Option<f64>,
+    layers: Vec<Box<dyn Layer>>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    /// Gemma 3's RoPE of the sliding-window layers.
+    local_rope: Option<Rope>,
+    /// Soft-capping of the logits (Gemma 2).
+    final_softcap: Option<f64>,
+    /// The sliding window (keys a query sees, itself included), if any layer has one.
+    window: Option<i64>,
+    /// Activation checkpointing's record of forwards (off unless enabled).
+    tape: Tape,
+}
+
+impl Network {
+    /// Creates the parameters of `config`'s architecture under `vs` (randomly initialised:
+    /// load weights afterwards). `config` must have passed [`Config::architecture`].
+    pub fn new(vs: &nn::Path, config: &Config) -> Network {
+        let arch = config.architecture().expect("a config checked by Config::architecture");
+        let model = vs / "model";
+        let (v, h) = (config.vocab_size as i64, config.hidden_size as i64);
+        let std = init_std(config);
+        let embed_tokens = (&model / "embed_tokens").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std });
+        let (window, sliding) = config.sliding_window_layers().expect("a config checked by Config::architecture");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| -> Box<dyn Layer> {
+                let vs = &model / "layers" / i;
+                match arch {
+                    Architecture::Gemma2 | Architecture::Gemma3 => Box::new(gemma2::Block::new(vs, config, sliding[i])),
+                    Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Box::new(llama::Block::new(vs, config, sliding[i])),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::of(&model / "norm", config, config.hidden_size);
+        let lm_head = (!config.tied())
+            .then(|| (vs / "lm_head").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std }));
+        let (theta, scaling) = config.rope().expect("a config checked by Config::architecture");
+        let rope = Rope::new(config.head_dim(), theta, scaling.as_ref(), vs.device());
+        let local = config.local_rope().expect("a config checked by Config::architecture");
+        let local_rope = local.map(|(theta, scaling)| Rope::new(config.head_dim(), theta, scaling.as_ref(), vs.device()));
+        Network {
+            embed_tokens,
+            embed_scale: arch.is_gemma().then(|| (config.hidden_size as f64).sqrt()),
+            layers,
+            norm,
+            lm_head,
+            rope,
+            local_rope,
+            final_softcap: config.softcap("final_logit_softcapping"),
+            window: window.map(|w| w as i64),
+            tape: Tape::default(),
+        }
+    }
+
+    /// Token embeddings `(B, T, hidden)` of `input_ids (B, T)` (Gemma's scaled by
+    /// `sqrt(hidden)` rounded to the dtype, as transformers does).
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        match self.embed_scale {
+            Some(s) => {
+                let scale = Tensor::from(s as f32).to_kind(x.kind()).to_device(x.device());
+                x * scale
+            }
+            None => x,
+        }
+    }
+
+    /// Final hidden states `(B, T, hidden)` for `input_ids (B, T)` at `positions (B, T)`.
+    /// `mask` is a boolean `(B, 1, T, T_total)` attention mask (true = attend); without one the
+    /// attention is causal, which is exact for right-padded batches. With a cache, keys and
+    /// values of earlier calls are prepended and this call's are appended. Sliding-window
+    /// layers also hide keys whose position id is `window` or more below the query's.
+    pub fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
+        let mut x = self.embed(input_ids);
+        let (cos, sin) = self.rope.cos_sin(positions, x.kind());
+        let local = self.local_rope.as_ref().map(|r| r.cos_sin(positions, x.kind()));
+        let key_positions = match cache.as_deref_mut() {
+            Some(c) => c.push_positions(positions),
+            None => positions.shallow_clone(),
+        };
+        let window_mask = self.window.and_then(|w| window_mask(positions, &key_positions, mask, w));
+        let args = LayerArgs { cos, sin, local, mask: mask.map(|m| m.shallow_clone()), window_mask };
+        // A forward with a cache keeps its full graph: the cached keys and values of a later
+        // call would need the earlier call's layers recomputed together with it.
+        if cache.is_none() && self.tape.applies() {
+            let x = self.tape.forward(x, self.layers.len(), args, |i, x, a| self.layer(i, x, a, None));
+            return self.norm.forward(&x);
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || None);
+        }
+        for i in 0..self.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer(i, &x, &args, slot);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Layer `i` on `x`: a sliding layer gets the window mask and (Gemma 3) the local RoPE.
+    fn layer(&self, i: usize, x: &Tensor, args: &LayerArgs, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+        let layer = &self.layers[i];
+        let (mask, (cos, sin)) = match layer.sliding() {
+            true => (args.window_mask.as_ref().or(args.mask.as_ref()), args.local.as_ref().map_or((&args.cos, &args.sin), |(c, s)| (c, s))),
+            false => (args.mask.as_ref(), (&args.cos, &args.sin)),
+        };
+        layer.forward(x, cos, sin, mask, cache)
+    }
+
+    /// The adapter slot of every projection, with its module name
+    /// (`model.layers.0.self_attn.q_proj`) and `(inputs, outputs)` widths, for `lora::attach`.
+    pub fn adapter_slots(&mut self) -> Vec<(String, (i64, i64), &mut Option<Adapter>)> {
+        let mut slots = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in layer.projections() {
+                let size = linear.weight.size();
+                slots.push((format!("model.layers.{i}.{name}"), (size[1], size[0]), &mut linear.adapter));
+            }
+        }
+        slots
+    }
+
+    /// The sliding window, when any layer has one.
+    pub fn sliding_window(&self) -> Option<i64> {
+        self.window
+    }
+
+    /// Bounds the cache of every sliding-window layer to the `window − 1` latest columns: all
+    /// that the next query can see, when the cache's columns are aligned positions (as in
+    /// [`crate::generate::Decoder`]'s left-padded batch, where a column's position id is the
+    /// same offset from every row's next position).
+    pub fn bound_cache(&self, cache: &mut KvCache) {
+        let Some(w) = self.window else { return };
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if let (true, Some((k, v))) = (layer.sliding(), slot.as_mut()) {
+                let len = k.size()[2];
+                if len > w - 1 {
+                    *k = k.narrow(2, len - (w - 1), w - 1);
+                    *v = v.narrow(2, len - (w - 1), w - 1);
+                }
+            }
+        }
+    }
+
+    /// Turns activation checkpointing on or off: while on, a forward without a cache that
+    /// autograd records keeps only each layer's input, and [`Network::finish_backward`] must
+    /// follow the loss's `backward()` (see `recompute.rs`).
+    pub fn set_checkpointing(&self, on: bool) {
+        self.tape.set_enabled(on);
+    }
+
+    /// Completes the backward pass of every checkpointed forward since the last call
+    /// (recomputing the layers); call it after the loss's `backward()`. Does nothing when no
+    /// forward was checkpointed.
+    pub fn finish_backward(&self) -> anyhow::Result<()> {
+        self.tape.finish_backward(|i, x, a| self.layer(i, x, a, None))
+    }
+
+    /// Checkpointed forwards waiting for [`Network::finish_backward`].
+    pub fn pending_backward(&self) -> usize {
+        self.tape.pending()
+    }
+
+    /// Logits `(B, T, vocab)` from hidden states (Gemma 2: `cap · tanh(logits / cap)`).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let logits = hidden.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None);
+        match self.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    /// Logits for `input_ids` at positions `0..T` with causal attention.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input ids are (B, T)");
+        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false);
+        self.logits(&self.hidden_states(input_ids, &positions, None, None))
+    }
+}
