@@ -20,6 +20,11 @@ fn gloo_include() -> Option<PathBuf> {
 /// The CUDA include directories when everything ProcessGroupNCCL.hpp needs is there.
 fn cuda_includes(torch_lib: &Path) -> Option<Vec<PathBuf>> {
     let nvidia = torch_lib.parent()?.parent()?.join("nvidia");
+    // Installing the header packages later must re-run this script (a missing path would
+    // re-run it on every build, so only an existing directory is watched).
+    if nvidia.is_dir() {
+        println!("cargo:rerun-if-changed={}", nvidia.display());
+    }
     let dirs = vec![nvidia.join("cu13/include"), nvidia.join("nccl/include")];
     let needed = ["cuda_runtime.h", "crt/host_config.h", "nv/target", "nccl.h"];
     needed.iter().all(|f| dirs.iter().any(|d| d.join(f).exists())).then_some(dirs)
