@@ -33,6 +33,7 @@ fn cuda_includes(torch_lib: &Path) -> Option<Vec<PathBuf>> {
 fn main() {
     link_torch::main();
     println!("cargo:rustc-check-cfg=cfg(halo_c10d)");
+    println!("cargo:rustc-check-cfg=cfg(halo_nccl)");
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
     if std::env::var_os("CARGO_FEATURE_DISTRIBUTED").is_none() {
@@ -58,6 +59,9 @@ fn main() {
     if let Some(cuda) = cuda_includes(&lib) {
         build.define("USE_C10D_NCCL", None).define("HALO_DIST_NCCL", None).includes(&cuda);
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-cfg=halo_nccl");
+    } else if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:warning=haloflow-dist: torch is a CUDA build, but the CUDA headers NCCL needs (crt/host_config.h, nv/target: PyPI nvidia-cuda-crt and nvidia-cuda-cccl matching torch's CUDA) are missing beside torch, so NCCL is compiled out; run ci/bootstrap.sh and rebuild for multi-GPU runs");
     }
     build.compile("halo_c10d");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

@@ -4,6 +4,7 @@
 mod checkpoint;
 mod data;
 mod estimate;
+mod fused;
 mod metrics;
 mod microbatch;
 mod optim;
@@ -173,6 +174,12 @@ pub struct Args {
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
+    /// AdamW's update: `true` runs libtorch's fused multi-tensor kernel (at::_fused_adamw_),
+    /// `false` the unfused chain of element-wise ops; `auto` fuses on CUDA and on the CPU
+    /// keeps the unfused chain (ci/bench-adamw.sh measures both). Checkpoints are the same
+    /// either way.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "true", "false"])]
+    pub fused_adamw: String,
     /// LoRA: train low-rank adapters only, as a JSON object
     /// '{"r": 16, "alpha": 32, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}' (targets default
     /// to every projection). --policy then receives a PEFT adapter directory, and the live
