@@ -286,11 +286,12 @@ mod tests {
     }
 
     /// Window by window, with weights in f32 (their own master) and in bf16 (an f32 master),
-    /// ZeRO-1 on one process takes the steps plain AdamW takes.
+    /// ZeRO-1 on one process takes the steps plain AdamW takes, with the unfused update and
+    /// with the fused kernel.
     #[test]
     fn windowed_steps_equal_plain_adamw() {
         let config = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
-        for kind in [Kind::Float, Kind::BFloat16] {
+        for (kind, fused) in [(Kind::Float, false), (Kind::BFloat16, false), (Kind::Float, true), (Kind::BFloat16, true)] {
             let make = || -> BTreeMap<String, Tensor> {
                 tch::manual_seed(3);
                 [("a", vec![5, 3]), ("b", vec![7]), ("c", vec![2, 2])]
@@ -300,9 +301,9 @@ mod tests {
             };
             let (plain, sharded) = (make(), make());
             let copy = |ps: &BTreeMap<String, Tensor>| ps.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
-            let mut adamw = AdamW::new(copy(&plain), config, false);
+            let mut adamw = AdamW::new(copy(&plain), config, fused);
             let ranks = Ranks::single();
-            let mut zero = ShardedAdamW::new(copy(&sharded), config, false, &ranks);
+            let mut zero = ShardedAdamW::new(copy(&sharded), config, fused, &ranks);
             // bf16 gradients clipped in place would round: clip the f32 case only.
             let max_norm = if kind == Kind::Float { 2.0 } else { 0.0 };
             zero.window = 4; // 26 elements: 7 windows, the last one short
@@ -322,7 +323,7 @@ mod tests {
                 zero.update(&ranks, 0.01).unwrap();
                 for (name, p) in &plain {
                     let diff = (p.to_kind(Kind::Double) - sharded[name].to_kind(Kind::Double)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-6, "{kind:?} step {step}: {name} differs by {diff}");
+                    assert!(diff < 1e-6, "{kind:?} (fused: {fused}) step {step}: {name} differs by {diff}");
                 }
             }
         }
