@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): AdamW's fused multi-tensor kernel (libtorch's at::_fused_adamw_,
-# `--fused-adamw true`) against the unfused chain of element-wise ops (`false`) on the CPU, in
+# `--fused-adamw=true`, the default) against the unfused chain of element-wise ops (`=false`)
+# on the CPU, in
 # halo-train steps where the update is a large share: SFT on a random Llama (HIDDEN x LAYERS,
 # the stories260K tokenizer) with one short row per step, f32, 1 thread. The two alternate
 # (A B A B, ROUNDS times) so load drift falls on both; prints the median step time of each
@@ -22,7 +23,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for fused in true false; do
         halo-train --data "$work/pairs.arrow" --model "$work/model" --loss sft --lr 1e-4 --max-steps "$STEPS" \
             --microbatch-size 1 --eval-batches 0 --max-prompt-length 16 --max-length 32 --device cpu --threads 1 \
-            --fused-adamw "$fused" --policy "$work/p" --metrics "$work/m-$fused-$round.parquet" --summary "$work/t.json" \
+            --fused-adamw="$fused" --policy "$work/p" --metrics "$work/m-$fused-$round.parquet" --summary "$work/t.json" \
             --report "$work/r" 2>/dev/null
     done
 done

@@ -54,7 +54,7 @@ grep -q "nccl ok on one rank" "$work/nccl.log" || { echo "NCCL smoke failed"; ex
 echo "== train 2 steps on CUDA, bf16: fused AdamW on and off"
 for fused in true false; do
     halo-train --data "$plan" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
-      --max-steps 2 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 --fused-adamw "$fused" \
+      --max-steps 2 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 --fused-adamw="$fused" \
       --policy "$work/p-$fused" --metrics "$work/m-$fused.parquet" --report "$work/r-$fused" --summary "$work/t-$fused.json" 2>/dev/null
 done
 .venv/bin/python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'

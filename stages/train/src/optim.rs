@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use haloflow_ml::losses::Accumulator;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::checkpoint::OptimizerState;
 use crate::parallel::Ranks;
@@ -158,20 +158,11 @@ impl AdamW {
     }
 }
 
-/// Whether AdamW runs the fused kernel on `device`: `--fused-adamw` `true` or `false`, or
-/// `auto`: on CUDA.
-pub fn fused_kernel(arg: &str, device: Device) -> bool {
-    match arg {
-        "true" => true,
-        "false" => false,
-        _ => device.is_cuda(),
-    }
-}
-
 /// One AdamW update of the f32 weights `targets[i]` with moments `m[i]`, `v[i]` and f32
 /// gradients `grads[i]`, in place, at optimizer step `t` (1-based): libtorch's fused
 /// multi-tensor kernel when `fused` (one kernel for all; on CPU within an ulp of the unfused
-/// chain, `tests::fused_steps_match_the_unfused_chain`), else [`update`] per tensor. All
+/// chain, `tests::fused_steps_match_the_unfused_chain`, and faster, ci/bench-adamw.sh), else
+/// [`update`] per tensor. All
 /// tensors share one device. Call under no-grad.
 #[allow(clippy::too_many_arguments)]
 pub fn update_all(c: &AdamWConfig, t: i64, lr: f64, fused: bool, targets: &[Tensor], m: &[Tensor], v: &[Tensor], grads: &[Tensor]) -> Result<()> {
@@ -316,6 +307,7 @@ pub fn validate(lr: f64, config: &AdamWConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn config() -> AdamWConfig {
         AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }

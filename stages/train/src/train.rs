@@ -260,7 +260,7 @@ pub fn run(args: &Args) -> Result<()> {
     });
     params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
-    let fused = optim::fused_kernel(&args.fused_adamw, device);
+    let fused = args.fused_adamw;
     let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
 
     ranks.check_microbatches(split.train.len(), args.grad_accum)?;
