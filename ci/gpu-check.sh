@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with CUDA (CI has none): builds, loads a model on CUDA in bf16,
-# runs refcache and sample on it and prints tokens/s. Usage: bash ci/gpu-check.sh
+# runs refcache and sample on it and prints tokens/s; trains 2 steps with fused AdamW on and
+# off (tokens/s, MFU); runs NCCL on one rank (crates/dist's collectives test) and, with 2 or
+# more GPUs, 2 NCCL ranks of halo-train under torchrun. Usage: bash ci/gpu-check.sh
 # Needs ../shared (stories260K tokenizer, HH-RLHF data) beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +46,37 @@ params = os.path.getsize(f"{w}/model/model.safetensors") / 4  # halo-init writes
 mfu = tps * 4 * params / (peak * 1e12)
 print(f"train: {tps:.0f} tokens/s (median after 3 steps), ~{params/1e6:.0f}M params, MFU ~{mfu:.1%} of {peak:.0f} TFLOP/s bf16 peak")
 PY
+
+echo "== NCCL on one rank: every collective on CUDA tensors"
+cargo test --release -q -p haloflow-dist --test collectives -- nccl_on_one_rank | tee "$work/nccl.log"
+grep -q "nccl ok on one rank" "$work/nccl.log" || { echo "NCCL smoke failed"; exit 1; }
+
+echo "== train 2 steps on CUDA, bf16: fused AdamW on and off"
+for fused in true false; do
+    halo-train --data "$plan" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
+      --max-steps 2 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 --fused-adamw="$fused" \
+      --policy "$work/p-$fused" --metrics "$work/m-$fused.parquet" --report "$work/r-$fused" --summary "$work/t-$fused.json" 2>/dev/null
+done
+.venv/bin/python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
+import json, os, sys, pyarrow.parquet as pq
+w, peak = sys.argv[1], float(sys.argv[2])
+params = os.path.getsize(f"{w}/model/model.safetensors") / 4  # halo-init writes f32
+for fused in ("true", "false"):
+    assert json.load(open(f"{w}/t-{fused}.json"))["fused_adamw"] == (fused == "true")
+    m = pq.read_table(f"{w}/m-{fused}.parquet").to_pydict()
+    tps, seconds = m["tokens_per_s"][-1], m["seconds"][-1]  # step 2: after the warm-up step
+    print(f"fused AdamW {fused:5s}: step 2 {seconds:.3f} s, {tps:.0f} tokens/s, MFU {6 * params * tps / (peak * 1e12):.2%} "
+          f"(6 x {params / 1e6:.0f}M params x tokens/s / {peak:.0f} TFLOP/s bf16 peak)")
+PY
+
+gpus=$(nvidia-smi --list-gpus | wc -l)
+if [ "$gpus" -ge 2 ]; then
+    echo "== 2 NCCL ranks of halo-train (torchrun), 2 steps"
+    .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python halo-train --data "$plan" --model "$work/model" \
+      --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 --max-steps 2 --device cuda --dtype bf16 --dist-backend nccl \
+      --max-prompt-length 256 --max-length 512 --policy "$work/p-nccl" --metrics "$work/m-nccl.parquet" \
+      --report "$work/r-nccl" --summary "$work/t-nccl.json"
+    python3 -c "import json;s=json.load(open('$work/t-nccl.json'));assert s['ranks']==2;print('2 NCCL ranks: ok, last step', s['last'])"
+else
+    echo "== one GPU: halo-train's multi-rank NCCL run needs 2 (NCCL refuses two ranks on one GPU)"
+fi

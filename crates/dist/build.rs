@@ -20,6 +20,11 @@ fn gloo_include() -> Option<PathBuf> {
 /// The CUDA include directories when everything ProcessGroupNCCL.hpp needs is there.
 fn cuda_includes(torch_lib: &Path) -> Option<Vec<PathBuf>> {
     let nvidia = torch_lib.parent()?.parent()?.join("nvidia");
+    // Installing the header packages later must re-run this script (a missing path would
+    // re-run it on every build, so only an existing directory is watched).
+    if nvidia.is_dir() {
+        println!("cargo:rerun-if-changed={}", nvidia.display());
+    }
     let dirs = vec![nvidia.join("cu13/include"), nvidia.join("nccl/include")];
     let needed = ["cuda_runtime.h", "crt/host_config.h", "nv/target", "nccl.h"];
     needed.iter().all(|f| dirs.iter().any(|d| d.join(f).exists())).then_some(dirs)
@@ -28,6 +33,7 @@ fn cuda_includes(torch_lib: &Path) -> Option<Vec<PathBuf>> {
 fn main() {
     link_torch::main();
     println!("cargo:rustc-check-cfg=cfg(halo_c10d)");
+    println!("cargo:rustc-check-cfg=cfg(halo_nccl)");
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
     if std::env::var_os("CARGO_FEATURE_DISTRIBUTED").is_none() {
@@ -53,6 +59,9 @@ fn main() {
     if let Some(cuda) = cuda_includes(&lib) {
         build.define("USE_C10D_NCCL", None).define("HALO_DIST_NCCL", None).includes(&cuda);
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-cfg=halo_nccl");
+    } else if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:warning=haloflow-dist: torch is a CUDA build, but the CUDA headers NCCL needs (crt/host_config.h, nv/target: PyPI nvidia-cuda-crt and nvidia-cuda-cccl matching torch's CUDA) are missing beside torch, so NCCL is compiled out; run ci/bootstrap.sh and rebuild for multi-GPU runs");
     }
     build.compile("halo_c10d");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

@@ -18,6 +18,10 @@ use tch::{Device, Kind, Tensor};
 pub use env::{first_host, read as read_rendezvous, Rendezvous};
 use group::{Group, Op};
 
+/// Whether this build has the NCCL backend (compiled in when the CUDA headers it needs were
+/// found beside torch; see build.rs).
+pub const NCCL: bool = cfg!(halo_nccl);
+
 /// How a collective combines the processes' tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {

@@ -2,13 +2,14 @@
 //! (environment HALO_DIST_TEST_ROLE), with torchrun's variables and a free port. Checks every
 //! collective's result, then that the death of one rank (SIGKILL) makes the other fail
 //! within the timeout with an error naming the collective and the lost rank, and that the
-//! ranks join under torchrun (its agent's store).
+//! ranks join under torchrun (its agent's store). Also NCCL on one rank (on CUDA, or its clear
+//! refusal without a GPU).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use haloflow_dist::{Dist, ReduceOp};
+use haloflow_dist::{Dist, ReduceOp, Rendezvous};
 use tch::{Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -171,6 +172,42 @@ fn under_torchrun_with_its_agent_store() {
     }
 }
 
+/// NCCL on one rank: with a CUDA device, every collective on CUDA tensors (what ci/gpu-check.sh
+/// runs); on a machine without one, a build with NCCL refuses the group with an error, no
+/// crash. A build without NCCL (no CUDA headers) skips it, saying so.
+fn nccl_on_one_rank() {
+    if !haloflow_dist::NCCL {
+        assert!(!tch::Cuda::is_available(), "a CUDA machine must build NCCL in (run ci/bootstrap.sh for its headers)");
+        println!("skipped: this build has no NCCL");
+        return;
+    }
+    let rv = Rendezvous { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: free_port(), serve_store: true, prefix: "nccl-test".into() };
+    let joined = Dist::connect("nccl", rv, TIMEOUT);
+    if !tch::Cuda::is_available() {
+        let err = format!("{:#}", joined.err().expect("NCCL without a GPU must fail"));
+        println!("without CUDA: {err}");
+        assert!(err.contains("cannot join the nccl process group") && !err.contains("this build has no NCCL"), "{err}");
+        return;
+    }
+    let dist = joined.unwrap();
+    let cuda = tch::Device::Cuda(0);
+    let mut t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(cuda);
+    dist.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+    assert_eq!(values(&t.to_device(tch::Device::Cpu)), [1.0, 2.0, 3.0]);
+    let mut ts = [Tensor::ones([4], (Kind::BFloat16, cuda)), Tensor::full([2], 5.0, (Kind::BFloat16, cuda))];
+    dist.all_reduce_coalesced(&mut ts, ReduceOp::Avg).unwrap();
+    assert_eq!(values(&ts[1].to_device(tch::Device::Cpu)), [5.0, 5.0]);
+    dist.broadcast(&mut t, 0).unwrap();
+    let mut out = [Tensor::zeros([3], (Kind::Float, cuda))];
+    dist.all_gather(&mut out, &t).unwrap();
+    assert_eq!(values(&out[0].to_device(tch::Device::Cpu)), [1.0, 2.0, 3.0]);
+    let mut one = Tensor::zeros([3], (Kind::Float, cuda));
+    dist.reduce_scatter(&mut one, &[t.shallow_clone()], ReduceOp::Sum).unwrap();
+    assert_eq!(values(&one.to_device(tch::Device::Cpu)), [1.0, 2.0, 3.0]);
+    dist.barrier().unwrap();
+    println!("nccl ok on one rank ({})", dist.backend());
+}
+
 fn main() {
     if let Ok(role) = std::env::var("HALO_DIST_TEST_ROLE") {
         rank_main(&role);
@@ -181,6 +218,7 @@ fn main() {
         ("a_killed_rank_makes_the_other_fail_naming_it", a_killed_rank_makes_the_other_fail_naming_it),
         ("under_torchrun_with_its_agent_store", under_torchrun_with_its_agent_store),
         ("a_port_in_use_or_an_unreachable_master_is_a_clear_error", a_port_in_use_or_an_unreachable_master_is_a_clear_error),
+        ("nccl_on_one_rank", nccl_on_one_rank),
     ] {
         let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
         if args.iter().all(|f| name.contains(f.as_str())) {

@@ -10,10 +10,9 @@
 //! - trained tensors: every parameter (full training), or the count given in
 //!   [`Setup::trainable`] (LoRA adapters);
 //! - gradients in the weights' dtype; AdamW moments in f32 (2 per trained element); f32 master
-//!   weights when the weights are bf16/f16 (ZeRO-1 always keeps an f32 master slice); with
-//!   ZeRO-1 moments and masters are divided by the ranks, plus one flat f32 buffer of every
-//!   trained element (the gradient before its reduce-scatter, then the all-gathered weights;
-//!   never both at once);
+//!   weights when the weights are bf16/f16; with ZeRO-1 moments and masters are divided by the
+//!   ranks, and bf16/f16 weights add the rank's slice of the reduced gradients in f32 (counted
+//!   with the master weights); its collectives' windows (about 25 MB) are left out;
 //! - activations of the forwards with gradient of one microbatch (`sequences × length` tokens):
 //!   per layer and token the tensors autograd keeps — the two RMSNorms' inputs and outputs
 //!   (plus their f32 copies below f32), rotated q and k, v, the attention output and its
@@ -169,10 +168,11 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let s = setup.dtype_bytes as f64;
     let (p, t) = (parameters as f64, trainable as f64);
     let world = setup.ranks.max(1) as f64;
+    let narrow = setup.dtype_bytes < 4;
     let (optimizer, master_weights) = if setup.shard_optimizer {
-        (2.0 * t * 4.0 / world + t * 4.0, t * 4.0 / world)
+        (2.0 * t * 4.0 / world, if narrow { 2.0 * t * 4.0 / world } else { 0.0 })
     } else {
-        (2.0 * t * 4.0, if setup.dtype_bytes < 4 { t * 4.0 } else { 0.0 })
+        (2.0 * t * 4.0, if narrow { t * 4.0 } else { 0.0 })
     };
     let tokens = (setup.sequences * setup.length) as f64;
     let layer = tokens * layer_bytes(config, setup.dtype_bytes, setup.length);
@@ -232,9 +232,12 @@ mod tests {
         // Checkpointing keeps each layer's input and one layer's activations.
         let ck = estimate(&c, &Setup { checkpointing: true, ..setup() });
         assert_eq!(ck.activations, 32.0 * 4096.0 * 4096.0 * 2.0 + per_layer + logits);
-        // ZeRO-1 over 4 ranks: a quarter of the moments and masters, plus a flat f32 buffer.
+        // ZeRO-1 over 4 ranks: a quarter of the moments, and of the masters and reduced
+        // gradients in f32 (bf16 weights); none of the latter for f32 weights.
         let z = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, ..setup() });
-        assert_eq!((z.optimizer, z.master_weights), (2.0 * p + 4.0 * p, p));
+        assert_eq!((z.optimizer, z.master_weights), (2.0 * p, 2.0 * p));
+        let z32 = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, dtype_bytes: 4, ..setup() });
+        assert_eq!((z32.optimizer, z32.master_weights), (2.0 * p, 0.0));
         // Adapters: only their elements have gradients and optimizer state.
         let lora = estimate(&c, &Setup { trainable: Some(1_000_000), ..setup() });
         assert_eq!((lora.gradients, lora.optimizer, lora.master_weights, lora.weights), (2e6, 8e6, 4e6, 2.0 * p));

@@ -4,6 +4,7 @@
 mod checkpoint;
 mod data;
 mod estimate;
+mod fused;
 mod metrics;
 mod microbatch;
 mod optim;
@@ -173,6 +174,12 @@ pub struct Args {
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
+    /// AdamW's update as libtorch's fused multi-tensor kernel (at::_fused_adamw_; on the CPU
+    /// within an ulp of the unfused chain and faster, ci/bench-adamw.sh), or with
+    /// `--fused-adamw=false` as the unfused chain of element-wise ops. Checkpoints are the same
+    /// either way.
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub fused_adamw: bool,
     /// LoRA: train low-rank adapters only, as a JSON object
     /// '{"r": 16, "alpha": 32, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}' (targets default
     /// to every projection). --policy then receives a PEFT adapter directory, and the live

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::Args;
 
 /// Elements per all-reduce of gradients (about 25 MB of f32, as torch's DDP buckets).
-const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
+pub const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
 
 /// This process's place in the run.
 pub struct Ranks {
@@ -49,6 +49,12 @@ impl Ranks {
             tracing::info!(rank = d.rank(), world = d.world_size(), backend = d.backend(), device = ?device, "data-parallel run");
         }
         Ok((Ranks { dist: dist.map(Arc::new) }, device))
+    }
+
+    /// One process, no launcher.
+    #[cfg(test)]
+    pub fn single() -> Ranks {
+        Ranks { dist: None }
     }
 
     /// This process's rank.

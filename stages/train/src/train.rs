@@ -100,6 +100,8 @@ struct Trainer<'a> {
     policy: &'a CausalLm,
     ranks: &'a Ranks,
     split: &'a Split,
+    /// The loss as one process computes it (no all-reduce), for the evaluation.
+    eval_halo: Box<dyn Halo>,
     /// Every trained tensor (policy, then PPO's value head), in the optimizer's order.
     params: Vec<Tensor>,
     opt: Optimizer,
@@ -148,19 +150,26 @@ impl Trainer<'_> {
         Ok(row)
     }
 
-    /// Loss and reward metrics on the held-out microbatches, without gradient. Every rank
-    /// evaluates all of them (the losses' batch statistics are all-reduced over identical
-    /// copies, which leaves them unchanged).
+    /// Loss and reward metrics on the held-out microbatches, without gradient. The ranks split
+    /// them as they split a step's (rank r takes microbatches r, r + N, …) and sum their
+    /// totals, so the metrics are those of one process evaluating all of them. Each
+    /// microbatch's batch statistics (KTO's reference point) are its own, as in one process:
+    /// the evaluation runs the loss's single-process instance, which reduces nothing.
     fn evaluate(&self, row: &mut Row) -> Result<()> {
+        let job = Job { halo: self.eval_halo.as_ref(), tokens: Default::default(), ..self.job };
         let mut eval = Row::new(row.step, row.epoch);
-        let mut total = (0.0, 0usize);
-        for members in &self.split.eval {
-            let out = tch::no_grad(|| microbatch_loss(&self.job, self.policy, members, false, None))?;
-            total.0 += out.loss.double_value(&[]) * out.count as f64;
-            total.1 += out.count;
+        let (mut loss, mut count, mut microbatches) = (0.0, 0usize, 0usize);
+        for members in self.ranks.share(&self.split.eval) {
+            let out = tch::no_grad(|| microbatch_loss(&job, self.policy, members, false, None))?;
+            loss += out.loss.double_value(&[]) * out.count as f64;
+            count += out.count;
+            microbatches += 1;
             eval.add_microbatch(&out);
         }
-        row.set_eval(total.0 / total.1.max(1) as f64, &eval);
+        tracing::debug!(rank = self.ranks.rank(), microbatches, of = self.split.eval.len(), "evaluated this rank's share of the held-out microbatches");
+        eval.sum_over(self.ranks)?;
+        let totals = Vec::<f64>::try_from(self.ranks.sum(&Tensor::from_slice(&[loss, count as f64]))?)?;
+        row.set_eval(totals[0] / totals[1].max(1.0), &eval);
         Ok(())
     }
 }
@@ -215,6 +224,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let merged = merged_output(args, lora_config.is_some())?;
     let mut halo = losses::by_name(&args.loss, &loss_params(args)?)?;
+    let eval_halo = losses::by_name(&args.loss, &loss_params(args)?)?;
     if let Some(reduce) = ranks.loss_reduce() {
         halo.set_all_reduce(reduce);
     }
@@ -250,7 +260,8 @@ pub fn run(args: &Args) -> Result<()> {
     });
     params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
-    let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam)) };
+    let fused = args.fused_adamw;
+    let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
 
     ranks.check_microbatches(split.train.len(), args.grad_accum)?;
     let per_step = args.grad_accum * ranks.world();
@@ -271,7 +282,7 @@ pub fn run(args: &Args) -> Result<()> {
         chunk: args.logits_chunk,
         tokens: Default::default(),
     };
-    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, params: param_list, opt, max_grad_norm: args.max_grad_norm };
+    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, eval_halo, params: param_list, opt, max_grad_norm: args.max_grad_norm };
     let ckpt_root = args
         .checkpoint_dir
         .clone()
@@ -366,6 +377,7 @@ pub fn run(args: &Args) -> Result<()> {
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
         "shard_optimizer": args.shard_optimizer,
+        "fused_adamw": fused,
         "lora": lora_config,
         "trainable_parameters": trainable_parameters,
         "merge_lora": merged.is_some(),

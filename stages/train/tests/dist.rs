@@ -307,3 +307,42 @@ fn ddp_with_activation_checkpointing_equals_one_plain_process() {
     eprintln!("2 checkpointing ranks vs 1 plain process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}");
     assert!(dm < 1e-5 && dw < 1e-5, "checkpointed DDP differs: metrics {dm}, weights {dw}");
 }
+
+/// Evaluation split over the ranks: of 3 held-out microbatches rank 0 evaluates 2 and rank 1
+/// one, and their sums make the eval metrics of one process evaluating all 3 (KTO: each
+/// microbatch's own reference point, not one pooled over the ranks' microbatches).
+#[test]
+fn evaluation_split_over_two_ranks_equals_one_process() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 7, false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "2", "--eval-batches", "3", "--eval-every", "1"];
+    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+    assert!(one.status.success());
+    let debug = |_| vec![("RUST_LOG", "halo_train=debug".to_string())];
+    let (outs, two, _) = train_2_ranks(dir.path(), "two", &plan, &model, &args, debug);
+    assert!(outs.iter().all(|o| o.status.success()));
+    for (rank, out) in outs.iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let share = format!("rank={rank} microbatches={} of=3", 2 - rank);
+        assert_eq!(err.matches(&share).count(), 3, "rank {rank} should evaluate {share} at steps 0, 1 and 2:\n{err}");
+    }
+    let (a, b) = (single.metrics(), two.metrics());
+    let eval: Vec<&String> = a.keys().filter(|k| k.starts_with("eval/")).collect();
+    assert!(eval.len() >= 4 && eval.iter().any(|k| *k == "eval/loss"), "{eval:?}");
+    let mut worst = 0.0f64;
+    for name in eval {
+        let (xs, ys) = (&a[name], &b[name]);
+        assert_eq!(xs.iter().flatten().count(), 3, "{name}: an evaluation at steps 0, 1 and 2");
+        for (x, y) in xs.iter().zip(ys) {
+            match (x, y) {
+                (Some(x), Some(y)) => worst = worst.max((x - y).abs() / x.abs().max(1.0)),
+                (None, None) => {}
+                _ => panic!("{name}: {x:?} vs {y:?}"),
+            }
+        }
+    }
+    eprintln!("eval metrics, 2 ranks splitting 3 held-out microbatches vs 1 process: max |Δ| {worst:.3e}");
+    assert!(worst < 1e-9, "the split evaluation differs from one process by {worst}");
+}
