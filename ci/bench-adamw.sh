@@ -10,15 +10,11 @@
 #   bash ci/bench-adamw.sh            (HIDDEN=1024 LAYERS=8 STEPS=5 ROUNDS=2 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${HALO_BENCH_BUILT:-}" = 1 ] || bash ci/bootstrap.sh
-source ci/env.sh
+source ci/bench/setup.sh
 HIDDEN=${HIDDEN:-1024} LAYERS=${LAYERS:-8} STEPS=${STEPS:-5} ROUNDS=${ROUNDS:-2}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
-halo-import --source ../shared/data/hh-rlhf/helpful-base-test.jsonl.gz --format hh-rlhf --kind paired --limit 64 \
-    --data "$work/pairs.arrow" --summary "$work/import.json" >/dev/null 2>&1
-halo-init --hidden "$HIDDEN" --layers "$LAYERS" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$work/model" >/dev/null 2>&1
+hh_pairs 64 "$work/pairs.arrow"
+random_model "$HIDDEN" "$LAYERS" "$work/model"
 for round in $(seq 1 "$ROUNDS"); do
     for fused in true false; do
         halo-train --data "$work/pairs.arrow" --model "$work/model" --loss sft --lr 1e-4 --max-steps "$STEPS" \

@@ -8,15 +8,11 @@
 #   bash ci/bench-zero.sh            (HIDDEN=1024 LAYERS=8 STEPS=3 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${HALO_BENCH_BUILT:-}" = 1 ] || bash ci/bootstrap.sh
-source ci/env.sh
+source ci/bench/setup.sh
 HIDDEN=${HIDDEN:-1024} LAYERS=${LAYERS:-8} STEPS=${STEPS:-3}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
-halo-import --source ../shared/data/hh-rlhf/helpful-base-test.jsonl.gz --format hh-rlhf --kind paired --limit 64 \
-    --data "$work/pairs.arrow" --summary "$work/import.json" >/dev/null 2>&1
-halo-init --hidden "$HIDDEN" --layers "$LAYERS" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$work/model" >/dev/null 2>&1
+hh_pairs 64 "$work/pairs.arrow"
+random_model "$HIDDEN" "$LAYERS" "$work/model"
 
 run() {  # run TAG WORLD [EXTRA...]: halo-train on WORLD local ranks; per-rank peak RSS (MiB) in $work/rss-TAG.RANK
     local tag=$1 world=$2; shift 2

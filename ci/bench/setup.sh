@@ -20,6 +20,12 @@ with pa.ipc.new_file(pa.OSFile(sys.argv[2], "wb"), t.schema) as w: w.write_table
 PY
 }
 
+# hh_pairs N OUT: the first N HH-RLHF test pairs as a paired table.
+hh_pairs() {
+    halo-import --source ../shared/data/hh-rlhf/helpful-base-test.jsonl.gz --format hh-rlhf --kind paired --limit "$1" \
+        --data "$2" --summary "$2.json" >/dev/null 2>&1
+}
+
 # random_model HIDDEN LAYERS OUT: a random Llama (8 heads, 4 KV heads) on the stories260K tokenizer.
 random_model() {
     halo-init --hidden "$1" --layers "$2" --heads 8 --kv-heads 4 --tokenizer ../shared/models/stories260K --out "$3" 2>/dev/null
