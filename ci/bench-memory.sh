@@ -10,7 +10,8 @@
 #
 #   bash ci/bench-memory.sh            (STEPS=3 THREADS=1 by default)
 #
-# Both sides score plain-text prompts (the model copy's chat template is removed) with
+# Every side scores plain-text prompts (the model copy's chat template is removed; halo-train with
+# --prompt-format plain) with
 # reference log-probs computed beforehand, so a step is the policy's forward and backward, the
 # KL partners' forward without gradient, the KTO loss and AdamW. Step time is the median of
 # the steps after the first; peak RSS is the whole process's (model, optimizer, runtime).
@@ -32,8 +33,9 @@ if os.path.exists(jinja):
     os.remove(jinja)
 PY
 lengths=(--max-prompt-length 128 --max-length 256)
+plain=(--prompt-format plain)  # as the peers render a template-less prompt (ci/bench/contract.py)
 halo-refcache --data "$work/plan.arrow" --model "$work/model" --logps "$work/ref.parquet" --summary "$work/ref.json" \
-  "${lengths[@]}" --device cpu --threads "$THREADS" --scratch "$work/s" 2>/dev/null
+  "${lengths[@]}" "${plain[@]}" --device cpu --threads "$THREADS" --scratch "$work/s" 2>/dev/null
 
 maxrss() {  # runs "$@", prints the child's peak RSS in MiB
     .venv/bin/python -c 'import resource, subprocess, sys
@@ -41,7 +43,7 @@ subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subpr
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)' "$@"
 }
 train=(halo-train --data "$work/plan.arrow" --model "$work/model" --loss kto --lr 1e-5 --max-steps "$STEPS"
-       --decay constant --device cpu --dtype f32 --threads "$THREADS" "${lengths[@]}" --ref-logps "$work/ref.parquet"
+       --decay constant --device cpu --dtype f32 --threads "$THREADS" "${lengths[@]}" "${plain[@]}" --ref-logps "$work/ref.parquet"
        --report "$work/report")
 base_rss=$(maxrss halo-train --estimate-memory --model "$work/model" --device cpu --dtype f32 "${lengths[@]}")
 lora=(--lora '{"r": 16, "alpha": 32}')

@@ -2,7 +2,25 @@
 + EOS tokenized together; the completion starts where the ids diverge from the prompt's ids;
 max_prompt_length keeps the prompt's end, then max_length cuts the completion. The prompt is
 rendered with the tokenizer's chat template (add_generation_prompt) when it has one; without
-one the message contents are joined with blank lines."""
+one the message contents are joined with blank lines (halo's `--prompt-format plain`). Also the
+command line the training peers share."""
+import argparse
+
+
+def peer_arguments(doc):
+    """The arguments every training peer takes: DATA MODEL OUT and the step's settings."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("data")
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--loss", choices=["kto", "dpo"], default="kto")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    return ap
 
 
 def encode(tok, prompt_msgs, completion, max_prompt_length, max_length):

@@ -7,9 +7,8 @@ order as halo-train takes them): chosen and rejected in one policy forward with 
 precomputed reference log-probs, DPO loss; then backward, clip_grad_norm_, AdamW. Writes
 per-step seconds and tokens (the sequences' lengths, as halo-train's tokens_computed).
 
-    python train_pytorch.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 12 --threads 2 [--gradient-checkpointing]
+    python train_pytorch.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 3 --threads 1 [--gradient-checkpointing]
 """
-import argparse
 import json
 import time
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from contract import encode
+from contract import encode, peer_arguments
 
 
 def seq_logps(model, seqs):
@@ -32,18 +31,8 @@ def seq_logps(model, seqs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("data")
-    ap.add_argument("model")
-    ap.add_argument("out")
-    ap.add_argument("--loss", choices=["kto", "dpo"], default="kto")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap = peer_arguments(__doc__)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--max-prompt-length", type=int, default=128)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (transformers' gradient_checkpointing_enable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

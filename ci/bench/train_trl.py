@@ -16,7 +16,6 @@ Needs trl and its dependencies, which the project's venv does not have; ci/bench
 
     python train_trl.py DATA.arrow MODEL_DIR OUT.json --loss kto|dpo --steps 3 --threads 1 [--gradient-checkpointing] [--lora 16]
 """
-import argparse
 import json
 import tempfile
 import time
@@ -25,6 +24,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from contract import peer_arguments
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 
@@ -48,17 +48,7 @@ class StepTimes(TrainerCallback):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("data")
-    ap.add_argument("model")
-    ap.add_argument("out")
-    ap.add_argument("--loss", choices=["kto", "dpo"], default="kto")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--max-prompt-length", type=int, default=128)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap = peer_arguments(__doc__)
     ap.add_argument("--lora", type=int, default=0, help="train PEFT LoRA adapters of this rank (alpha = 2r, every projection)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
