@@ -10,10 +10,9 @@
 #
 #   bash ci/bench-memory.sh            (STEPS=3 THREADS=1 by default)
 #
-# Every side scores plain-text prompts (the model copy's chat template is removed; halo-train with
-# --prompt-format plain) with
-# reference log-probs computed beforehand, so a step is the policy's forward and backward, the
-# KL partners' forward without gradient, the KTO loss and AdamW. Step time is the median of
+# Every side scores plain-text prompts (the model copy's chat template is removed; halo-train
+# with --prompt-format plain) with reference log-probs computed beforehand, so a step is the
+# policy's forward and backward, the KL partners' forward without gradient, the KTO loss and AdamW. Step time is the median of
 # the steps after the first; peak RSS is the whole process's (model, optimizer, runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
