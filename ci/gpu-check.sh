@@ -65,8 +65,10 @@ for fused in ("true", "false"):
     assert json.load(open(f"{w}/t-{fused}.json"))["fused_adamw"] == (fused == "true")
     m = pq.read_table(f"{w}/m-{fused}.parquet").to_pydict()
     tps, seconds = m["tokens_per_s"][-1], m["seconds"][-1]  # step 2: after the warm-up step
-    print(f"fused AdamW {fused:5s}: step 2 {seconds:.3f} s, {tps:.0f} tokens/s, MFU {6 * params * tps / (peak * 1e12):.2%} "
-          f"(6 x {params / 1e6:.0f}M params x tokens/s / {peak:.0f} TFLOP/s bf16 peak)")
+    # The same MFU approximation as above: ~4 x params FLOPs per counted token (completions with
+    # forward + backward, KL partners forward only, about as many of each).
+    print(f"fused AdamW {fused:5s}: step 2 {seconds:.3f} s, {tps:.0f} tokens/s, MFU {4 * params * tps / (peak * 1e12):.2%} "
+          f"(4 x {params / 1e6:.0f}M params x tokens/s / {peak:.0f} TFLOP/s bf16 peak)")
 PY
 
 gpus=$(nvidia-smi --list-gpus | wc -l)
