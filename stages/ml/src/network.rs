@@ -276,6 +276,11 @@ impl Network {
         self.tape.finish_backward(|i, x, a| self.layer(i, x, a, None))
     }
 
+    /// Whether activation checkpointing is on (see [`Network::set_checkpointing`]).
+    pub fn checkpointing(&self) -> bool {
+        self.tape.enabled()
+    }
+
     /// Checkpointed forwards waiting for [`Network::finish_backward`].
     pub fn pending_backward(&self) -> usize {
         self.tape.pending()

@@ -70,6 +70,12 @@ impl Tape {
     }
 
     /// Whether a forward now should be checkpointed: checkpointing is on and autograd records.
+    /// Whether checkpointing is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether a forward now would be checkpointed: on, and autograd recording.
     pub fn applies(&self) -> bool {
         self.enabled.load(Ordering::Relaxed) && grad_enabled()
     }

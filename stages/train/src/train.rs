@@ -130,6 +130,9 @@ impl Trainer<'_> {
             }
             acc.backward(&out)?;
             // Activation checkpointing: the layers' part of the backward (nothing otherwise).
+            if self.policy.net.checkpointing() {
+                tracing::debug!(forwards = self.policy.net.pending_backward(), "activation checkpointing: recomputing the layers of the microbatch's checkpointed forwards");
+            }
             self.policy.net.finish_backward()?;
             row.add_microbatch(&out);
         }

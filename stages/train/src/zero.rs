@@ -293,10 +293,10 @@ mod tests {
         let config = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
         for (kind, fused) in [(Kind::Float, false), (Kind::BFloat16, false), (Kind::Float, true), (Kind::BFloat16, true)] {
             let make = || -> BTreeMap<String, Tensor> {
-                tch::manual_seed(3);
                 [("a", vec![5, 3]), ("b", vec![7]), ("c", vec![2, 2])]
                     .into_iter()
-                    .map(|(n, shape)| (n.to_string(), Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu)).to_kind(kind).set_requires_grad(true)))
+                    .enumerate()
+                    .map(|(i, (n, shape))| (n.to_string(), (crate::optim::tests::spread(&shape, i as f64) * 1.5).to_kind(kind).set_requires_grad(true)))
                     .collect()
             };
             let (plain, sharded) = (make(), make());

@@ -178,7 +178,10 @@ fn max_weight_difference(a: &Path, b: &Path) -> f64 {
 
 /// Every loss reads the policy only through log-probs of forwards the tape records (KTO's KL
 /// partners and the reference run without gradient; PPO's value head reads detached hidden
-/// states), so every loss trains with checkpointing to the same weights.
+/// states), so every loss trains with checkpointing to the same weights. Every microbatch's
+/// forward with gradient is checkpointed, also where prompt sharing would continue from cached
+/// keys and values (a forward that keeps its whole graph): with one microbatch a step (KTO's
+/// completions and KL partners from one prompt pass) and with two (partners computed first).
 #[test]
 fn activation_checkpointing_trains_to_the_same_weights_with_every_loss() {
     let Some(model) = model_dir() else { return };
@@ -189,16 +192,26 @@ fn activation_checkpointing_trains_to_the_same_weights_with_every_loss() {
     write_pairs(&pairs, 16);
     let binary = ["kto", "apo_zero", "ppo", "sft", "csft"].map(|l| (l, &plan));
     let paired = ["dpo", "cdpo", "ipo", "simpo", "slic", "orpo"].map(|l| (l, &pairs));
-    for (loss, data) in binary.into_iter().chain(paired) {
-        let steps = ["--loss", loss, "--lr", "3e-3", "--max-steps", "2", "--grad-accum", "2", "--microbatch-size", "4", "--reference", "live"];
-        let (a, plain) = train(dir.path(), &format!("{loss}-plain"), data, &model, &steps, &[]);
-        let (b, ckpt) = train(dir.path(), &format!("{loss}-ckpt"), data, &model, &[&steps[..], &["--checkpoint-activations=true"]].concat(), &[]);
+    let accumulations = binary.into_iter().chain(paired).map(|(l, d)| (l, d, "2")).chain([("kto", &plan, "1"), ("dpo", &pairs, "1")]);
+    for (loss, data, accum) in accumulations {
+        // AdamW's ε raised to 1e-4, as in the prompt-sharing test: with 1e-8 a weight of
+        // near-zero gradient moves by ±lr whatever the gradient's f32 rounding (the layer walk
+        // sums parameter gradients in another order: measured 2.3e-5 in DPO's weights).
+        let steps = ["--loss", loss, "--lr", "3e-3", "--max-steps", "2", "--grad-accum", accum, "--microbatch-size", "4", "--reference", "live", "--adam-eps", "1e-4"];
+        let name = format!("{loss}-accum{accum}");
+        // Checkpointing runs the passes with gradient separately, so the plain run does too
+        // (sharing against separate passes: prompt_sharing_leaves_loss_gradients_and_parameters_unchanged).
+        let (a, plain) = train(dir.path(), &format!("{name}-plain"), data, &model, &[&steps[..], &["--share-prompts=false"]].concat(), &[]);
+        let (b, ckpt) = train(dir.path(), &format!("{name}-ckpt"), data, &model, &[&steps[..], &["--checkpoint-activations=true"]].concat(), &[("RUST_LOG", "halo_train=debug")]);
         assert!(a.status.success() && b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+        let log = String::from_utf8_lossy(&b.stderr);
+        let recomputed: Vec<&str> = log.lines().filter(|l| l.contains("checkpointed forwards")).collect();
+        assert!(recomputed.len() >= 2 && recomputed.iter().all(|l| !l.contains("forwards=0")), "{name}: every microbatch's forward is checkpointed: {recomputed:?}");
         let moved = max_weight_difference(&model, &plain.dir.join("policy"));
         let diff = max_weight_difference(&plain.dir.join("policy"), &ckpt.dir.join("policy"));
-        eprintln!("{loss}: 2 steps moved the weights by up to {moved:.3e}; checkpointed vs plain differ by {diff:.3e}");
-        assert!(moved > 1e-4, "{loss}: training did not move the weights, the comparison would prove nothing");
-        assert!(diff <= 1e-5, "{loss}: checkpointed training differs by {diff}");
+        eprintln!("{name}: 2 steps moved the weights by up to {moved:.3e}; checkpointed vs plain differ by {diff:.3e}");
+        assert!(moved > 1e-4, "{name}: training did not move the weights, the comparison would prove nothing");
+        assert!(diff <= 1e-5, "{name}: checkpointed training differs by {diff}");
         let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.dir.join("summary.json")).unwrap()).unwrap();
         assert_eq!(summary["checkpoint_activations"], true);
     }
