@@ -299,7 +299,9 @@ fn ddp_with_activation_checkpointing_equals_one_plain_process() {
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 6, false);
     let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
-    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+    // Checkpointing runs the passes with gradient separately (no shared prompt), so the plain
+    // process does too.
+    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2", "--share-prompts=false"]].concat(), &[]);
     assert!(one.status.success());
     let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp-ckpt", &plan, &model, &[&args[..], &["--checkpoint-activations=true"]].concat(), no_env);
     assert!(outs.iter().all(|o| o.status.success()));
@@ -318,7 +320,9 @@ fn evaluation_split_over_two_ranks_equals_one_process() {
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 7, false);
     let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "2", "--eval-batches", "3", "--eval-every", "1"];
-    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
+    // Checkpointing runs the passes with gradient separately (no shared prompt), so the plain
+    // process does too.
+    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2", "--share-prompts=false"]].concat(), &[]);
     assert!(one.status.success());
     let debug = |_| vec![("RUST_LOG", "halo_train=debug".to_string())];
     let (outs, two, _) = train_2_ranks(dir.path(), "two", &plan, &model, &args, debug);
