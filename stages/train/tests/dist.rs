@@ -320,9 +320,7 @@ fn evaluation_split_over_two_ranks_equals_one_process() {
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 7, false);
     let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "2", "--eval-batches", "3", "--eval-every", "1"];
-    // Checkpointing runs the passes with gradient separately (no shared prompt), so the plain
-    // process does too.
-    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2", "--share-prompts=false"]].concat(), &[]);
+    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
     assert!(one.status.success());
     let debug = |_| vec![("RUST_LOG", "halo_train=debug".to_string())];
     let (outs, two, _) = train_2_ranks(dir.path(), "two", &plan, &model, &args, debug);
