@@ -49,6 +49,7 @@ fn main() {
     build
         .cpp(true)
         .file(SHIM)
+        .include(link_torch::shim_include())
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(&gloo)

@@ -22,6 +22,20 @@ pub fn torch_lib_dir() -> PathBuf {
 }
 
 /// Links libtorch.
+/// The directory of the header the C++ shims share (`stages/ml/shim/ffi_guard.h`), for a build
+/// script that compiles one; tells cargo to rebuild when the header changes.
+#[allow(dead_code)] // only the build scripts that compile a shim call it
+pub fn shim_include() -> PathBuf {
+    let crate_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir = crate_dir
+        .ancestors()
+        .map(|d| d.join("stages/ml/shim"))
+        .find(|d| d.join("ffi_guard.h").exists())
+        .expect("stages/ml/shim/ffi_guard.h in the workspace");
+    println!("cargo:rerun-if-changed={}", dir.join("ffi_guard.h").display());
+    dir
+}
+
 pub fn main() {
     let lib = torch_lib_dir();
     println!("cargo:rerun-if-env-changed=LIBTORCH");

@@ -15,6 +15,7 @@ fn main() {
         .file(SHIM)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        .include(link_torch::shim_include())
         .flag("-std=c++20")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)

@@ -1,6 +1,5 @@
 // haloflow's C ABI over libtorch's c10d: a TCPStore rendezvous and a Gloo (or NCCL) process
-// group, collectives on tch tensors (a tch tensor handle is an `at::Tensor*`). Every C++
-// exception is caught here and returned as a malloc'd message; nothing throws across the ABI.
+// group, collectives on tch tensors (see stages/ml/shim/ffi_guard.h for the boundary's rules).
 
 #include <chrono>
 #include <cstdlib>
@@ -16,6 +15,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "ffi_guard.h"
+
+using halo_ffi::guarded;
+using halo_ffi::tensors;
+
 namespace {
 
 struct Group {
@@ -24,36 +28,6 @@ struct Group {
   bool gloo;
   std::chrono::milliseconds timeout;
 };
-
-char* copy_message(const std::string& text) {
-  char* out = static_cast<char*>(std::malloc(text.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, text.c_str(), text.size() + 1);
-  }
-  return out;
-}
-
-// An exception's message without the C++ backtrace c10 appends.
-std::string first_lines(const std::exception& e) {
-  std::string text = e.what();
-  if (auto c10 = dynamic_cast<const c10::Error*>(&e)) {
-    text = c10->what_without_backtrace();
-  }
-  return text;
-}
-
-template <typename F>
-int guarded(char** err, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    *err = copy_message(first_lines(e));
-  } catch (...) {
-    *err = copy_message("unknown C++ exception");
-  }
-  return 1;
-}
 
 c10d::ReduceOp reduce_op(int op) {
   switch (op) {
@@ -64,14 +38,6 @@ c10d::ReduceOp reduce_op(int op) {
   }
 }
 
-std::vector<at::Tensor> tensors(at::Tensor** ts, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(*ts[i]);
-  }
-  return out;
-}
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait();
