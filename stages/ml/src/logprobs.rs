@@ -13,7 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::network::Network;
+use crate::network::{Continuation, Network};
 
 /// Default number of positions whose logits are computed at once ([`completion_logps`]).
 pub const LOGITS_CHUNK: usize = 1024;
@@ -218,83 +218,92 @@ impl SharedLogps {
 
 /// Scores pairs of sequences that share a prompt (a completion and its KL partner, or a
 /// chosen and a rejected reply) computing the shared prefix once: the prefixes run as one
-/// batch whose keys and values are cached; then the suffixes, by side, sorted by length and
-/// grouped so each group stays within `suffix_budget` padded tokens and holds suffixes of
-/// similar length, continue from the cached rows of their prefixes with a mask that hides the
-/// prefix padding; completion positions go through [`completion_logps`] in chunks of `chunk`.
-/// Every pair must share at least one token ([`shareable_prefix`] ≥ 1). Results equal
-/// [`token_logps`] on each sequence up to float rounding.
+/// batch and the suffixes, by side, sorted by length and grouped so each group stays within
+/// `suffix_budget` padded tokens and holds suffixes of similar length, continue from their
+/// prefixes' keys and values with a mask that hides the prefix padding
+/// ([`Network::shared_forward`], layer by layer); completion positions go through
+/// [`completion_logps`] in chunks of `chunk`. Every pair must share at least one token
+/// ([`shareable_prefix`] ≥ 1). Results equal [`token_logps`] on each sequence up to float
+/// rounding.
 ///
 /// `sides[side]` says whether that side is scored (`Some`) and whether its log-probs keep the
-/// graph (`Some(true)`, under the caller's grad mode). The prefix pass keeps the graph when a
-/// side does, so gradients of those suffixes flow into the shared prompt computation; a side
+/// graph (`Some(true)`, under the caller's grad mode). The prefixes keep the graph when a side
+/// does, so gradients of those suffixes flow into the shared prompt computation; a side
 /// without gradient runs under no-grad, continuing from keys and values that carry no graph
 /// (KTO's KL partners continue from the policy's prompt pass this way, adding nothing to the
-/// backward pass). Groups never mix sides, so a side's results are the same bit for bit
+/// backward pass). Under activation checkpointing the pass is one checkpointed forward: the
+/// prefixes and the sides with gradient are recomputed together, layer by layer, in the
+/// backward pass. Groups never mix sides, so a side's results are the same bit for bit
 /// whether the other side is scored in the same call or skipped.
 pub fn shared_prefix_pass(net: &Network, pairs: &[(&Sequence, &Sequence)], device: Device, suffix_budget: usize, chunk: usize, sides: [Option<bool>; 2]) -> SharedLogps {
     let b = pairs.len() as i64;
     let prefix: Vec<usize> = pairs.iter().map(|(x, y)| shareable_prefix(x, y)).collect();
     assert!(prefix.iter().all(|&l| l >= 1), "every pair must share its first token");
     let lmax = *prefix.iter().max().expect("at least one pair");
-
-    // Prefix pass: causal, right-padded, keys and values cached.
-    let prefix_pass = || {
-        let prefix_ids: Vec<i64> = pairs.iter().zip(&prefix).flat_map(|((x, _), &l)| x.ids[..l].iter().copied().chain(std::iter::repeat(0)).take(lmax)).collect();
-        let prefix_ids = Tensor::from_slice(&prefix_ids).view([b, lmax as i64]).to_device(device);
-        let positions = Tensor::arange(lmax as i64, (Kind::Int64, device)).unsqueeze(0).expand([b, lmax as i64], false);
-        let mut cache = crate::network::KvCache::new();
-        let hidden = net.hidden_states(&prefix_ids, &positions, None, Some(&mut cache));
-        let last: Vec<i64> = prefix.iter().map(|&l| l as i64 - 1).collect();
-        let width = hidden.size()[2];
-        let index = Tensor::from_slice(&last).to_device(device).view([b, 1, 1]).expand([b, 1, width], false);
-        (cache, hidden.gather(1, &index, false)) // (b, 1, H)
-    };
-    let (cache, last_hidden) = if sides.contains(&Some(true)) { prefix_pass() } else { tch::no_grad(prefix_pass) };
     let mut padded = b as usize * lmax;
     let mut forward: usize = prefix.iter().sum();
 
-    // Suffix passes: sequence q = 2·pair + side, side by side, longest first.
+    // The prefixes: causal, right-padded.
+    let prefix_ids: Vec<i64> = pairs.iter().zip(&prefix).flat_map(|((x, _), &l)| x.ids[..l].iter().copied().chain(std::iter::repeat(0)).take(lmax)).collect();
+    let prefix_ids = Tensor::from_slice(&prefix_ids).view([b, lmax as i64]).to_device(device);
+    let prefix_positions = Tensor::arange(lmax as i64, (Kind::Int64, device)).unsqueeze(0).expand([b, lmax as i64], false);
+
+    // The suffixes, sequence q = 2·pair + side, side by side, longest first, in groups that
+    // continue from their prefixes' rows with a mask hiding the prefix padding.
     let seqs: Vec<&Sequence> = pairs.iter().flat_map(|(x, y)| [*x, *y]).collect();
     let suffix_len = |q: usize| seqs[q].ids.len() - prefix[q / 2];
     let mut order: Vec<usize> = (0..seqs.len()).filter(|q| sides[q % 2].is_some()).collect();
     order.sort_by(|&a, &c| (a % 2).cmp(&(c % 2)).then(suffix_len(c).cmp(&suffix_len(a))).then(a.cmp(&c)));
-    let (mut parts, mut spans, mut offset) = (Vec::new(), Vec::with_capacity(seqs.len()), 0);
+    let (mut groups, mut continuations) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < order.len() {
         // A group ends at the budget, where suffixes get shorter than 3/4 of its longest (so
         // little of it is padding), or at the other side.
         let longest = suffix_len(order[start]);
         let side = order[start] % 2;
-        let with_grad = sides[side] == Some(true);
         let fits = (suffix_budget / longest.max(1)).max(1);
         let n = order[start..].iter().take(fits).take_while(|&&q| 4 * suffix_len(q) >= 3 * longest && q % 2 == side).count().max(1);
         let group = &order[start..start + n];
         start += n;
         padded += n * longest;
         forward += group.iter().map(|&q| suffix_len(q)).sum::<usize>();
-        let suffix_pass = || {
-            let rows = group.len() as i64;
-            let pair_index: Vec<i64> = group.iter().map(|&q| (q / 2) as i64).collect();
-            let pair_index = Tensor::from_slice(&pair_index).to_device(device);
-            let mut group_cache = cache.selected(&pair_index);
-            let suffix_ids: Vec<i64> = group.iter().flat_map(|&q| seqs[q].ids[prefix[q / 2]..].iter().copied().chain(std::iter::repeat(0)).take(longest)).collect();
-            let suffix_ids = Tensor::from_slice(&suffix_ids).view([rows, longest as i64]).to_device(device);
-            let positions: Vec<i64> = group.iter().flat_map(|&q| (prefix[q / 2]..prefix[q / 2] + longest).map(|p| p as i64)).collect();
-            let positions = Tensor::from_slice(&positions).view([rows, longest as i64]).to_device(device);
-            let keys = lmax + longest;
-            let mut mask = vec![false; group.len() * longest * keys];
-            for (g, &q) in group.iter().enumerate() {
-                for j in 0..longest {
-                    let row = &mut mask[(g * longest + j) * keys..(g * longest + j + 1) * keys];
-                    row[..prefix[q / 2]].iter_mut().for_each(|m| *m = true);
-                    row[lmax..=lmax + j].iter_mut().for_each(|m| *m = true);
-                }
+        let rows = group.len() as i64;
+        let pair_index: Vec<i64> = group.iter().map(|&q| (q / 2) as i64).collect();
+        let suffix_ids: Vec<i64> = group.iter().flat_map(|&q| seqs[q].ids[prefix[q / 2]..].iter().copied().chain(std::iter::repeat(0)).take(longest)).collect();
+        let positions: Vec<i64> = group.iter().flat_map(|&q| (prefix[q / 2]..prefix[q / 2] + longest).map(|p| p as i64)).collect();
+        let keys = lmax + longest;
+        let mut mask = vec![false; group.len() * longest * keys];
+        for (g, &q) in group.iter().enumerate() {
+            for j in 0..longest {
+                let row = &mut mask[(g * longest + j) * keys..(g * longest + j + 1) * keys];
+                row[..prefix[q / 2]].iter_mut().for_each(|m| *m = true);
+                row[lmax..=lmax + j].iter_mut().for_each(|m| *m = true);
             }
-            let mask = Tensor::from_slice(&mask).view([rows, 1, longest as i64, keys as i64]).to_device(device);
-            let hidden = net.hidden_states(&suffix_ids, &positions, Some(&mask), Some(&mut group_cache));
+        }
+        continuations.push(Continuation {
+            ids: Tensor::from_slice(&suffix_ids).view([rows, longest as i64]).to_device(device),
+            positions: Tensor::from_slice(&positions).view([rows, longest as i64]).to_device(device),
+            mask: Tensor::from_slice(&mask).view([rows, 1, longest as i64, keys as i64]).to_device(device),
+            rows: Tensor::from_slice(&pair_index).to_device(device),
+            grad: sides[side] == Some(true),
+        });
+        groups.push((group, longest));
+    }
+
+    let (prefix_hidden, hidden) = net.shared_forward(&prefix_ids, &prefix_positions, &continuations);
+    let with_grad = |grad: bool, f: &dyn Fn() -> Tensor| if grad { f() } else { tch::no_grad(f) };
+    // Each prefix's last position predicts its suffixes' first tokens.
+    let last_hidden = with_grad(sides.contains(&Some(true)), &|| {
+        let last: Vec<i64> = prefix.iter().map(|&l| l as i64 - 1).collect();
+        let width = prefix_hidden.size()[2];
+        let index = Tensor::from_slice(&last).to_device(device).view([b, 1, 1]).expand([b, 1, width], false);
+        prefix_hidden.gather(1, &index, false) // (b, 1, H)
+    });
+    let (mut parts, mut spans, mut offset) = (Vec::new(), Vec::with_capacity(seqs.len()), 0);
+    for (((group, longest), continuation), hidden) in groups.iter().zip(&continuations).zip(&hidden) {
+        parts.push(with_grad(continuation.grad, &|| {
             // Suffix token j is predicted by the prefix's last position (j = 0) or suffix position j − 1.
-            let predict = Tensor::cat(&[last_hidden.index_select(0, &pair_index), hidden.narrow(1, 0, longest as i64 - 1)], 1);
+            let predict = Tensor::cat(&[last_hidden.index_select(0, &continuation.rows), hidden.narrow(1, 0, *longest as i64 - 1)], 1);
             let (mut predictors, mut targets) = (Vec::new(), Vec::new());
             for (g, &q) in group.iter().enumerate() {
                 for j in seqs[q].completion_start - prefix[q / 2]..suffix_len(q) {
@@ -304,9 +313,8 @@ pub fn shared_prefix_pass(net: &Network, pairs: &[(&Sequence, &Sequence)], devic
             }
             let (predictors, targets) = (Tensor::from_slice(&predictors).to_device(device), Tensor::from_slice(&targets).to_device(device));
             completion_logps(net, &predict, &predictors, &targets, chunk)
-        };
-        parts.push(if with_grad { suffix_pass() } else { tch::no_grad(suffix_pass) });
-        for &q in group {
+        }));
+        for &q in group.iter() {
             let count = seqs[q].ids.len() - seqs[q].completion_start;
             spans.push((q, offset, count));
             offset += count;
@@ -374,9 +382,11 @@ mod tests {
         max_diff(a, b) / b.abs().max().double_value(&[]).max(1.0)
     }
 
-    /// Gradients of every parameter after `loss.backward()`, then zeroed.
+    /// Gradients of every parameter after `loss.backward()` (and the recomputation of
+    /// checkpointed forwards), then zeroed.
     fn grads(m: &CausalLm, loss: Tensor) -> Vec<Tensor> {
         loss.backward();
+        m.net.finish_backward().unwrap();
         m.vs.trainable_variables()
             .iter()
             .map(|v| {
@@ -429,18 +439,23 @@ mod tests {
             let side0 = Tensor::from_slice(&(0..seqs.len()).map(|q| (q % 2 == 0) as i64 as f32).collect::<Vec<_>>());
             let both_grads = grads(&m, (&separate * &weights).sum(Kind::Float));
             let first_grads = grads(&m, (sequence_logps(&m.net, &batch, LOGITS_CHUNK).0 * &weights * &side0).sum(Kind::Float));
-            for (budget, chunk) in [(1, 3), (20, LOGITS_CHUNK), (usize::MAX, 5)] {
+            // Under activation checkpointing too: each pass with gradient is one recorded
+            // forward, recomputed prompt and continuations together.
+            for (checkpointing, (budget, chunk)) in [false, true].into_iter().flat_map(|c| [(1, 3), (20, LOGITS_CHUNK), (usize::MAX, 5)].map(|b| (c, b))) {
+                m.net.set_checkpointing(checkpointing);
                 let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [Some(true), Some(true)]);
+                assert_eq!(m.net.pending_backward(), checkpointing as usize);
                 let sums = pass.sums();
                 let diff = rel_diff(&sums, &separate);
-                eprintln!("{kind:?} budget {budget}: shared vs separate sums, max relative diff {diff:.3e}");
+                eprintln!("{kind:?} budget {budget} checkpointing {checkpointing}: shared vs separate sums, max relative diff {diff:.3e}");
                 assert!(diff <= tol, "{kind:?} budget {budget}: sums differ by {diff}");
                 assert_eq!(max_diff(&pass.counts(), &counts), 0.0);
                 assert!(pass.forward < batch.tokens && pass.padded >= pass.forward);
                 for (g, f) in grads(&m, (sums * &weights).sum(Kind::Float)).iter().zip(&both_grads) {
                     let diff = rel_diff(g, f);
-                    assert!(diff <= tol, "{kind:?} budget {budget}: gradients differ by {diff}");
+                    assert!(diff <= tol, "{kind:?} budget {budget} checkpointing {checkpointing}: gradients differ by {diff}");
                 }
+                assert_eq!(m.net.pending_backward(), 0);
                 // Side 1 without gradient: same values, and only side 0's gradient; each side
                 // scored alone gives the same values bit for bit.
                 let pass = shared_prefix_pass(&m.net, &pairs, Device::Cpu, budget, chunk, [Some(true), Some(false)]);
@@ -450,9 +465,10 @@ mod tests {
                 assert_eq!(max_diff(&alone, &sums), 0.0, "{kind:?} budget {budget}: sides scored alone differ");
                 for (g, f) in grads(&m, (sums * &weights * &side0).sum(Kind::Float)).iter().zip(&first_grads) {
                     let diff = rel_diff(g, f);
-                    assert!(diff <= tol, "{kind:?} budget {budget}, side 1 no-grad: gradients differ by {diff}");
+                    assert!(diff <= tol, "{kind:?} budget {budget} checkpointing {checkpointing}, side 1 no-grad: gradients differ by {diff}");
                 }
             }
+            m.net.set_checkpointing(false);
         }
     }
 }

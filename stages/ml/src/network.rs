@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 use crate::config::{Architecture, Config};
 use crate::layers::{init_std, Linear, RmsNorm, Rope};
 use crate::lora::Adapter;
-use crate::recompute::{LayerArgs, Tape};
+use crate::recompute::{grad_enabled, LayerArgs, Segment, Tape};
 use crate::{gemma2, llama};
 
 /// One decoder block.
@@ -113,6 +113,21 @@ fn window_mask(positions: &Tensor, key_positions: &Tensor, mask: Option<&Tensor>
     Some(base.logical_and(&near))
 }
 
+/// Rows continuing from a prompt batch's rows in [`Network::shared_forward`].
+#[derive(Debug)]
+pub struct Continuation {
+    /// `(G, T)` token ids.
+    pub ids: Tensor,
+    /// `(G, T)` their position ids.
+    pub positions: Tensor,
+    /// `(G, 1, T, L + T)` boolean mask over the prompt's `L` columns and then their own.
+    pub mask: Tensor,
+    /// `(G,)` the prompt row each row continues.
+    pub rows: Tensor,
+    /// Whether they keep a graph.
+    pub grad: bool,
+}
+
 /// A causal LM of any supported architecture (see the module documentation).
 #[derive(Debug)]
 pub struct Network {
@@ -193,19 +208,17 @@ impl Network {
     /// layers also hide keys whose position id is `window` or more below the query's.
     pub fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
         let mut x = self.embed(input_ids);
-        let (cos, sin) = self.rope.cos_sin(positions, x.kind());
-        let local = self.local_rope.as_ref().map(|r| r.cos_sin(positions, x.kind()));
         let key_positions = match cache.as_deref_mut() {
             Some(c) => c.push_positions(positions),
             None => positions.shallow_clone(),
         };
-        let window_mask = self.window.and_then(|w| window_mask(positions, &key_positions, mask, w));
-        let args = LayerArgs { cos, sin, local, mask: mask.map(|m| m.shallow_clone()), window_mask };
+        let args = self.layer_args(positions, &key_positions, mask, x.kind());
         // A forward with a cache keeps its full graph: the cached keys and values of a later
-        // call would need the earlier call's layers recomputed together with it.
+        // call would need the earlier call's layers recomputed together with it
+        // ([`Network::shared_forward`] is the checkpointable way to continue from a prompt).
         if cache.is_none() && self.tape.applies() {
-            let x = self.tape.forward(x, self.layers.len(), args, |i, x, a| self.layer(i, x, a, None));
-            return self.norm.forward(&x);
+            let x = self.tape.forward(vec![x], self.layers.len(), vec![Segment::alone(args)], |i, xs, s| self.segments(i, xs, s));
+            return self.norm.forward(&x[0]);
         }
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
@@ -215,6 +228,65 @@ impl Network {
             x = self.layer(i, &x, &args, slot);
         }
         self.norm.forward(&x)
+    }
+
+    /// A prompt batch and continuations of its rows, layer by layer: final hidden states of the
+    /// `prefix` (causal over `prefix_ids (B, L)` at `prefix_positions`) and of every
+    /// continuation, each of whose rows attends to its prompt row's keys and values (masked
+    /// by its own `mask (G, 1, T, L + T)`) and then to its own. A continuation without
+    /// gradient runs under no-grad; the prompt keeps a graph when any continuation does, so
+    /// their gradients flow into it. Layer `i` runs on the prompt and then on every
+    /// continuation, so only one layer's prompt keys and values are held at a time; under
+    /// activation checkpointing the whole forward is one recorded forward (see
+    /// `recompute.rs`), prompt sharing and checkpointing together.
+    pub fn shared_forward(&self, prefix_ids: &Tensor, prefix_positions: &Tensor, continuations: &[Continuation]) -> (Tensor, Vec<Tensor>) {
+        let grad = continuations.iter().any(|c| c.grad) && grad_enabled();
+        let run = |grad: bool, f: &dyn Fn() -> Tensor| if grad { f() } else { tch::no_grad(f) };
+        let mut xs = vec![run(grad, &|| self.embed(prefix_ids))];
+        let kind = xs[0].kind();
+        let mut segments = vec![Segment { args: self.layer_args(prefix_positions, prefix_positions, None, kind), continues: None, grad }];
+        for c in continuations {
+            let key_positions = Tensor::cat(&[&prefix_positions.index_select(0, &c.rows), &c.positions], 1);
+            xs.push(run(c.grad && grad, &|| self.embed(&c.ids)));
+            segments.push(Segment { args: self.layer_args(&c.positions, &key_positions, Some(&c.mask), kind), continues: Some(c.rows.shallow_clone()), grad: c.grad && grad });
+        }
+        let grads: Vec<bool> = segments.iter().map(|s| s.grad).collect();
+        let xs = if grad && self.tape.enabled() {
+            self.tape.forward(xs, self.layers.len(), segments, |i, xs, s| self.segments(i, xs, s))
+        } else {
+            (0..self.layers.len()).fold(xs, |xs, i| self.segments(i, &xs, &segments))
+        };
+        let mut hidden = xs.iter().zip(grads).map(|(x, grad)| run(grad, &|| self.norm.forward(x)));
+        let prefix = hidden.next().expect("the prompt's hidden states");
+        (prefix, hidden.collect())
+    }
+
+    /// Rotary tables and masks of a forward at `positions (B, T)` over keys at
+    /// `key_positions (B, T_total)`.
+    fn layer_args(&self, positions: &Tensor, key_positions: &Tensor, mask: Option<&Tensor>, kind: Kind) -> LayerArgs {
+        let (cos, sin) = self.rope.cos_sin(positions, kind);
+        let local = self.local_rope.as_ref().map(|r| r.cos_sin(positions, kind));
+        let window_mask = self.window.and_then(|w| window_mask(positions, key_positions, mask, w));
+        LayerArgs { cos, sin, local, mask: mask.map(|m| m.shallow_clone()), window_mask }
+    }
+
+    /// Layer `i` on every segment of a forward: the first alone (a lone batch, or the prompt
+    /// whose keys and values it keeps), then each continuation from its prompt rows' keys and
+    /// values; a segment without gradient under no-grad.
+    fn segments(&self, i: usize, xs: &[Tensor], segments: &[Segment]) -> Vec<Tensor> {
+        let run = |grad: bool, f: &mut dyn FnMut() -> Tensor| if grad { f() } else { tch::no_grad(f) };
+        if segments.len() == 1 {
+            return vec![run(segments[0].grad, &mut || self.layer(i, &xs[0], &segments[0].args, None))];
+        }
+        let mut slot = None;
+        let mut out = vec![run(segments[0].grad, &mut || self.layer(i, &xs[0], &segments[0].args, Some(&mut slot)))];
+        let (k, v) = slot.expect("the prompt's keys and values");
+        for (x, s) in xs[1..].iter().zip(&segments[1..]) {
+            let rows = s.continues.as_ref().expect("a continuation names its prompt rows");
+            let mut slot = Some((k.index_select(0, rows), v.index_select(0, rows)));
+            out.push(run(s.grad, &mut || self.layer(i, x, &s.args, Some(&mut slot))));
+        }
+        out
     }
 
     /// Layer `i` on `x`: a sliding layer gets the window mask and (Gemma 3) the local RoPE.
@@ -273,7 +345,7 @@ impl Network {
     /// (recomputing the layers); call it after the loss's `backward()`. Does nothing when no
     /// forward was checkpointed.
     pub fn finish_backward(&self) -> anyhow::Result<()> {
-        self.tape.finish_backward(|i, x, a| self.layer(i, x, a, None))
+        self.tape.finish_backward(|i, xs, s| self.segments(i, xs, s))
     }
 
     /// Whether activation checkpointing is on (see [`Network::set_checkpointing`]).

@@ -16,6 +16,14 @@
 //!    receives. The first layer's input keeps its graph to the embedding, so the embedding gets
 //!    its gradient when it is trained.
 //!
+//! A forward may hold several [`Segment`]s that run through the layers side by side: a shared
+//! prompt and the continuations that attend to its keys and values (`Network::shared_forward`).
+//! Layer `i` then runs on every segment at once, both when recording and when recomputing, so
+//! a continuation's recomputed attention reads the prompt's recomputed keys and values and its
+//! gradient flows into the prompt's layer input. Segments without gradient (KTO's KL partners
+//! continuing from the policy's prompt) run in the recorded forward only, and nothing of them
+//! is kept.
+//!
 //! A microbatch may run several forwards with gradient (DPO's chosen and rejected rows, PPO's
 //! policy and value head), so the tape keeps a list; every one is finished by the one
 //! `finish_backward` after the loss's backward. The recomputation is exact: the layers are
@@ -43,12 +51,33 @@ pub struct LayerArgs {
     pub window_mask: Option<Tensor>,
 }
 
-/// One checkpointed forward: the layer inputs and the leaf the rest of the graph grew from.
+/// One sequence batch of a forward through the layers.
+#[derive(Debug)]
+pub struct Segment {
+    /// Its rotary tables and masks.
+    pub args: LayerArgs,
+    /// For a continuation, the rows of the forward's first segment (the prompt) whose keys and
+    /// values each of its rows attends to before its own (`(G,)` indices); `None` for the
+    /// first segment or a lone batch.
+    pub continues: Option<Tensor>,
+    /// Whether the segment keeps a graph (false: it runs under no-grad, as KTO's KL partners).
+    pub grad: bool,
+}
+
+impl Segment {
+    /// A lone batch with gradient.
+    pub fn alone(args: LayerArgs) -> Segment {
+        Segment { args, continues: None, grad: true }
+    }
+}
+
+/// One checkpointed forward: per layer the inputs of the segments with gradient, those
+/// segments and the leaves the rest of the graph grew from.
 #[derive(Debug)]
 struct Record {
-    inputs: Vec<Tensor>,
-    output: Tensor,
-    args: LayerArgs,
+    inputs: Vec<Vec<Tensor>>,
+    outputs: Vec<Tensor>,
+    segments: Vec<Segment>,
 }
 
 /// The checkpointed forwards of a model since the last [`Tape::finish_backward`].
@@ -69,7 +98,6 @@ impl Tape {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Whether a forward now should be checkpointed: checkpointing is on and autograd records.
     /// Whether checkpointing is on.
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
@@ -77,27 +105,37 @@ impl Tape {
 
     /// Whether a forward now would be checkpointed: on, and autograd recording.
     pub fn applies(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed) && grad_enabled()
+        self.enabled() && grad_enabled()
     }
 
-    /// Runs `layers` layers on `x` (the embedding output, with its graph if the embedding is
-    /// trained) without a graph, records the forward, and returns the last layer's output as a
-    /// leaf requiring grad. `layer(i, x, args)` runs layer `i`.
-    pub fn forward(&self, x: Tensor, layers: usize, args: LayerArgs, layer: impl Fn(usize, &Tensor, &LayerArgs) -> Tensor) -> Tensor {
+    /// Runs `layers` layers on the segments' inputs `xs` (their embeddings, with a graph if the
+    /// embedding is trained) without a graph and records the forward. Returns each segment's
+    /// last layer output: for a segment with gradient a leaf requiring grad, for one without
+    /// the plain output. `layer(i, xs, segments)` runs layer `i` on every segment.
+    pub fn forward(&self, xs: Vec<Tensor>, layers: usize, segments: Vec<Segment>, layer: impl Fn(usize, &[Tensor], &[Segment]) -> Vec<Tensor>) -> Vec<Tensor> {
+        let kept: Vec<bool> = segments.iter().map(|s| s.grad).collect();
+        let keep = |xs: &[Tensor]| xs.iter().zip(&kept).filter(|(_, k)| **k).map(|(x, _)| x.shallow_clone()).collect::<Vec<_>>();
         let mut inputs = Vec::with_capacity(layers);
-        let mut h = x.shallow_clone();
-        inputs.push(x);
+        inputs.push(keep(&xs));
+        let mut h = xs;
         tch::no_grad(|| {
             for i in 0..layers {
-                h = layer(i, &h, &args);
+                h = layer(i, &h, &segments);
                 if i + 1 < layers {
-                    inputs.push(h.shallow_clone());
+                    inputs.push(keep(&h));
                 }
             }
         });
-        let output = h.detach().set_requires_grad(true);
-        self.records.lock().expect("tape lock").push(Record { inputs, output: output.shallow_clone(), args });
-        output
+        let outputs: Vec<Tensor> = h.into_iter().zip(&kept).map(|(y, &k)| if k { y.detach().set_requires_grad(true) } else { y }).collect();
+        let record = Record {
+            inputs,
+            outputs: keep(&outputs),
+            segments: segments.into_iter().zip(&kept).filter(|(_, k)| **k).map(|(s, _)| s).collect(),
+        };
+        if !record.segments.is_empty() {
+            self.records.lock().expect("tape lock").push(record);
+        }
+        outputs
     }
 
     /// Number of forwards waiting for [`Tape::finish_backward`].
@@ -106,30 +144,43 @@ impl Tape {
     }
 
     /// After the loss's `backward()`: recomputes every recorded forward layer by layer, from
-    /// the last layer down, back-propagating the gradient that reached its output, so every
-    /// tensor that requires grad inside the layers (and the embedding) gets its gradient
-    /// accumulated. Empties the tape. A forward whose output received no gradient (the loss
-    /// did not depend on it) contributes nothing. Errors if a recomputed layer's output does
-    /// not have the shape of the gradient that reached it.
-    pub fn finish_backward(&self, layer: impl Fn(usize, &Tensor, &LayerArgs) -> Tensor) -> Result<()> {
+    /// the last layer down, back-propagating the gradients that reached its segments' outputs
+    /// (zero for a segment the loss did not read, whose keys and values may still have been
+    /// read), so every tensor that requires grad inside the layers (and the embedding) gets
+    /// its gradient accumulated. Empties the tape. A forward none of whose outputs received a
+    /// gradient contributes nothing. Errors if a recomputed layer's output does not have the
+    /// shape of the gradient that reached it.
+    pub fn finish_backward(&self, layer: impl Fn(usize, &[Tensor], &[Segment]) -> Vec<Tensor>) -> Result<()> {
         let records = std::mem::take(&mut *self.records.lock().expect("tape lock"));
         for record in records.into_iter().rev() {
-            let mut grad = record.output.grad();
-            if !grad.defined() {
+            if record.outputs.iter().all(|o| !o.grad().defined()) {
                 continue;
             }
+            let mut grads: Vec<Tensor> = record.outputs.iter().map(|o| o.grad()).collect();
             for i in (0..record.inputs.len()).rev() {
-                let input = record.inputs[i].detach().set_requires_grad(true);
-                let y = tch::with_grad(|| layer(i, &input, &record.args));
-                ensure!(y.size() == grad.size(), "activation checkpointing: layer {i} recomputed shape {:?}, gradient shape {:?}", y.size(), grad.size());
-                tch::with_grad(|| (y * &grad).sum(grad.kind())).f_backward()?;
-                grad = input.grad();
+                let inputs: Vec<Tensor> = record.inputs[i].iter().map(|x| x.detach().set_requires_grad(true)).collect();
+                let ys = tch::with_grad(|| layer(i, &inputs, &record.segments));
+                for (s, (y, g)) in ys.iter().zip(&grads).enumerate() {
+                    ensure!(!g.defined() || y.size() == g.size(), "activation checkpointing: layer {i} segment {s} recomputed shape {:?}, gradient shape {:?}", y.size(), g.size());
+                }
+                backward_products(&ys, &grads)?;
+                grads = inputs.iter().map(|x| x.grad()).collect();
             }
-            let first = &record.inputs[0];
-            if first.requires_grad() {
-                tch::with_grad(|| (first * &grad).sum(grad.kind())).f_backward()?;
+            let firsts: Vec<Tensor> = record.inputs[0].iter().map(|x| x.shallow_clone()).collect();
+            let trained: Vec<usize> = (0..firsts.len()).filter(|&s| firsts[s].requires_grad()).collect();
+            if !trained.is_empty() {
+                let (firsts, grads): (Vec<Tensor>, Vec<Tensor>) = trained.iter().map(|&s| (firsts[s].shallow_clone(), grads[s].shallow_clone())).unzip();
+                backward_products(&firsts, &grads)?;
             }
         }
         Ok(())
     }
+}
+
+/// Back-propagates `Σ (y · g).sum()` over the pairs whose gradient is defined, in one pass.
+fn backward_products(ys: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    let terms: Vec<Tensor> = tch::with_grad(|| ys.iter().zip(grads).filter(|(_, g)| g.defined()).map(|(y, g)| (y * g).sum(g.kind())).collect());
+    let Some(total) = tch::with_grad(|| terms.into_iter().reduce(|a, b| a + b)) else { return Ok(()) };
+    total.f_backward()?;
+    Ok(())
 }

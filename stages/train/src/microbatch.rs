@@ -99,14 +99,12 @@ fn logps(job: &Job, model: &CausalLm, seqs: &[&Sequence], grad: bool) -> (Tensor
 /// the prompt's keys and values under no-grad, so it adds nothing to the backward pass while
 /// the other side's gradient flows through the prompt. A side's results do not depend on
 /// whether the other is scored in the same call, so a rank fusing KTO's KL pass into its
-/// prompt pass computes what a process scoring them in two calls computes. None when prompt
-/// sharing is off, a row's sequences share no first token, or a side needs gradient under
-/// activation checkpointing (a forward continuing from cached keys and values keeps its whole
-/// graph, so sharing would undo the checkpointing's saving: memory wins over compute there).
+/// prompt pass computes what a process scoring them in two calls computes. Under activation
+/// checkpointing the pass is checkpointed as a whole (prompt and continuations recomputed
+/// together). None when prompt sharing is off or a row's sequences share no first token.
 fn pair_logps(job: &Job, model: &CausalLm, rows: &[&EncodedRow], sides: [Option<bool>; 2]) -> Option<[(Tensor, Tensor); 2]> {
     let pairs: Vec<(&Sequence, &Sequence)> = rows.iter().map(|r| (&r.seqs[0], &r.seqs[1])).collect();
-    let checkpointed = model.net.checkpointing() && sides.contains(&Some(true));
-    if !job.share || checkpointed || pairs.iter().any(|(a, b)| shareable_prefix(a, b) == 0) {
+    if !job.share || pairs.iter().any(|(a, b)| shareable_prefix(a, b) == 0) {
         return None;
     }
     let pass = shared_prefix_pass(&model.net, &pairs, job.device, usize::MAX, job.chunk, sides);

@@ -299,9 +299,7 @@ fn ddp_with_activation_checkpointing_equals_one_plain_process() {
     let plan = dir.path().join("plan.arrow");
     write_plan(&plan, 6, false);
     let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
-    // Checkpointing runs the passes with gradient separately (no shared prompt), so the plain
-    // process does too.
-    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2", "--share-prompts=false"]].concat(), &[]);
+    let (one, single) = train(dir.path(), "one", &plan, &model, &[&args[..], &["--grad-accum", "2"]].concat(), &[]);
     assert!(one.status.success());
     let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp-ckpt", &plan, &model, &[&args[..], &["--checkpoint-activations=true"]].concat(), no_env);
     assert!(outs.iter().all(|o| o.status.success()));
