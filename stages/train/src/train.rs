@@ -213,6 +213,7 @@ fn dropout_seed(seed: u64, step: usize, rank: usize) -> i64 {
 
 /// Runs the stage.
 pub fn run(args: &Args) -> Result<()> {
+    crate::heap::fix_mmap_threshold(args.malloc_mmap_threshold_kib)?;
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
     }
