@@ -115,9 +115,11 @@ fn metric_diff(a: &common::Run, b: &common::Run, name: &str) -> f64 {
     a.iter().zip(&b).map(|(x, y)| (x.unwrap() - y.unwrap()).abs()).fold(0.0, f64::max) / scale
 }
 
-/// The largest absolute difference between two runs' output weights.
+/// The largest absolute difference between two runs' output weights (full models or LoRA
+/// adapters).
 fn weight_diff(a: &common::Run, b: &common::Run) -> f64 {
-    let read = |r: &common::Run| -> std::collections::BTreeMap<String, tch::Tensor> { tch::Tensor::read_safetensors(r.dir.join("policy/model.safetensors")).unwrap().into_iter().collect() };
+    let file = |r: &common::Run| ["model.safetensors", "adapter_model.safetensors"].map(|f| r.dir.join("policy").join(f)).into_iter().find(|p| p.exists()).expect("saved weights");
+    let read = |r: &common::Run| -> std::collections::BTreeMap<String, tch::Tensor> { tch::Tensor::read_safetensors(file(r)).unwrap().into_iter().collect() };
     let (a, b) = (read(a), read(b));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter().map(|(n, x)| (x.to_kind(tch::Kind::Double) - b[n].to_kind(tch::Kind::Double)).abs().max().double_value(&[])).fold(0.0, f64::max)
@@ -149,11 +151,15 @@ fn prompt_sharing_leaves_loss_gradients_and_parameters_unchanged() {
     // apart, loss 6.7e-3, weights 2.0e-3, with the transcript-format prompts of stories260K). AdamW's ε is raised to 1e-4:
     // with 1e-8 its first steps move a weight of near-zero gradient by ±lr whatever the size of
     // the gradient, so the f32 rounding of such a gradient showed as 7.5e-5 in the weights.
+    // Also with LoRA adapters and activation checkpointing (f32): the adapters' prompt pass
+    // and its continuations are recomputed together.
+    let lora_ckpt: &[&str] = &["--lora", r#"{"r": 4, "alpha": 8}"#, "--checkpoint-activations"];
+    let settings = [("f32", 1e-5, &[][..]), ("bf16", 5e-2, &[][..]), ("f32", 1e-5, lora_ckpt)];
     for (model, what) in [(&stories, "stories260K"), (&random, "random")] {
-        for (dtype, tol) in [("f32", 1e-5), ("bf16", 5e-2)] {
+        for (dtype, tol, extra) in settings {
             for (loss, data) in [("kto", &plan), ("dpo", &pairs)] {
-                let args = ["--loss", loss, "--lr", "1e-3", "--max-steps", "3", "--reference", "live", "--dtype", dtype, "--adam-eps", "1e-4"];
-                let name = format!("{what}-{dtype}-{loss}");
+                let args = [&["--loss", loss, "--lr", "1e-3", "--max-steps", "3", "--reference", "live", "--dtype", dtype, "--adam-eps", "1e-4"][..], extra].concat();
+                let name = format!("{what}-{dtype}-{loss}{}", if extra.is_empty() { "" } else { "-lora-ckpt" });
                 let (a, shared) = train(dir.path(), &format!("{name}-shared"), data, model, &args, &[]);
                 let (b, separate) = train(dir.path(), &format!("{name}-separate"), data, model, &[&args[..], &["--share-prompts=false"]].concat(), &[]);
                 assert!(a.status.success() && b.status.success(), "{name}: {}", String::from_utf8_lossy(&a.stderr));
