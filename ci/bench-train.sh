@@ -60,8 +60,9 @@ print(f"SmolLM2-135M (f32, CPU, {threads} thread(s)), microbatches of 8 rows, at
       f"{rounds} alternating rounds of {steps} steps per side (first step of each a warm-up)")
 for loss in losses:
     ratios, ours_s, peer_s = [], [], []
+    metrics = {r: pq.read_table(f"{w}/ours-{loss}-{r}.parquet").to_pydict() for r in range(1, rounds + 1)}
     for r in range(1, rounds + 1):
-        m = pq.read_table(f"{w}/ours-{loss}-{r}.parquet").to_pydict()
+        m = metrics[r]
         p = json.load(open(f"{w}/peer-{loss}-{r}.json"))
         ours_tokens = [int(t) for t in m["tokens_computed"] if t is not None]
         token_diff = max(abs(a - b) / b for a, b in zip(ours_tokens, p["tokens"]))
@@ -77,7 +78,7 @@ for loss in losses:
     if all(os.path.exists(t) for t in trl):
         per_token, trl_s, trl_tokens = [], [], []
         for r, t in enumerate(trl, 1):
-            m = pq.read_table(f"{w}/ours-{loss}-{r}.parquet").to_pydict()
+            m = metrics[r]
             ours = [s / int(n) for s, n in zip(m["seconds"][1:], m["tokens_computed"][1:])]
             p = json.load(open(t))
             theirs = [s / n for s, n in zip(p["seconds"][1:], p["tokens"][1:])]
