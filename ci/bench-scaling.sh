@@ -6,6 +6,10 @@
 # torchrun, ci/bench/train_ddp.py) as the peer in the same run. Also peak RSS per rank on 2 ranks
 # with and without ZeRO-1 (--shard-optimizer). Both sides are launched by torchrun.
 # On a machine with fewer than 2 free cores the ranks share cores and the efficiency says so.
+# halo-train runs with --share-prompts=false: a rank with one microbatch per step would fuse its
+# KL partners into the completions' prompt pass while one rank with two could not (it needs
+# every microbatch's partners first), so 2 ranks would do less work than 1 and the efficiency
+# would count that saving as scaling; without sharing both compute what the peer computes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/bench/setup.sh
@@ -28,7 +32,7 @@ ours() {  # ours TAG N [EXTRA...]: halo-train on N ranks (grad_accum counts per 
     launch "$n" --no-python .venv/bin/python ci/bench/maxrss.py "$work/rss-$tag" \
         halo-train --data "$work/plan.arrow" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
         --max-steps "$STEPS" --grad-accum "$((ACCUM / n))" --decay constant --eval-batches 0 --device cpu --threads 1 "${lengths[@]}" \
-        --policy "$work/p-$tag" --metrics "$work/m-$tag.parquet" --summary "$work/t-$tag.json" --report "$work/r-$tag" "$@"
+        --share-prompts=false --policy "$work/p-$tag" --metrics "$work/m-$tag.parquet" --summary "$work/t-$tag.json" --report "$work/r-$tag" "$@"
 }
 peer() {  # peer TAG N: the PyTorch DDP step on N ranks
     launch "$2" ci/bench/train_ddp.py "$work/plan.arrow" "$work/model" "$work/peer-$1.json" \
