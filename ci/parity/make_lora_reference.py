@@ -73,12 +73,14 @@ def adapted_modules(model) -> int:
 def write_peft_adapter(load_base, config: LoraConfig, out: Path, placeholder: str):
     """An adapter written by peft itself (`config`, seeded: torch seed 0 before `load_base()` builds
     the fresh base model) saved to `out`, with base_model_name_or_path set to `placeholder` (the
-    test points it at its base) and without peft's README; returns the adapted model."""
+    test points it at its base), target_modules sorted and without peft's README; returns the
+    adapted model."""
     torch.manual_seed(0)
     written = get_peft_model(load_base(), config).eval()
     written.save_pretrained(str(out))
     saved = json.loads((out / "adapter_config.json").read_text())
     saved["base_model_name_or_path"] = placeholder
+    saved["target_modules"] = sorted(saved["target_modules"])  # peft writes a set, in any order
     (out / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)
     return written

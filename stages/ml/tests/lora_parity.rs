@@ -34,6 +34,14 @@ fn adapter_dir(tmp: &Path, base: &Path, name: &str) -> PathBuf {
     dir
 }
 
+/// `CausalLm::load` of `dir` on the CPU in f32, holding the RNG lock: it draws random weights
+/// (and A) before loading the stored ones, which must not fall between a rebuild's seed and
+/// its weights.
+fn load(dir: &Path) -> CausalLm {
+    let _rng = tiny::rng_lock();
+    CausalLm::load(dir, Device::Cpu, Kind::Float).unwrap()
+}
+
 fn reference() -> Value {
     common::reference("lora_stories260k_reference.json")
 }
@@ -42,7 +50,7 @@ fn reference() -> Value {
 fn adapter_written_by_halo_train_gives_pefts_logits() {
     let Some(base) = common::stories_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let model = CausalLm::load(&adapter_dir(tmp.path(), &base, "lora-stories260k"), Device::Cpu, Kind::Float).unwrap();
+    let model = load(&adapter_dir(tmp.path(), &base, "lora-stories260k"));
     assert_eq!(model.lora.as_ref().map(|l| (l.config.r, l.config.alpha)), Some((4, 8.0)));
     compare("stories260K", &model, reference()["cases"].as_array().unwrap());
 }
@@ -51,7 +59,7 @@ fn adapter_written_by_halo_train_gives_pefts_logits() {
 fn adapter_written_by_peft_loads_with_pefts_logits() {
     let Some(base) = common::stories_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let model = CausalLm::load(&adapter_dir(tmp.path(), &base, "lora-peft-stories260k"), Device::Cpu, Kind::Float).unwrap();
+    let model = load(&adapter_dir(tmp.path(), &base, "lora-peft-stories260k"));
     let lora = model.lora.as_ref().unwrap();
     assert_eq!((lora.config.r, lora.config.alpha, lora.config.targets.len()), (2, 5.0, 3));
     assert_eq!(model.trainable().len(), 5 * 3 * 2, "A and B of 3 modules in 5 layers");
@@ -98,7 +106,7 @@ fn on_arch_models(key: &str, check: impl Fn(&str, &haloflow_ml::lora::LoraConfig
         let window = rebuilt.net.sliding_window().expect("a sliding window") as usize;
         rebuilt.save(&base).unwrap();
         let adapter = &m[key];
-        let model = CausalLm::load(&adapter_dir(tmp.path(), &base, adapter["adapter"].as_str().unwrap()), Device::Cpu, Kind::Float).unwrap();
+        let model = load(&adapter_dir(tmp.path(), &base, adapter["adapter"].as_str().unwrap()));
         check(name, &model.lora.as_ref().unwrap().config);
         let modules = adapter["adapted_modules"].as_u64().unwrap() as usize;
         assert_eq!(model.trainable().len(), 2 * modules, "{name}: A and B of the {modules} modules peft adapted");
