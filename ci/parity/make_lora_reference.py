@@ -48,48 +48,73 @@ TEXTS = [
 ]
 
 
+def adapter_cases(model, ids: list, base_logits: list) -> list:
+    """Per-token logits of `model` (a PeftModel) for each sequence of `ids`, and how far they are
+    from the base model's `base_logits` (the adapter must matter for a test to prove anything)."""
+    cases = []
+    with torch.no_grad():
+        for seq, base in zip(ids, base_logits):
+            logits = model(torch.tensor([seq])).logits[0]
+            cases.append({"ids": seq, "logits": f32_rows(logits), "max_abs_diff_from_base": (logits - base).abs().max().item()})
+    return cases
+
+
+def f32_rows(logits) -> list:
+    """A float32 matrix as lists of numbers written with the fewest digits that read back as the
+    same float32 (numpy's shortest repr): half the JSON of `tolist()`, no value changed."""
+    return [[float(str(x)) for x in row] for row in logits.numpy()]
+
+
+def adapted_modules(model) -> int:
+    """How many modules of a PeftModel carry an adapter."""
+    return sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
+
+
+def write_peft_adapter(load_base, config: LoraConfig, out: Path, placeholder: str):
+    """An adapter written by peft itself (`config`, seeded: torch seed 0 before `load_base()` builds
+    the fresh base model) saved to `out`, with base_model_name_or_path set to `placeholder` (the
+    test points it at its base), target_modules sorted and without peft's README; returns the
+    adapted model."""
+    torch.manual_seed(0)
+    written = get_peft_model(load_base(), config).eval()
+    written.save_pretrained(str(out))
+    saved = json.loads((out / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = placeholder
+    saved["target_modules"] = sorted(saved["target_modules"])  # peft writes a set, in any order
+    (out / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").unlink(missing_ok=True)
+    return written
+
+
 def main(base_dir: str) -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ids = [[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
     with torch.no_grad():
-        cases = [{"ids": [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]} for text in TEXTS]
-        base_logits = [base(torch.tensor([c["ids"]])).logits[0] for c in cases]
+        base_logits = [base(torch.tensor([seq])).logits[0] for seq in ids]
     model = PeftModel.from_pretrained(base, str(ADAPTER)).eval()
     assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 8
-    adapted = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
-    with torch.no_grad():
-        for c, b in zip(cases, base_logits):
-            logits = model(torch.tensor([c["ids"]])).logits[0]
-            c["logits"] = logits.tolist()
-            c["max_abs_diff_from_base"] = (logits - b).abs().max().item()
-    # An adapter written by peft: base_model_name_or_path becomes the same placeholder.
-    torch.manual_seed(0)
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    cases = adapter_cases(model, ids, base_logits)
     config = LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "o_proj", "up_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
-    written = get_peft_model(fresh, config).eval()
-    written.save_pretrained(str(PEFT_ADAPTER))
-    saved = json.loads((PEFT_ADAPTER / "adapter_config.json").read_text())
-    saved["base_model_name_or_path"] = "stories260K"
-    (PEFT_ADAPTER / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    (PEFT_ADAPTER / "README.md").unlink(missing_ok=True)
-    peft_cases = [{"ids": c["ids"]} for c in cases]
-    with torch.no_grad():
-        for c, b in zip(peft_cases, base_logits):
-            logits = written(torch.tensor([c["ids"]])).logits[0]
-            c["logits"] = logits.tolist()
-            c["max_abs_diff_from_base"] = (logits - b).abs().max().item()
+    load_base = lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    written = write_peft_adapter(load_base, config, PEFT_ADAPTER, "stories260K")
     out = {
         "made_by": "ci/parity/make_lora_reference.py",
-        "versions": {"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": versions(),
         "adapter": "stages/ml/tests/data/lora-stories260k",
-        "adapted_modules": adapted,
+        "adapted_modules": adapted_modules(model),
         "cases": cases,
-        "peft_written": {"adapter": "stages/ml/tests/data/lora-peft-stories260k", "cases": peft_cases},
+        "peft_written": {"adapter": "stages/ml/tests/data/lora-peft-stories260k", "cases": adapter_cases(written, ids, base_logits)},
     }
     OUT.write_text(json.dumps(out) + "\n")
-    print(f"wrote {OUT}: {len(cases)} cases, {adapted} adapted modules, "
+    print(f"wrote {OUT}: {len(cases)} cases, {out['adapted_modules']} adapted modules, "
           f"adapter changes logits by up to {max(c['max_abs_diff_from_base'] for c in cases):.4f}")
+
+
+def versions() -> dict:
+    """The versions of the Python side, stored with a reference."""
+    return {"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 if __name__ == "__main__":

@@ -53,13 +53,18 @@ def completion_logp(model, tok, prompt, completion):
     return {"ids": full, "completion_start": start, "logp": total, "n_tokens": len(full) - start}
 
 
+def weight_abs_sum(path):
+    """Sum of |w| over the weights of a model directory, in f64: the checksum the tests compare
+    with the weights they rebuild from the stored config and seed."""
+    return sum(float(t.double().abs().sum()) for t in load_file(f"{path}/model.safetensors").values())
+
+
 def reference(name, seed, path):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     config = json.load(open(f"{path}/config.json"))
-    weights = load_file(f"{path}/model.safetensors")
     out = {"name": name, "seed": seed, "config": config, "class": type(model).__name__,
-           "weight_abs_sum": sum(float(t.double().abs().sum()) for t in weights.values()),
+           "weight_abs_sum": weight_abs_sum(path),
            "logits": [], "examples": []}
     full_config = AutoConfig.from_pretrained(path)
     if full_config.model_type not in ("gemma2", "gemma3_text"):  # Gemma's masks need a window

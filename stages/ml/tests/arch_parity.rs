@@ -11,6 +11,7 @@
 //! stored config and seed, as halo-init does, and checks their checksum.
 
 mod common;
+mod tiny;
 mod windowed;
 
 const REFERENCE: &str = "arch_reference.json";
@@ -42,7 +43,7 @@ fn bf16_logits_follow_transformers_bf16() {
     }
     for m in common::reference(REFERENCE)["models"].as_array().unwrap() {
         let name = m["name"].as_str().unwrap();
-        let mut model = windowed::rebuild(m, |_| {});
+        let mut model = tiny::rebuild(m, |_| {});
         model.vs.set_kind(tch::Kind::BFloat16);
         let ids = common::ids(&m["bf16"]["ids"]);
         let got = tch::no_grad(|| model.net.forward(&tch::Tensor::from_slice(&ids).unsqueeze(0))).squeeze_dim(0).to_kind(tch::Kind::Float);

@@ -8,6 +8,7 @@
 //! the stored config and seed, as halo-init does, and checks their checksum.
 
 mod common;
+mod tiny;
 mod windowed;
 
 const REFERENCE: &str = "window_reference.json";

@@ -11,9 +11,14 @@ pub fn stories_dir() -> Option<PathBuf> {
     haloflow::shared::path("models/stories260K")
 }
 
+/// A file stored beside the tests, `tests/data/NAME`.
+pub fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
 /// A reference stored beside the tests, `tests/data/NAME`.
 pub fn reference(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let path = data(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 

@@ -1,34 +1,14 @@
 //! The sliding-window parity checks against a stored transformers reference (made by
 //! ci/parity/make_window_reference.py or make_arch_reference.py), shared by window_parity.rs
 //! and arch_parity.rs: each reference holds random tiny models written by halo-init, rebuilt
-//! here from the stored config and seed.
+//! from the stored config and seed by `tiny::rebuild`.
 
 use crate::common::{self, ids, logits_of};
-use haloflow_ml::config::Config;
+use crate::tiny::rebuild;
 use haloflow_ml::generate::Decoder;
 use haloflow_ml::logprobs::{sequence_logps, shared_prefix_logps, Batch, Sequence};
-use haloflow_ml::model::CausalLm;
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
-
-/// The reference's model rebuilt as halo-init wrote it (seed, then random weights), with
-/// `config` changed by `edit`; panics if the weights are not the ones transformers ran.
-pub fn rebuild(m: &Value, edit: impl Fn(&mut Value)) -> CausalLm {
-    let mut json = m["config"].clone();
-    edit(&mut json);
-    let config: Config = serde_json::from_value(json).unwrap();
-    // The seed is global: tests running side by side must not draw between seed and weights.
-    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let model = {
-        let _one_at_a_time = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(m["seed"].as_i64().unwrap());
-        CausalLm::random(config, &common::stories_dir().unwrap(), Device::Cpu, Kind::Float).unwrap()
-    };
-    let sum: f64 = model.vs.variables().values().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
-    let want = m["weight_abs_sum"].as_f64().unwrap();
-    assert!((sum - want).abs() <= 1e-9 * want, "{}: rebuilt weights differ from halo-init's (|w| sum {sum} vs {want})", m["name"]);
-    model
-}
+use tch::{Device, Tensor};
 
 fn models(reference: &str) -> Vec<Value> {
     common::reference(reference)["models"].as_array().unwrap().clone()
