@@ -5,8 +5,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -46,6 +51,179 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work) {
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
+
+// The gradient buckets of a data-parallel step whose all-reduces overlap the backward pass,
+// as torch's DDP reducer does: a post-accumulate-grad hook on every parameter counts its
+// gradient's accumulations, and once each parameter of a bucket reached the count it had in
+// the previous armed step (1 at first), the bucket's gradients are copied into one flat
+// buffer and its all-reduce starts asynchronously. Buckets start strictly in order, so every
+// rank issues the same collectives in the same order whatever its hooks saw; `finish` starts
+// the buckets the hooks did not, waits for all, and redoes (on every rank) a bucket one of
+// whose gradients grew after its all-reduce started (activation checkpointing accumulates a
+// layer's gradient once per checkpointed forward, a tied embedding twice).
+struct Buckets {
+  struct Bucket {
+    std::vector<size_t> params;
+    size_t pending = 0;  // parameters not at their expected count yet
+    at::Tensor flat;
+    c10::intrusive_ptr<c10d::Work> work;
+    bool dirty = false;
+  };
+
+  Group* group;  // outlives the buckets (the Rust side holds the process group)
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;
+  std::vector<int64_t> fired, expected;
+  std::vector<Bucket> buckets;
+  size_t next = 0;      // the first bucket not started
+  size_t early = 0;     // buckets the hooks started in this step
+  bool armed = false;
+  std::string error;    // the first failure to start a bucket inside a hook
+  std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
+
+  // Bucket k's gradients, flattened (zeros where a parameter has none on this rank).
+  at::Tensor flatten(const Bucket& b) {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> parts;
+    for (size_t i : b.params) {
+      const auto& grad = params[i].grad();
+      parts.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    }
+    return at::cat(parts);
+  }
+
+  void start(size_t k) {
+    auto& b = buckets[k];
+    b.flat = flatten(b);
+    std::vector<at::Tensor> list{b.flat};
+    b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
+  }
+
+  // Starts, in order, the buckets whose gradients are all final (called by the hooks).
+  void start_ready() {
+    while (next < buckets.size() && buckets[next].pending == 0) {
+      start(next++);
+      ++early;
+    }
+  }
+
+  void ready(size_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed) return;
+    auto& b = buckets[bucket_of[i]];
+    if (++fired[i] == expected[i]) {
+      --b.pending;
+      if (error.empty()) {
+        try {
+          start_ready();
+        } catch (const std::exception& e) {
+          error = "starting gradient bucket " + std::to_string(next) + " during backward: " + halo_ffi::first_lines(e);
+        }
+      }
+    } else if (fired[i] > expected[i] && b.work) {
+      b.dirty = true;
+    }
+  }
+
+  void arm() {
+    std::lock_guard<std::mutex> lock(mu);
+    std::fill(fired.begin(), fired.end(), 0);
+    for (auto& b : buckets) {
+      b.pending = b.params.size();
+      b.flat = at::Tensor();
+      b.work.reset();
+      b.dirty = false;
+    }
+    next = 0;
+    early = 0;
+    error.clear();
+    armed = true;
+  }
+
+  // Copies bucket k's reduced buffer into its parameters' gradients.
+  void scatter(size_t k) {
+    at::NoGradGuard no_grad;
+    auto& b = buckets[k];
+    int64_t offset = 0;
+    for (size_t i : b.params) {
+      auto& p = params[i];
+      auto part = b.flat.narrow(0, offset, p.numel()).view(p.sizes());
+      offset += p.numel();
+      auto& grad = p.mutable_grad();
+      if (grad.defined()) {
+        grad.copy_(part);
+      } else {
+        grad = part.clone();
+      }
+    }
+  }
+
+  // See the struct; counts[0..3]: buckets started during backward, after it, and redone.
+  void finish(size_t* counts) {
+    std::unique_lock<std::mutex> lock(mu);
+    armed = false;
+    if (!error.empty()) throw std::runtime_error(error);
+    counts[0] = early;
+    counts[1] = buckets.size() - next;
+    for (size_t k = next; k < buckets.size(); ++k) {
+      try {
+        start(k);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("starting gradient bucket " + std::to_string(k) + " after backward: " + halo_ffi::first_lines(e));
+      }
+    }
+    next = buckets.size();
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      try {
+        wait(buckets[k].work);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
+      }
+    }
+    // Which buckets some rank must redo: the flags' maximum over the ranks.
+    std::vector<int32_t> mine(buckets.size());
+    for (size_t k = 0; k < buckets.size(); ++k) mine[k] = buckets[k].dirty ? 1 : 0;
+    auto device = group->gloo || buckets.empty() ? at::Device(at::kCPU) : buckets[0].flat.device();
+    auto flags = at::tensor(mine, at::kInt).to(device);
+    std::vector<at::Tensor> list{flags};
+    c10d::AllreduceOptions max;
+    max.reduceOp = c10d::ReduceOp::MAX;
+    try {
+      wait(group->backend->allreduce(list, max));
+    } catch (const std::exception& e) {
+      throw std::runtime_error("exchanging which gradient buckets to redo: " + halo_ffi::first_lines(e));
+    }
+    auto redo = flags.cpu();
+    counts[2] = 0;
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      if (redo[k].item<int32_t>() != 0) {
+        ++counts[2];
+        try {
+          start(k);
+          wait(buckets[k].work);
+        } catch (const std::exception& e) {
+          throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its all-reduce started): " + halo_ffi::first_lines(e));
+        }
+      }
+      scatter(k);
+      buckets[k].flat = at::Tensor();
+      buckets[k].work.reset();
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (fired[i] > 0) expected[i] = fired[i];
+    }
+  }
+};
+
+// The hook on parameter `index`: tells its buckets that an accumulation into its gradient ended.
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  std::weak_ptr<Buckets> buckets;
+  size_t index;
+  ReadyHook(std::weak_ptr<Buckets> b, size_t i) : buckets(std::move(b)), index(i) {}
+  void operator()(const torch::autograd::Variable&) override {
+    if (auto b = buckets.lock()) b->ready(index);
+  }
+};
 
 }  // namespace
 
@@ -124,6 +302,87 @@ int halo_dist_all_reduce(void* g, at::Tensor** ts, size_t n, int op, int coalesc
       wait(group->backend->allreduce(list, opts));
     }
   });
+}
+
+// Starts an all-reduce (coalesced: one collective over all of `ts`) and returns its work
+// handle, freed by halo_dist_work_free; null with *err set when it cannot start.
+void* halo_dist_all_reduce_async(void* g, at::Tensor** ts, size_t n, int op, int coalesced, char** err) {
+  c10::intrusive_ptr<c10d::Work>* work = nullptr;
+  guarded(err, [&] {
+    auto group = static_cast<Group*>(g);
+    auto list = tensors(ts, n);
+    c10::intrusive_ptr<c10d::Work> started;
+    if (coalesced != 0) {
+      c10d::AllreduceCoalescedOptions opts;
+      opts.reduceOp = reduce_op(op);
+      started = group->backend->allreduce_coalesced(list, opts);
+    } else {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = reduce_op(op);
+      started = group->backend->allreduce(list, opts);
+    }
+    work = new c10::intrusive_ptr<c10d::Work>(std::move(started));
+  });
+  return work;
+}
+
+// Waits for a started collective to end.
+int halo_dist_work_wait(void* w, char** err) {
+  return guarded(err, [&] { wait(*static_cast<c10::intrusive_ptr<c10d::Work>*>(w)); });
+}
+
+void halo_dist_work_free(void* w) {
+  delete static_cast<c10::intrusive_ptr<c10d::Work>*>(w);
+}
+
+// Gradient buckets over `n` parameters, parameter i in bucket bucket_of[i] (buckets numbered
+// from 0 in the order their all-reduces start, the same on every rank), with a hook on each
+// parameter (see Buckets). Returns null and sets *err on failure.
+void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bucket_of, char** err) {
+  std::shared_ptr<Buckets>* out = nullptr;
+  guarded(err, [&] {
+    auto b = std::make_shared<Buckets>();
+    b->group = static_cast<Group*>(g);
+    b->params = tensors(ps, n);
+    b->bucket_of.assign(bucket_of, bucket_of + n);
+    b->fired.assign(n, 0);
+    b->expected.assign(n, 1);
+    for (size_t i = 0; i < n; ++i) {
+      size_t previous = i == 0 ? 0 : bucket_of[i - 1];
+      if (bucket_of[i] != previous && (i == 0 || bucket_of[i] != previous + 1)) {
+        throw std::invalid_argument("gradient buckets must be numbered in order from 0, parameter " + std::to_string(i) + " is in bucket " + std::to_string(bucket_of[i]));
+      }
+      if (b->buckets.size() <= bucket_of[i]) b->buckets.resize(bucket_of[i] + 1);
+      b->buckets[bucket_of[i]].params.push_back(i);
+      if (!b->params[i].requires_grad()) {
+        throw std::invalid_argument("parameter " + std::to_string(i) + " of the gradient buckets does not require grad");
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
+    }
+    out = new std::shared_ptr<Buckets>(std::move(b));
+  });
+  return out;
+}
+
+// Removes the hooks and frees the buckets.
+void halo_dist_buckets_free(void* bs) {
+  auto b = static_cast<std::shared_ptr<Buckets>*>(bs);
+  for (auto& p : (*b)->params) {
+    torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  }
+  delete b;
+}
+
+// Arms the hooks for the backward passes of a step's last microbatch.
+void halo_dist_buckets_arm(void* bs) {
+  (*static_cast<std::shared_ptr<Buckets>*>(bs))->arm();
+}
+
+// After those backward passes: see Buckets::finish.
+int halo_dist_buckets_finish(void* bs, size_t* counts, char** err) {
+  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->finish(counts); });
 }
 
 int halo_dist_broadcast(void* g, at::Tensor* t, int root, char** err) {

@@ -10,13 +10,14 @@
 mod env;
 mod group;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 pub use env::{first_host, read as read_rendezvous, Rendezvous};
-use group::{Group, Op};
+use group::{Buckets, Group, Op};
 
 /// Whether this build has the NCCL backend (compiled in when the CUDA headers it needs were
 /// found beside torch; see build.rs).
@@ -169,6 +170,13 @@ impl Dist {
         self.average(ts, op)
     }
 
+    /// Starts reducing several tensors in one collective, as [`Dist::all_reduce_coalesced`],
+    /// and returns at once; the tensors must not change before [`Work::wait`] returned.
+    pub fn all_reduce_coalesced_async(&self, ts: &[Tensor], op: ReduceOp) -> Result<Work<'_>> {
+        let work = self.group.all_reduce_async(ts, op.shim(), true).map_err(|e| self.failed("all_reduce_coalesced (starting)", e))?;
+        Ok(Work { dist: self, work, tensors: ts.iter().map(Tensor::shallow_clone).collect(), op })
+    }
+
     /// Copies rank `root`'s `t` into every other rank's `t`.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         ensure!(root < self.rv.world_size, "broadcast from rank {root} in a world of {}", self.rv.world_size);
@@ -212,6 +220,74 @@ impl Dist {
                 Ok(all[..n].to_vec())
             })
             .collect()
+    }
+}
+
+/// An all-reduce started by [`Dist::all_reduce_coalesced_async`], running while this process
+/// goes on.
+pub struct Work<'a> {
+    dist: &'a Dist,
+    work: group::Work,
+    tensors: Vec<Tensor>,
+    op: ReduceOp,
+}
+
+impl Work<'_> {
+    /// Waits until the all-reduce ended; its tensors then hold the result. Errors as the
+    /// synchronous collectives' (the collective, this rank, the lost ranks).
+    pub fn wait(mut self) -> Result<()> {
+        self.work.wait().map_err(|e| self.dist.failed("all_reduce_coalesced", e))?;
+        self.dist.average(&mut self.tensors, self.op)
+    }
+}
+
+/// How a step's gradient buckets were all-reduced (see [`GradBuckets::finish`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketCounts {
+    /// Started by the gradient hooks while the backward pass ran.
+    pub during_backward: usize,
+    /// Started after the backward pass: a bucket with a gradient this rank did not produce
+    /// in the armed passes, or behind such a bucket (buckets start in order).
+    pub after_backward: usize,
+    /// All-reduced a second time because a gradient grew after its bucket had started.
+    pub redone: usize,
+}
+
+/// Gradient buckets whose sums over the ranks overlap the backward pass, as torch's DDP
+/// does: a hook on every parameter sees its gradient accumulated, and once every gradient
+/// of a bucket is final the bucket's all-reduce (of one flat copy) starts asynchronously.
+/// A parameter counts as final when its gradient was accumulated as often as in the
+/// previous armed step (once at first): activation checkpointing accumulates a layer's
+/// gradient once per checkpointed forward. Buckets start in their order on every rank.
+pub struct GradBuckets {
+    // Dropped first: the hooks go before the process group can.
+    buckets: Buckets,
+    dist: Arc<Dist>,
+}
+
+impl GradBuckets {
+    /// Hooks `params`, parameter i in bucket `bucket_of[i]` (numbered 0, 1, … in the order
+    /// the buckets should start: parameters whose gradients come first in the backward pass
+    /// first; one dtype per bucket; the same on every rank). Their gradients are summed, not
+    /// averaged.
+    pub fn new(dist: Arc<Dist>, params: &[Tensor], bucket_of: &[usize]) -> Result<GradBuckets> {
+        ensure!(params.len() == bucket_of.len(), "{} parameters but {} bucket numbers", params.len(), bucket_of.len());
+        let buckets = dist.group.buckets(params, bucket_of).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
+        Ok(GradBuckets { buckets, dist })
+    }
+
+    /// Arms the hooks for the backward passes that follow (a step's last microbatch).
+    pub fn arm(&self) {
+        self.buckets.arm();
+    }
+
+    /// After the armed backward passes: starts, in order, the buckets the hooks did not (with
+    /// zeros for gradients this rank has none of), waits for every bucket, copies the sums
+    /// into the gradients, and all-reduces again on every rank any bucket whose gradient grew
+    /// after its start on some rank (one small all-reduce of flags tells the ranks which).
+    pub fn finish(&self) -> Result<BucketCounts> {
+        let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed("all_reduce of the gradient buckets", e))?;
+        Ok(BucketCounts { during_backward, after_backward, redone })
     }
 }
 

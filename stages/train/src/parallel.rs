@@ -8,19 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use haloflow_dist::{Dist, ReduceOp};
+use haloflow_dist::{Dist, GradBuckets, ReduceOp};
 use haloflow_ml::device::parse_device;
 use haloflow_ml::losses::AllReduce;
 use tch::{Device, Kind, Tensor};
 
 use crate::Args;
 
-/// Elements per all-reduce of gradients (about 25 MB of f32, as torch's DDP buckets).
+/// Elements per window of ZeRO-1's collectives (about 25 MB of f32, as torch's DDP buckets).
 pub const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
 
 /// This process's place in the run.
 pub struct Ranks {
     dist: Option<Arc<Dist>>,
+    /// Bytes per bucket of gradients summed in one all-reduce (`--grad-bucket-mb`).
+    bucket_bytes: usize,
 }
 
 /// [`AllReduce`] for the losses' batch statistics over a process group.
@@ -48,13 +50,15 @@ impl Ranks {
         if let Some(d) = &dist {
             tracing::info!(rank = d.rank(), world = d.world_size(), backend = d.backend(), device = ?device, "data-parallel run");
         }
-        Ok((Ranks { dist: dist.map(Arc::new) }, device))
+        ensure!(args.grad_bucket_mb > 0.0, "--grad-bucket-mb must be positive, got {}", args.grad_bucket_mb);
+        let bucket_bytes = (args.grad_bucket_mb * 1024.0 * 1024.0) as usize;
+        Ok((Ranks { dist: dist.map(Arc::new), bucket_bytes: bucket_bytes.max(1) }, device))
     }
 
     /// One process, no launcher.
     #[cfg(test)]
     pub fn single() -> Ranks {
-        Ranks { dist: None }
+        Ranks { dist: None, bucket_bytes: 25 * 1024 * 1024 }
     }
 
     /// This process's rank.
@@ -91,24 +95,33 @@ impl Ranks {
         step.iter().skip(rank).step_by(world)
     }
 
-    /// Sums the gradients of `params` over the ranks, in buckets of coalesced all-reduces.
-    /// Gradients a rank never produced (no example in its share) count as zeros.
+    /// Sums the gradients of `params` over the ranks after the backward pass, in buckets of
+    /// coalesced all-reduces. Gradients a rank never produced (no example in its share)
+    /// count as zeros.
     pub fn sum_gradients(&self, params: &[Tensor]) -> Result<()> {
         let Some(dist) = &self.dist else { return Ok(()) };
-        let grads = defined_grads(params);
-        let mut bucket: Vec<Tensor> = Vec::new();
-        let mut elements = 0;
-        for g in grads {
-            let same_kind = bucket.first().is_none_or(|b| b.kind() == g.kind());
-            if !bucket.is_empty() && (elements + g.numel() as i64 > BUCKET_ELEMENTS || !same_kind) {
-                dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)?;
-                bucket.clear();
-                elements = 0;
-            }
-            elements += g.numel() as i64;
-            bucket.push(g);
+        let mut grads = defined_grads(params);
+        let bucket_of = bucket_of(&grads, self.bucket_bytes);
+        let mut start = 0;
+        while start < grads.len() {
+            let end = (start..grads.len()).find(|&i| bucket_of[i] != bucket_of[start]).unwrap_or(grads.len());
+            dist.all_reduce_coalesced(&mut grads[start..end], ReduceOp::Sum)?;
+            start = end;
         }
-        dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)
+        Ok(())
+    }
+
+    /// The gradient buckets of `params` (named `names`) whose all-reduces overlap the backward
+    /// pass (`None` for one process): the parameters in the reverse of their names' natural
+    /// order (the last layers, whose gradients come first, first), in buckets as
+    /// [`Ranks::sum_gradients`]'s.
+    pub fn grad_buckets(&self, params: &[Tensor], names: &[String]) -> Result<Option<GradBuckets>> {
+        let Some(dist) = &self.dist else { return Ok(None) };
+        let order = backward_order(names);
+        let ordered: Vec<Tensor> = order.iter().map(|&i| params[i].shallow_clone()).collect();
+        let bucket_of = bucket_of(&ordered, self.bucket_bytes);
+        tracing::debug!(buckets = bucket_of.last().map_or(0, |b| b + 1), parameters = params.len(), "gradient buckets overlapping the backward pass");
+        GradBuckets::new(dist.clone(), &ordered, &bucket_of).map(Some)
     }
 
     /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's
@@ -181,6 +194,40 @@ impl Ranks {
     }
 }
 
+/// The bucket of each of `ts`, numbered from 0: consecutive tensors of one dtype, at most
+/// `max_bytes` a bucket (a larger tensor alone in its own).
+fn bucket_of(ts: &[Tensor], max_bytes: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(ts.len());
+    let (mut bucket, mut bytes) = (0, 0);
+    for (i, t) in ts.iter().enumerate() {
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        if i > 0 && (bytes + size > max_bytes || t.kind() != ts[i - 1].kind()) {
+            bucket += 1;
+            bytes = 0;
+        }
+        bytes += size;
+        out.push(bucket);
+    }
+    out
+}
+
+/// Indices of `names` in the reverse of their natural order (numbers compared as numbers,
+/// so `layers.10` after `layers.9`): an approximation of the order in which the backward
+/// pass finishes the parameters' gradients (from the last layer to the first).
+fn backward_order(names: &[String]) -> Vec<usize> {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum Part<'a> {
+        Number(u64),
+        Text(&'a str),
+    }
+    fn key(name: &str) -> Vec<Part<'_>> {
+        name.split('.').map(|p| p.parse().map_or(Part::Text(p), Part::Number)).collect()
+    }
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&a, &b| key(&names[b]).cmp(&key(&names[a])));
+    order
+}
+
 /// The gradients of `params`, zeros where a parameter has none yet (so that every rank
 /// reduces the same tensors).
 pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
@@ -193,4 +240,26 @@ pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
             p.grad()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_one_dtype_and_at_most_the_bytes_asked() {
+        let t = |n: i64, kind: Kind| Tensor::zeros([n], (kind, Device::Cpu));
+        let ts = [t(3, Kind::Float), t(2, Kind::Float), t(1, Kind::Float), t(2, Kind::BFloat16), t(10, Kind::BFloat16), t(1, Kind::BFloat16)];
+        // 20 bytes: 12 + 8 fit, 4 more do not; bf16 starts its own; 40 bytes alone.
+        assert_eq!(bucket_of(&ts, 20), [0, 0, 1, 2, 3, 4]);
+        assert_eq!(bucket_of(&ts, 1 << 20), [0, 0, 0, 1, 1, 1]);
+        assert!(bucket_of(&[], 20).is_empty());
+    }
+
+    #[test]
+    fn the_backward_order_goes_from_the_last_layer_to_the_first() {
+        let names: Vec<String> = ["model.embed_tokens.weight", "model.layers.10.mlp.weight", "model.layers.2.mlp.weight", "model.layers.9.attn.weight", "model.norm.weight", "value_head.w"].map(String::from).to_vec();
+        let ordered: Vec<&str> = backward_order(&names).into_iter().map(|i| names[i].as_str()).collect();
+        assert_eq!(ordered, ["value_head.w", "model.norm.weight", "model.layers.10.mlp.weight", "model.layers.9.attn.weight", "model.layers.2.mlp.weight", "model.embed_tokens.weight"]);
+    }
 }
