@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use haloflow_dist::{Dist, ReduceOp, Rendezvous};
+use std::sync::Arc;
+
+use haloflow_dist::{BucketCounts, Dist, GradBuckets, ReduceOp, Rendezvous};
 use tch::{Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,6 +67,17 @@ fn rank_main(role: &str) {
             let agent = std::env::var("TORCHELASTIC_USE_AGENT_STORE").unwrap_or_default();
             println!("collectives ok on rank {} (agent store: {agent:?})", dist.rank());
         }
+        "async" => {
+            let mine = || Tensor::from_slice(&[1.0f32, 2.0, 3.0]) * (r + 1.0);
+            let ts = [mine(), Tensor::from_slice(&[10.0 * (r as f32 + 1.0)])];
+            let work = dist.all_reduce_coalesced_async(&ts, ReduceOp::Sum).unwrap();
+            work.wait().unwrap();
+            assert_eq!((values(&ts[0]), values(&ts[1])), (vec![3.0, 6.0, 9.0], vec![30.0]));
+            let ts = [mine()];
+            dist.all_reduce_coalesced_async(&ts, ReduceOp::Avg).unwrap().wait().unwrap();
+            assert_eq!(values(&ts[0]), [1.5, 3.0, 4.5]);
+            gradient_buckets(Arc::new(dist));
+        }
         "die" => {
             dist.barrier().unwrap();
             if dist.rank() == 1 {
@@ -78,6 +91,55 @@ fn rank_main(role: &str) {
         }
         other => panic!("unknown role {other}"),
     }
+}
+
+/// Gradient buckets on 2 ranks: [c], [b, a], [d, e] (in the order they start). The counts
+/// are (started during backward, after it, redone).
+fn gradient_buckets(dist: Arc<Dist>) {
+    let r = dist.rank() as f64;
+    let param = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let (a, b, c, d, e) = (param(3), param(2), param(4), param(1), param(2));
+    let ordered = [c.shallow_clone(), b.shallow_clone(), a.shallow_clone(), d.shallow_clone(), e.shallow_clone()];
+    let buckets = GradBuckets::new(dist.clone(), &ordered, &[0, 1, 1, 2, 2]).unwrap();
+    let counts = |during_backward, after_backward, redone| BucketCounts { during_backward, after_backward, redone };
+    let grad = |t: &Tensor| values(&t.grad());
+    let loss = || (r + 1.0) * (a.sum(Kind::Float) + b.sum(Kind::Float) * 2.0 + c.sum(Kind::Float) * 3.0 + d.sum(Kind::Float) * 4.0);
+
+    // Rank 1 never produces e's gradient: its last bucket starts after the backward pass, with
+    // zeros for e; rank 0's all start during it.
+    buckets.arm();
+    if r == 0.0 {
+        (loss() + e.sum(Kind::Float) * 5.0).backward();
+    } else {
+        loss().backward();
+    }
+    assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 0) } else { counts(2, 1, 0) });
+    assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![6.0; 2], vec![9.0; 4], vec![12.0], vec![5.0; 2]));
+
+    // Rank 1 leaves b out: its buckets [b, a] and [d, e] wait until after the backward pass.
+    // Rank 0 accumulates c twice (as activation checkpointing does): its bucket started after
+    // the first, so every rank redoes it; the next step waits for the second.
+    for step in 0..2 {
+        for t in &ordered {
+            let _ = t.grad().zero_();
+        }
+        buckets.arm();
+        if r == 0.0 {
+            (loss() + e.sum(Kind::Float) * 5.0).backward();
+            (c.sum(Kind::Float) * 7.0).backward();
+        } else {
+            ((a.sum(Kind::Float) + c.sum(Kind::Float) * 3.0 + d.sum(Kind::Float) * 4.0) * 2.0).backward();
+        }
+        let redone = if step == 0 { 1 } else { 0 };
+        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, redone) } else { counts(1, 2, redone) }, "step {step}");
+        assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![2.0; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]), "step {step}");
+    }
+
+    // Not armed: the hooks do nothing, and dropping the buckets removes them.
+    loss().backward();
+    drop(buckets);
+    loss().backward();
+    println!("async and buckets ok on rank {}", dist.rank());
 }
 
 fn free_port() -> u16 {
@@ -109,6 +171,17 @@ fn spawn_ranks(role: &str, port: u16, ranks: std::ops::Range<usize>) -> Vec<Chil
 fn output(child: Child) -> (i32, String) {
     let out = child.wait_with_output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `all_reduce_coalesced_async`, and gradient buckets started by their hooks during the
+/// backward pass, after it, and redone (see `gradient_buckets`).
+fn async_all_reduce_and_gradient_buckets() {
+    let ranks = spawn("async", free_port());
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (code, stdout) = output(child);
+        assert_eq!(code, 0, "rank {rank} failed: {stdout}");
+        assert!(stdout.contains(&format!("async and buckets ok on rank {rank}")), "{stdout}");
+    }
 }
 
 fn every_collective_gives_the_expected_result() {
@@ -215,6 +288,7 @@ fn main() {
     }
     for (name, test) in [
         ("every_collective_gives_the_expected_result", every_collective_gives_the_expected_result as fn()),
+        ("async_all_reduce_and_gradient_buckets", async_all_reduce_and_gradient_buckets),
         ("a_killed_rank_makes_the_other_fail_naming_it", a_killed_rank_makes_the_other_fail_naming_it),
         ("under_torchrun_with_its_agent_store", under_torchrun_with_its_agent_store),
         ("a_port_in_use_or_an_unreachable_master_is_a_clear_error", a_port_in_use_or_an_unreachable_master_is_a_clear_error),
