@@ -48,6 +48,18 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait();
 }
 
+// Starts an all-reduce of `list` (coalesced: one collective over all of them).
+c10::intrusive_ptr<c10d::Work> start_all_reduce(Group* group, std::vector<at::Tensor> list, int op, bool coalesced) {
+  if (coalesced) {
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = reduce_op(op);
+    return group->backend->allreduce_coalesced(list, opts);
+  }
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = reduce_op(op);
+  return group->backend->allreduce(list, opts);
+}
+
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
@@ -60,7 +72,8 @@ bool is_loopback(const std::string& host) {
 // rank issues the same collectives in the same order whatever its hooks saw; `finish` starts
 // the buckets the hooks did not, waits for all, and redoes (on every rank) a bucket one of
 // whose gradients grew after its all-reduce started (activation checkpointing accumulates a
-// layer's gradient once per checkpointed forward, a tied embedding twice).
+// layer's gradient once per checkpointed forward, a tied embedding twice). As DDP, the Rust
+// side rebuilds the buckets once, after the first step, in the order rank 0's gradients came.
 struct Buckets {
   struct Bucket {
     std::vector<size_t> params;
@@ -74,6 +87,7 @@ struct Buckets {
   std::vector<at::Tensor> params;
   std::vector<size_t> bucket_of;
   std::vector<int64_t> fired, expected;
+  std::vector<size_t> first_order;  // parameters by their first accumulation in the armed step
   std::vector<Bucket> buckets;
   size_t next = 0;      // the first bucket not started
   size_t early = 0;     // buckets the hooks started in this step
@@ -111,7 +125,8 @@ struct Buckets {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed) return;
     auto& b = buckets[bucket_of[i]];
-    if (++fired[i] == expected[i]) {
+    if (++fired[i] == 1) first_order.push_back(i);
+    if (fired[i] == expected[i]) {
       --b.pending;
       if (error.empty()) {
         try {
@@ -128,6 +143,7 @@ struct Buckets {
   void arm() {
     std::lock_guard<std::mutex> lock(mu);
     std::fill(fired.begin(), fired.end(), 0);
+    first_order.clear();
     for (auto& b : buckets) {
       b.pending = b.params.size();
       b.flat = at::Tensor();
@@ -138,6 +154,45 @@ struct Buckets {
     early = 0;
     error.clear();
     armed = true;
+  }
+
+  // Puts parameter order[j] into bucket bucket_of[j] (numbered from 0 in order), keeping
+  // each parameter's expected accumulation count. Not while armed.
+  void assign(const size_t* order, const size_t* bucket_of_ordered) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (armed) throw std::logic_error("gradient buckets rebuilt while armed");
+    const size_t n = params.size();
+    std::vector<bool> seen(n, false);
+    std::vector<Bucket> rebuilt;
+    for (size_t j = 0; j < n; ++j) {
+      size_t i = order[j], k = bucket_of_ordered[j], previous = j == 0 ? 0 : bucket_of_ordered[j - 1];
+      if (i >= n || seen[i]) throw std::invalid_argument("the gradient buckets' order is not a permutation of the " + std::to_string(n) + " parameters");
+      if (k != previous && (j == 0 || k != previous + 1)) {
+        throw std::invalid_argument("gradient buckets must be numbered in order from 0, parameter " + std::to_string(i) + " is in bucket " + std::to_string(k));
+      }
+      seen[i] = true;
+      if (rebuilt.size() <= k) rebuilt.resize(k + 1);
+      rebuilt[k].params.push_back(i);
+      bucket_of[i] = k;
+    }
+    buckets = std::move(rebuilt);
+  }
+
+  // The parameters in the order of their first accumulation in the last armed step, then those
+  // not accumulated in it in their buckets' order.
+  void order(size_t* out) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<bool> listed(params.size(), false);
+    size_t j = 0;
+    for (size_t i : first_order) {
+      out[j++] = i;
+      listed[i] = true;
+    }
+    for (const auto& b : buckets) {
+      for (size_t i : b.params) {
+        if (!listed[i]) out[j++] = i;
+      }
+    }
   }
 
   // Copies bucket k's reduced buffer into its parameters' gradients.
@@ -289,19 +344,7 @@ void halo_dist_free_message(char* message) {
 }
 
 int halo_dist_all_reduce(void* g, at::Tensor** ts, size_t n, int op, int coalesced, char** err) {
-  return guarded(err, [&] {
-    auto group = static_cast<Group*>(g);
-    auto list = tensors(ts, n);
-    if (coalesced != 0) {
-      c10d::AllreduceCoalescedOptions opts;
-      opts.reduceOp = reduce_op(op);
-      wait(group->backend->allreduce_coalesced(list, opts));
-    } else {
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = reduce_op(op);
-      wait(group->backend->allreduce(list, opts));
-    }
-  });
+  return guarded(err, [&] { wait(start_all_reduce(static_cast<Group*>(g), tensors(ts, n), op, coalesced != 0)); });
 }
 
 // Starts an all-reduce (coalesced: one collective over all of `ts`) and returns its work
@@ -309,19 +352,7 @@ int halo_dist_all_reduce(void* g, at::Tensor** ts, size_t n, int op, int coalesc
 void* halo_dist_all_reduce_async(void* g, at::Tensor** ts, size_t n, int op, int coalesced, char** err) {
   c10::intrusive_ptr<c10d::Work>* work = nullptr;
   guarded(err, [&] {
-    auto group = static_cast<Group*>(g);
-    auto list = tensors(ts, n);
-    c10::intrusive_ptr<c10d::Work> started;
-    if (coalesced != 0) {
-      c10d::AllreduceCoalescedOptions opts;
-      opts.reduceOp = reduce_op(op);
-      started = group->backend->allreduce_coalesced(list, opts);
-    } else {
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = reduce_op(op);
-      started = group->backend->allreduce(list, opts);
-    }
-    work = new c10::intrusive_ptr<c10d::Work>(std::move(started));
+    work = new c10::intrusive_ptr<c10d::Work>(start_all_reduce(static_cast<Group*>(g), tensors(ts, n), op, coalesced != 0));
   });
   return work;
 }
@@ -344,20 +375,17 @@ void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bu
     auto b = std::make_shared<Buckets>();
     b->group = static_cast<Group*>(g);
     b->params = tensors(ps, n);
-    b->bucket_of.assign(bucket_of, bucket_of + n);
+    b->bucket_of.assign(n, 0);
     b->fired.assign(n, 0);
     b->expected.assign(n, 1);
+    std::vector<size_t> identity(n);
     for (size_t i = 0; i < n; ++i) {
-      size_t previous = i == 0 ? 0 : bucket_of[i - 1];
-      if (bucket_of[i] != previous && (i == 0 || bucket_of[i] != previous + 1)) {
-        throw std::invalid_argument("gradient buckets must be numbered in order from 0, parameter " + std::to_string(i) + " is in bucket " + std::to_string(bucket_of[i]));
-      }
-      if (b->buckets.size() <= bucket_of[i]) b->buckets.resize(bucket_of[i] + 1);
-      b->buckets[bucket_of[i]].params.push_back(i);
+      identity[i] = i;
       if (!b->params[i].requires_grad()) {
         throw std::invalid_argument("parameter " + std::to_string(i) + " of the gradient buckets does not require grad");
       }
     }
+    b->assign(identity.data(), bucket_of);
     for (size_t i = 0; i < n; ++i) {
       torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
     }
@@ -378,6 +406,16 @@ void halo_dist_buckets_free(void* bs) {
 // Arms the hooks for the backward passes of a step's last microbatch.
 void halo_dist_buckets_arm(void* bs) {
   (*static_cast<std::shared_ptr<Buckets>*>(bs))->arm();
+}
+
+// The order of the parameters' first accumulation in the last armed step (n of them).
+void halo_dist_buckets_order(void* bs, size_t* out) {
+  (*static_cast<std::shared_ptr<Buckets>*>(bs))->order(out);
+}
+
+// Rebuilds the buckets: parameter order[j] in bucket bucket_of[j].
+int halo_dist_buckets_assign(void* bs, const size_t* order, const size_t* bucket_of, char** err) {
+  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->assign(order, bucket_of); });
 }
 
 // After those backward passes: see Buckets::finish.

@@ -38,6 +38,8 @@ mod ffi {
         fn halo_dist_buckets_free(b: *mut c_void);
         fn halo_dist_buckets_arm(b: *mut c_void);
         fn halo_dist_buckets_finish(b: *mut c_void, counts: *mut usize, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_buckets_order(b: *mut c_void, out: *mut usize);
+        fn halo_dist_buckets_assign(b: *mut c_void, order: *const usize, bucket_of: *const usize, err: *mut *mut c_char) -> c_int;
     }
 
     /// A c10d process group (and its store), owned.
@@ -100,9 +102,24 @@ mod ffi {
 
     /// Gradient buckets with their hooks on the parameters (shim's `Buckets`), owned; dropping
     /// them removes the hooks.
-    pub struct Buckets(NonNull<c_void>);
+    pub struct Buckets(NonNull<c_void>, usize);
 
     impl Buckets {
+        /// The parameters by their first accumulation in the last armed step, then the others.
+        pub fn order(&self) -> Vec<usize> {
+            let mut out = vec![0usize; self.1];
+            // SAFETY: a live handle and room for one index per parameter.
+            unsafe { halo_dist_buckets_order(self.0.as_ptr(), out.as_mut_ptr()) };
+            out
+        }
+
+        /// Rebuilds the buckets: parameter `order[j]` in bucket `bucket_of[j]`.
+        pub fn assign(&self, order: &[usize], bucket_of: &[usize]) -> Result<(), String> {
+            assert!(order.len() == self.1 && bucket_of.len() == self.1);
+            // SAFETY: a live handle and one entry per parameter in each slice.
+            call(|err| unsafe { halo_dist_buckets_assign(self.0.as_ptr(), order.as_ptr(), bucket_of.as_ptr(), err) })
+        }
+
         /// Arms the hooks for the next backward passes.
         pub fn arm(&self) {
             // SAFETY: a live handle from halo_dist_buckets_new.
@@ -156,7 +173,7 @@ mod ffi {
             assert_eq!(params.len(), bucket_of.len());
             let p = ptrs(params);
             // SAFETY: live tensors (the shim keeps references) and one bucket per tensor.
-            create(|err| unsafe { halo_dist_buckets_new(self.0.as_ptr(), p.as_ptr(), p.len(), bucket_of.as_ptr(), err) }).map(Buckets)
+            create(|err| unsafe { halo_dist_buckets_new(self.0.as_ptr(), p.as_ptr(), p.len(), bucket_of.as_ptr(), err) }).map(|b| Buckets(b, params.len()))
         }
 
         pub fn all_reduce(&self, ts: &[Tensor], op: Op, coalesced: bool) -> Result<(), String> {
@@ -219,6 +236,12 @@ mod ffi {
     pub enum Buckets {}
 
     impl Buckets {
+        pub fn order(&self) -> Vec<usize> {
+            match *self {}
+        }
+        pub fn assign(&self, _: &[usize], _: &[usize]) -> Result<(), String> {
+            match *self {}
+        }
         pub fn arm(&self) {
             match *self {}
         }

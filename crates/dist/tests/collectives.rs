@@ -93,52 +93,55 @@ fn rank_main(role: &str) {
     }
 }
 
-/// Gradient buckets on 2 ranks: [c], [b, a], [d, e] (in the order they start). The counts
-/// are (started during backward, after it, redone).
+/// Gradient buckets on 2 ranks, of at most 20 bytes: [c], [b, a], [d, e] in the order given,
+/// rebuilt after the first step in the order rank 0's gradients came: [e, d], [a, b], [c].
+/// The counts are (started during backward, after it, redone).
 fn gradient_buckets(dist: Arc<Dist>) {
     let r = dist.rank() as f64;
     let param = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let (a, b, c, d, e) = (param(3), param(2), param(4), param(1), param(2));
-    let ordered = [c.shallow_clone(), b.shallow_clone(), a.shallow_clone(), d.shallow_clone(), e.shallow_clone()];
-    let buckets = GradBuckets::new(dist.clone(), &ordered, &[0, 1, 1, 2, 2]).unwrap();
+    let mut buckets = GradBuckets::new(dist.clone(), &[c.shallow_clone(), b.shallow_clone(), a.shallow_clone(), d.shallow_clone(), e.shallow_clone()], 20).unwrap();
     let counts = |during_backward, after_backward, redone| BucketCounts { during_backward, after_backward, redone };
     let grad = |t: &Tensor| values(&t.grad());
-    let loss = || (r + 1.0) * (a.sum(Kind::Float) + b.sum(Kind::Float) * 2.0 + c.sum(Kind::Float) * 3.0 + d.sum(Kind::Float) * 4.0);
+    let sum = |t: &Tensor, k: f64| t.sum(Kind::Float) * k;
 
-    // Rank 1 never produces e's gradient: its last bucket starts after the backward pass, with
-    // zeros for e; rank 0's all start during it.
+    // Rank 0's gradients come one by one, e first; its buckets all start when c's came. Rank 1
+    // never produces e's gradient: its last bucket starts after the backward pass, with zeros.
     buckets.arm();
     if r == 0.0 {
-        (loss() + e.sum(Kind::Float) * 5.0).backward();
+        for (t, k) in [(&e, 5.0), (&d, 4.0), (&a, 1.0), (&b, 2.0), (&c, 3.0)] {
+            sum(t, k).backward();
+        }
     } else {
-        loss().backward();
+        (sum(&a, 2.0) + sum(&b, 4.0) + sum(&c, 6.0) + sum(&d, 8.0)).backward();
     }
     assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 0) } else { counts(2, 1, 0) });
     assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![6.0; 2], vec![9.0; 4], vec![12.0], vec![5.0; 2]));
 
-    // Rank 1 leaves b out: its buckets [b, a] and [d, e] wait until after the backward pass.
-    // Rank 0 accumulates c twice (as activation checkpointing does): its bucket started after
-    // the first, so every rank redoes it; the next step waits for the second.
+    // Rebuilt: [e, d] first, which rank 1 never completes (no e), so all its buckets start
+    // after the backward pass. Rank 0 accumulates c twice (as activation checkpointing
+    // does): its bucket started after the first, so every rank redoes it; the next step
+    // waits for the second.
     for step in 0..2 {
-        for t in &ordered {
+        for t in [&a, &b, &c, &d, &e] {
             let _ = t.grad().zero_();
         }
         buckets.arm();
         if r == 0.0 {
-            (loss() + e.sum(Kind::Float) * 5.0).backward();
-            (c.sum(Kind::Float) * 7.0).backward();
+            (sum(&a, 1.0) + sum(&b, 2.0) + sum(&c, 3.0) + sum(&d, 4.0) + sum(&e, 5.0)).backward();
+            sum(&c, 7.0).backward();
         } else {
-            ((a.sum(Kind::Float) + c.sum(Kind::Float) * 3.0 + d.sum(Kind::Float) * 4.0) * 2.0).backward();
+            (sum(&a, 2.0) + sum(&c, 6.0) + sum(&d, 8.0)).backward();
         }
         let redone = if step == 0 { 1 } else { 0 };
-        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, redone) } else { counts(1, 2, redone) }, "step {step}");
+        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, redone) } else { counts(0, 3, redone) }, "step {step}");
         assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![2.0; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]), "step {step}");
     }
 
     // Not armed: the hooks do nothing, and dropping the buckets removes them.
-    loss().backward();
+    sum(&a, 1.0).backward();
     drop(buckets);
-    loss().backward();
+    sum(&a, 1.0).backward();
     println!("async and buckets ok on rank {}", dist.rank());
 }
 

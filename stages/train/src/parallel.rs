@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use haloflow_dist::{Dist, GradBuckets, ReduceOp};
+use haloflow_dist::{bucket_of, Dist, GradBuckets, ReduceOp};
 use haloflow_ml::device::parse_device;
 use haloflow_ml::losses::AllReduce;
 use tch::{Device, Kind, Tensor};
@@ -112,16 +112,14 @@ impl Ranks {
     }
 
     /// The gradient buckets of `params` (named `names`) whose all-reduces overlap the backward
-    /// pass (`None` for one process): the parameters in the reverse of their names' natural
-    /// order (the last layers, whose gradients come first, first), in buckets as
-    /// [`Ranks::sum_gradients`]'s.
+    /// pass (`None` for one process), as large as [`Ranks::sum_gradients`]'s: at first the
+    /// parameters in the reverse of their names' natural order (the last layers, whose
+    /// gradients come first, first), after the first step in the order the backward pass
+    /// showed.
     pub fn grad_buckets(&self, params: &[Tensor], names: &[String]) -> Result<Option<GradBuckets>> {
         let Some(dist) = &self.dist else { return Ok(None) };
-        let order = backward_order(names);
-        let ordered: Vec<Tensor> = order.iter().map(|&i| params[i].shallow_clone()).collect();
-        let bucket_of = bucket_of(&ordered, self.bucket_bytes);
-        tracing::debug!(buckets = bucket_of.last().map_or(0, |b| b + 1), parameters = params.len(), "gradient buckets overlapping the backward pass");
-        GradBuckets::new(dist.clone(), &ordered, &bucket_of).map(Some)
+        let ordered: Vec<Tensor> = backward_order(names).iter().map(|&i| params[i].shallow_clone()).collect();
+        GradBuckets::new(dist.clone(), &ordered, self.bucket_bytes).map(Some)
     }
 
     /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's
@@ -194,23 +192,6 @@ impl Ranks {
     }
 }
 
-/// The bucket of each of `ts`, numbered from 0: consecutive tensors of one dtype, at most
-/// `max_bytes` a bucket (a larger tensor alone in its own).
-fn bucket_of(ts: &[Tensor], max_bytes: usize) -> Vec<usize> {
-    let mut out = Vec::with_capacity(ts.len());
-    let (mut bucket, mut bytes) = (0, 0);
-    for (i, t) in ts.iter().enumerate() {
-        let size = t.numel() * t.kind().elt_size_in_bytes();
-        if i > 0 && (bytes + size > max_bytes || t.kind() != ts[i - 1].kind()) {
-            bucket += 1;
-            bytes = 0;
-        }
-        bytes += size;
-        out.push(bucket);
-    }
-    out
-}
-
 /// Indices of `names` in the reverse of their natural order (numbers compared as numbers,
 /// so `layers.10` after `layers.9`): an approximation of the order in which the backward
 /// pass finishes the parameters' gradients (from the last layer to the first).
@@ -245,16 +226,6 @@ pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_hold_one_dtype_and_at_most_the_bytes_asked() {
-        let t = |n: i64, kind: Kind| Tensor::zeros([n], (kind, Device::Cpu));
-        let ts = [t(3, Kind::Float), t(2, Kind::Float), t(1, Kind::Float), t(2, Kind::BFloat16), t(10, Kind::BFloat16), t(1, Kind::BFloat16)];
-        // 20 bytes: 12 + 8 fit, 4 more do not; bf16 starts its own; 40 bytes alone.
-        assert_eq!(bucket_of(&ts, 20), [0, 0, 1, 2, 3, 4]);
-        assert_eq!(bucket_of(&ts, 1 << 20), [0, 0, 0, 1, 1, 1]);
-        assert!(bucket_of(&[], 20).is_empty());
-    }
 
     #[test]
     fn the_backward_order_goes_from_the_last_layer_to_the_first() {

@@ -149,7 +149,7 @@ impl Trainer<'_> {
             row.add_microbatch(&out);
         }
         // The buckets' collectives come before any other, in the same order on every rank.
-        if let Some(buckets) = &self.grad_buckets {
+        if let Some(buckets) = &mut self.grad_buckets {
             let counts = buckets.finish()?;
             tracing::debug!(rank = ranks.rank(), during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, "gradient buckets all-reduced");
             self.bucket_counts.during_backward += counts.during_backward;
