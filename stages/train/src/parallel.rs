@@ -40,6 +40,8 @@ impl Ranks {
     /// Joins the run the environment describes (torchrun's or Slurm's variables) and picks the
     /// device: with several ranks, `--device auto` or `cuda` means CUDA device LOCAL_RANK.
     pub fn join(args: &Args) -> Result<(Ranks, Device)> {
+        ensure!(args.grad_bucket_mb > 0.0, "--grad-bucket-mb must be positive, got {}", args.grad_bucket_mb);
+        let bucket_bytes = ((args.grad_bucket_mb * 1024.0 * 1024.0) as usize).max(1);
         let requested = parse_device(&args.device)?;
         let backend = haloflow_dist::backend_for(&args.dist_backend, requested)?;
         let dist = Dist::from_env(backend, Duration::from_secs_f64(args.dist_timeout_s))?;
@@ -50,9 +52,7 @@ impl Ranks {
         if let Some(d) = &dist {
             tracing::info!(rank = d.rank(), world = d.world_size(), backend = d.backend(), device = ?device, "data-parallel run");
         }
-        ensure!(args.grad_bucket_mb > 0.0, "--grad-bucket-mb must be positive, got {}", args.grad_bucket_mb);
-        let bucket_bytes = (args.grad_bucket_mb * 1024.0 * 1024.0) as usize;
-        Ok((Ranks { dist: dist.map(Arc::new), bucket_bytes: bucket_bytes.max(1) }, device))
+        Ok((Ranks { dist: dist.map(Arc::new), bucket_bytes }, device))
     }
 
     /// One process, no launcher.
