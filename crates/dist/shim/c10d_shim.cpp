@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -73,7 +74,8 @@ bool is_loopback(const std::string& host) {
 // the buckets the hooks did not, waits for all, and redoes (on every rank) a bucket one of
 // whose gradients grew after its all-reduce started (activation checkpointing accumulates a
 // layer's gradient once per checkpointed forward, a tied embedding twice). As DDP, the Rust
-// side rebuilds the buckets once, after the first step, in the order rank 0's gradients came.
+// side rebuilds the buckets once, after the first step, in the order in which rank 0's
+// gradients became final.
 struct Buckets {
   struct Bucket {
     std::vector<size_t> params;
@@ -81,16 +83,17 @@ struct Buckets {
     at::Tensor flat;
     c10::intrusive_ptr<c10d::Work> work;
     bool dirty = false;
+    size_t started_at = 0;  // the accumulation whose hook started it (0: none)
   };
 
   Group* group;  // outlives the buckets (the Rust side holds the process group)
   std::vector<at::Tensor> params;
   std::vector<size_t> bucket_of;
   std::vector<int64_t> fired, expected;
-  std::vector<size_t> first_order;  // parameters by their first accumulation in the armed step
+  std::vector<size_t> last_seen;  // each parameter's last accumulation in the armed step (0: none)
   std::vector<Bucket> buckets;
   size_t next = 0;      // the first bucket not started
-  size_t early = 0;     // buckets the hooks started in this step
+  size_t seen = 0;      // accumulations in the armed step
   bool armed = false;
   std::string error;    // the first failure to start a bucket inside a hook
   std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
@@ -116,8 +119,8 @@ struct Buckets {
   // Starts, in order, the buckets whose gradients are all final (called by the hooks).
   void start_ready() {
     while (next < buckets.size() && buckets[next].pending == 0) {
+      buckets[next].started_at = seen;
       start(next++);
-      ++early;
     }
   }
 
@@ -125,8 +128,8 @@ struct Buckets {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed) return;
     auto& b = buckets[bucket_of[i]];
-    if (++fired[i] == 1) first_order.push_back(i);
-    if (fired[i] == expected[i]) {
+    last_seen[i] = ++seen;
+    if (++fired[i] == expected[i]) {
       --b.pending;
       if (error.empty()) {
         try {
@@ -143,15 +146,16 @@ struct Buckets {
   void arm() {
     std::lock_guard<std::mutex> lock(mu);
     std::fill(fired.begin(), fired.end(), 0);
-    first_order.clear();
+    std::fill(last_seen.begin(), last_seen.end(), 0);
     for (auto& b : buckets) {
       b.pending = b.params.size();
       b.flat = at::Tensor();
       b.work.reset();
       b.dirty = false;
+      b.started_at = 0;
     }
     next = 0;
-    early = 0;
+    seen = 0;
     error.clear();
     armed = true;
   }
@@ -178,21 +182,18 @@ struct Buckets {
     buckets = std::move(rebuilt);
   }
 
-  // The parameters in the order of their first accumulation in the last armed step, then those
-  // not accumulated in it in their buckets' order.
+  // The parameters in the order in which their gradients became final (their last
+  // accumulation) in the last armed step, then those not accumulated in it in their buckets'
+  // order.
   void order(size_t* out) {
     std::lock_guard<std::mutex> lock(mu);
-    std::vector<bool> listed(params.size(), false);
-    size_t j = 0;
-    for (size_t i : first_order) {
-      out[j++] = i;
-      listed[i] = true;
-    }
+    std::vector<size_t> seen_order, rest;
     for (const auto& b : buckets) {
-      for (size_t i : b.params) {
-        if (!listed[i]) out[j++] = i;
-      }
+      for (size_t i : b.params) (last_seen[i] > 0 ? seen_order : rest).push_back(i);
     }
+    std::sort(seen_order.begin(), seen_order.end(), [&](size_t x, size_t y) { return last_seen[x] < last_seen[y]; });
+    seen_order.insert(seen_order.end(), rest.begin(), rest.end());
+    std::copy(seen_order.begin(), seen_order.end(), out);
   }
 
   // Copies bucket k's reduced buffer into its parameters' gradients.
@@ -213,13 +214,18 @@ struct Buckets {
     }
   }
 
-  // See the struct; counts[0..3]: buckets started during backward, after it, and redone.
+  // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
+  // hook before the armed passes' last accumulation), the others (by that last hook or
+  // after the backward pass), and those redone.
   void finish(size_t* counts) {
     std::unique_lock<std::mutex> lock(mu);
     armed = false;
     if (!error.empty()) throw std::runtime_error(error);
-    counts[0] = early;
-    counts[1] = buckets.size() - next;
+    counts[0] = 0;
+    for (const auto& b : buckets) {
+      if (b.started_at > 0 && b.started_at < seen) ++counts[0];
+    }
+    counts[1] = buckets.size() - counts[0];
     for (size_t k = next; k < buckets.size(); ++k) {
       try {
         start(k);
@@ -378,6 +384,7 @@ void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bu
     b->bucket_of.assign(n, 0);
     b->fired.assign(n, 0);
     b->expected.assign(n, 1);
+    b->last_seen.assign(n, 0);
     std::vector<size_t> identity(n);
     for (size_t i = 0; i < n; ++i) {
       identity[i] = i;
@@ -408,7 +415,7 @@ void halo_dist_buckets_arm(void* bs) {
   (*static_cast<std::shared_ptr<Buckets>*>(bs))->arm();
 }
 
-// The order of the parameters' first accumulation in the last armed step (n of them).
+// The parameters (n) in the order their gradients became final in the last armed step.
 void halo_dist_buckets_order(void* bs, size_t* out) {
   (*static_cast<std::shared_ptr<Buckets>*>(bs))->order(out);
 }

@@ -105,7 +105,7 @@ mod ffi {
     pub struct Buckets(NonNull<c_void>, usize);
 
     impl Buckets {
-        /// The parameters by their first accumulation in the last armed step, then the others.
+        /// The parameters by their last accumulation in the last armed step, then the others.
         pub fn order(&self) -> Vec<usize> {
             let mut out = vec![0usize; self.1];
             // SAFETY: a live handle and room for one index per parameter.
@@ -127,8 +127,8 @@ mod ffi {
         }
 
         /// Starts the buckets the hooks did not, waits for all, redoes those a gradient grew
-        /// in after they started: the numbers of buckets started during backward, after it,
-        /// and redone.
+        /// in after they started: the numbers of buckets started while gradients were still
+        /// to come, the others, and those redone.
         pub fn finish(&self) -> Result<[usize; 3], String> {
             let mut counts = [0usize; 3];
             // SAFETY: a live handle and room for the three counts.

@@ -244,10 +244,12 @@ impl Work<'_> {
 /// How a step's gradient buckets were all-reduced (see [`GradBuckets::finish`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BucketCounts {
-    /// Started by the gradient hooks while the backward pass ran.
+    /// Started by a gradient hook while gradients were still to come (before the armed
+    /// passes' last accumulation): overlapping the rest of the backward pass.
     pub during_backward: usize,
-    /// Started after the backward pass: a bucket with a gradient this rank did not produce
-    /// in the armed passes, or behind such a bucket (buckets start in order).
+    /// Started by the hook of the armed passes' last accumulation, or after the backward
+    /// pass: a bucket with a gradient this rank did not produce in the armed passes, or
+    /// behind such a bucket (buckets start in order).
     pub after_backward: usize,
     /// All-reduced a second time because a gradient grew after its bucket had started.
     pub redone: usize,
@@ -260,7 +262,7 @@ pub struct BucketCounts {
 /// previous armed step (once at first): activation checkpointing accumulates a layer's
 /// gradient once per checkpointed forward. Buckets start in their order on every rank; as
 /// DDP's, they are rebuilt once, after the first step, in the order in which rank 0's
-/// gradients came.
+/// gradients became final.
 pub struct GradBuckets {
     // Dropped first: the hooks go before the process group can.
     buckets: Buckets,
@@ -290,8 +292,8 @@ impl GradBuckets {
     /// zeros for gradients this rank has none of), waits for every bucket, copies the sums
     /// into the gradients, and all-reduces again on every rank any bucket whose gradient grew
     /// after its start on some rank (one small all-reduce of flags tells the ranks which).
-    /// After the first step, rebuilds the buckets in the order of rank 0's gradients (a
-    /// broadcast).
+    /// After the first step, rebuilds the buckets in the order in which rank 0's gradients
+    /// became final (a broadcast).
     pub fn finish(&mut self) -> Result<BucketCounts> {
         let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed("all_reduce of the gradient buckets", e))?;
         if !self.rebuilt {
@@ -300,8 +302,8 @@ impl GradBuckets {
         Ok(BucketCounts { during_backward, after_backward, redone })
     }
 
-    /// Rebuilds the buckets in the order in which rank 0's gradients came in the armed step
-    /// (this rank's when it is rank 0; one broadcast).
+    /// Rebuilds the buckets in the order in which rank 0's gradients became final in the
+    /// armed step (their last accumulation; one broadcast).
     fn rebuild(&mut self) -> Result<()> {
         let observed: Vec<i64> = self.buckets.order().into_iter().map(|i| i as i64).collect();
         let mut order = Tensor::from_slice(&observed).to_device(self.dist.device());

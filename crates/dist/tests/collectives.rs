@@ -94,8 +94,8 @@ fn rank_main(role: &str) {
 }
 
 /// Gradient buckets on 2 ranks, of at most 20 bytes: [c], [b, a], [d, e] in the order given,
-/// rebuilt after the first step in the order rank 0's gradients came: [e, d], [a, b], [c].
-/// The counts are (started during backward, after it, redone).
+/// rebuilt after the first step in the order in which rank 0's gradients became final: [e, d],
+/// [a, b], [c]. The counts are (started while gradients were still to come, the others, redone).
 fn gradient_buckets(dist: Arc<Dist>) {
     let r = dist.rank() as f64;
     let param = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
@@ -105,24 +105,22 @@ fn gradient_buckets(dist: Arc<Dist>) {
     let grad = |t: &Tensor| values(&t.grad());
     let sum = |t: &Tensor, k: f64| t.sum(Kind::Float) * k;
 
-    // Rank 0's gradients come one by one, e first; its buckets all start when c's came. Rank 1
-    // never produces e's gradient: its last bucket starts after the backward pass, with zeros.
+    // The gradients come one backward pass each. Rank 0 accumulates c at first and again at
+    // the end (as activation checkpointing does with a tied embedding): [c] started after the
+    // first, so every rank redoes it. Rank 1 never produces e's gradient: [d, e] starts after
+    // the backward pass, with zeros for e.
     buckets.arm();
-    if r == 0.0 {
-        for (t, k) in [(&e, 5.0), (&d, 4.0), (&a, 1.0), (&b, 2.0), (&c, 3.0)] {
-            sum(t, k).backward();
-        }
-    } else {
-        (sum(&a, 2.0) + sum(&b, 4.0) + sum(&c, 6.0) + sum(&d, 8.0)).backward();
+    let passes: &[(&Tensor, f64)] = if r == 0.0 { &[(&c, 3.0), (&e, 5.0), (&d, 4.0), (&a, 1.0), (&b, 2.0), (&c, 7.0)] } else { &[(&c, 6.0), (&b, 4.0), (&a, 2.0), (&d, 8.0)] };
+    for (t, k) in passes {
+        sum(t, *k).backward();
     }
-    assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 0) } else { counts(2, 1, 0) });
-    assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![6.0; 2], vec![9.0; 4], vec![12.0], vec![5.0; 2]));
+    assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 1) } else { counts(2, 1, 1) });
+    let expected = |b: f64| (vec![3.0; 3], vec![b; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]);
+    assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), expected(6.0));
 
     // Rebuilt: [e, d] first, which rank 1 never completes (no e), so all its buckets start
-    // after the backward pass. Rank 0 accumulates c twice (as activation checkpointing
-    // does): its bucket started after the first, so every rank redoes it; the next step
-    // waits for the second.
-    for step in 0..2 {
+    // after the backward pass. Rank 0's [c] now waits for c's second accumulation, the last.
+    for step in 1..3 {
         for t in [&a, &b, &c, &d, &e] {
             let _ = t.grad().zero_();
         }
@@ -133,9 +131,8 @@ fn gradient_buckets(dist: Arc<Dist>) {
         } else {
             (sum(&a, 2.0) + sum(&c, 6.0) + sum(&d, 8.0)).backward();
         }
-        let redone = if step == 0 { 1 } else { 0 };
-        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, redone) } else { counts(0, 3, redone) }, "step {step}");
-        assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![3.0; 3], vec![2.0; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]), "step {step}");
+        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(2, 1, 0) } else { counts(0, 3, 0) }, "step {step}");
+        assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), expected(2.0), "step {step}");
     }
 
     // Not armed: the hooks do nothing, and dropping the buckets removes them.
@@ -177,7 +174,7 @@ fn output(child: Child) -> (i32, String) {
 }
 
 /// `all_reduce_coalesced_async`, and gradient buckets started by their hooks during the
-/// backward pass, after it, and redone (see `gradient_buckets`).
+/// backward pass, after it, redone, and rebuilt (see `gradient_buckets`).
 fn async_all_reduce_and_gradient_buckets() {
     let ranks = spawn("async", free_port());
     for (rank, child) in ranks.into_iter().enumerate() {
