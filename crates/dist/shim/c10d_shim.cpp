@@ -4,9 +4,15 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -43,9 +49,242 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait();
 }
 
+// Starts an all-reduce of `list` (coalesced: one collective over all of them).
+c10::intrusive_ptr<c10d::Work> start_all_reduce(Group* group, std::vector<at::Tensor> list, int op, bool coalesced) {
+  if (coalesced) {
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = reduce_op(op);
+    return group->backend->allreduce_coalesced(list, opts);
+  }
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = reduce_op(op);
+  return group->backend->allreduce(list, opts);
+}
+
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
+
+// The gradient buckets of a data-parallel step whose all-reduces overlap the backward pass,
+// as torch's DDP reducer does: a post-accumulate-grad hook on every parameter counts its
+// gradient's accumulations, and once each parameter of a bucket reached the count it had in
+// the previous armed step (1 at first), the bucket's gradients are copied into one flat
+// buffer and its all-reduce starts asynchronously. Buckets start strictly in order, so every
+// rank issues the same collectives in the same order whatever its hooks saw; `finish` starts
+// the buckets the hooks did not, waits for all, and redoes (on every rank) a bucket one of
+// whose gradients grew after its all-reduce started (activation checkpointing accumulates a
+// layer's gradient once per checkpointed forward, a tied embedding twice). As DDP, the Rust
+// side rebuilds the buckets once, after the first step, in the order in which rank 0's
+// gradients became final.
+struct Buckets {
+  struct Bucket {
+    std::vector<size_t> params;
+    size_t pending = 0;  // parameters not at their expected count yet
+    at::Tensor flat;
+    c10::intrusive_ptr<c10d::Work> work;
+    bool dirty = false;
+    size_t started_at = 0;  // the accumulation whose hook started it (0: none)
+  };
+
+  Group* group;  // outlives the buckets (the Rust side holds the process group)
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;
+  std::vector<int64_t> fired, expected;
+  std::vector<size_t> last_seen;  // each parameter's last accumulation in the armed step (0: none)
+  std::vector<Bucket> buckets;
+  size_t next = 0;      // the first bucket not started
+  size_t seen = 0;      // accumulations in the armed step
+  bool armed = false;
+  std::string error;    // the first failure to start a bucket inside a hook
+  std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
+
+  // Bucket k's gradients, flattened (zeros where a parameter has none on this rank).
+  at::Tensor flatten(const Bucket& b) {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> parts;
+    for (size_t i : b.params) {
+      const auto& grad = params[i].grad();
+      parts.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    }
+    return at::cat(parts);
+  }
+
+  void start(size_t k) {
+    auto& b = buckets[k];
+    b.flat = flatten(b);
+    std::vector<at::Tensor> list{b.flat};
+    b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
+  }
+
+  // Starts, in order, the buckets whose gradients are all final (called by the hooks).
+  void start_ready() {
+    while (next < buckets.size() && buckets[next].pending == 0) {
+      buckets[next].started_at = seen;
+      start(next++);
+    }
+  }
+
+  void ready(size_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed) return;
+    auto& b = buckets[bucket_of[i]];
+    last_seen[i] = ++seen;
+    if (++fired[i] == expected[i]) {
+      --b.pending;
+      if (error.empty()) {
+        try {
+          start_ready();
+        } catch (const std::exception& e) {
+          error = "starting gradient bucket " + std::to_string(next) + " during backward: " + halo_ffi::first_lines(e);
+        }
+      }
+    } else if (fired[i] > expected[i] && b.work) {
+      b.dirty = true;
+    }
+  }
+
+  void arm() {
+    std::lock_guard<std::mutex> lock(mu);
+    std::fill(fired.begin(), fired.end(), 0);
+    std::fill(last_seen.begin(), last_seen.end(), 0);
+    for (auto& b : buckets) {
+      b.pending = b.params.size();
+      b.flat = at::Tensor();
+      b.work.reset();
+      b.dirty = false;
+      b.started_at = 0;
+    }
+    next = 0;
+    seen = 0;
+    error.clear();
+    armed = true;
+  }
+
+  // Puts parameter order[j] into bucket bucket_of[j] (numbered from 0 in order), keeping
+  // each parameter's expected accumulation count. Not while armed.
+  void assign(const size_t* order, const size_t* bucket_of_ordered) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (armed) throw std::logic_error("gradient buckets rebuilt while armed");
+    const size_t n = params.size();
+    std::vector<bool> seen(n, false);
+    std::vector<Bucket> rebuilt;
+    for (size_t j = 0; j < n; ++j) {
+      size_t i = order[j], k = bucket_of_ordered[j], previous = j == 0 ? 0 : bucket_of_ordered[j - 1];
+      if (i >= n || seen[i]) throw std::invalid_argument("the gradient buckets' order is not a permutation of the " + std::to_string(n) + " parameters");
+      if (k != previous && (j == 0 || k != previous + 1)) {
+        throw std::invalid_argument("gradient buckets must be numbered in order from 0, parameter " + std::to_string(i) + " is in bucket " + std::to_string(k));
+      }
+      seen[i] = true;
+      if (rebuilt.size() <= k) rebuilt.resize(k + 1);
+      rebuilt[k].params.push_back(i);
+      bucket_of[i] = k;
+    }
+    buckets = std::move(rebuilt);
+  }
+
+  // The parameters in the order in which their gradients became final (their last
+  // accumulation) in the last armed step, then those not accumulated in it in their buckets'
+  // order.
+  void order(size_t* out) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<size_t> seen_order, rest;
+    for (const auto& b : buckets) {
+      for (size_t i : b.params) (last_seen[i] > 0 ? seen_order : rest).push_back(i);
+    }
+    std::sort(seen_order.begin(), seen_order.end(), [&](size_t x, size_t y) { return last_seen[x] < last_seen[y]; });
+    seen_order.insert(seen_order.end(), rest.begin(), rest.end());
+    std::copy(seen_order.begin(), seen_order.end(), out);
+  }
+
+  // Copies bucket k's reduced buffer into its parameters' gradients.
+  void scatter(size_t k) {
+    at::NoGradGuard no_grad;
+    auto& b = buckets[k];
+    int64_t offset = 0;
+    for (size_t i : b.params) {
+      auto& p = params[i];
+      auto part = b.flat.narrow(0, offset, p.numel()).view(p.sizes());
+      offset += p.numel();
+      auto& grad = p.mutable_grad();
+      if (grad.defined()) {
+        grad.copy_(part);
+      } else {
+        grad = part.clone();
+      }
+    }
+  }
+
+  // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
+  // hook before the armed passes' last accumulation), the others (by that last hook or
+  // after the backward pass), and those redone.
+  void finish(size_t* counts) {
+    std::unique_lock<std::mutex> lock(mu);
+    armed = false;
+    if (!error.empty()) throw std::runtime_error(error);
+    counts[0] = 0;
+    for (const auto& b : buckets) {
+      if (b.started_at > 0 && b.started_at < seen) ++counts[0];
+    }
+    counts[1] = buckets.size() - counts[0];
+    for (size_t k = next; k < buckets.size(); ++k) {
+      try {
+        start(k);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("starting gradient bucket " + std::to_string(k) + " after backward: " + halo_ffi::first_lines(e));
+      }
+    }
+    next = buckets.size();
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      try {
+        wait(buckets[k].work);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
+      }
+    }
+    // Which buckets some rank must redo: the flags' maximum over the ranks.
+    std::vector<int32_t> mine(buckets.size());
+    for (size_t k = 0; k < buckets.size(); ++k) mine[k] = buckets[k].dirty ? 1 : 0;
+    auto device = group->gloo || buckets.empty() ? at::Device(at::kCPU) : buckets[0].flat.device();
+    auto flags = at::tensor(mine, at::kInt).to(device);
+    std::vector<at::Tensor> list{flags};
+    c10d::AllreduceOptions max;
+    max.reduceOp = c10d::ReduceOp::MAX;
+    try {
+      wait(group->backend->allreduce(list, max));
+    } catch (const std::exception& e) {
+      throw std::runtime_error("exchanging which gradient buckets to redo: " + halo_ffi::first_lines(e));
+    }
+    auto redo = flags.cpu();
+    counts[2] = 0;
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      if (redo[k].item<int32_t>() != 0) {
+        ++counts[2];
+        try {
+          start(k);
+          wait(buckets[k].work);
+        } catch (const std::exception& e) {
+          throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its all-reduce started): " + halo_ffi::first_lines(e));
+        }
+      }
+      scatter(k);
+      buckets[k].flat = at::Tensor();
+      buckets[k].work.reset();
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (fired[i] > 0) expected[i] = fired[i];
+    }
+  }
+};
+
+// The hook on parameter `index`: tells its buckets that an accumulation into its gradient ended.
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  std::weak_ptr<Buckets> buckets;
+  size_t index;
+  ReadyHook(std::weak_ptr<Buckets> b, size_t i) : buckets(std::move(b)), index(i) {}
+  void operator()(const torch::autograd::Variable&) override {
+    if (auto b = buckets.lock()) b->ready(index);
+  }
+};
 
 }  // namespace
 
@@ -111,19 +350,84 @@ void halo_dist_free_message(char* message) {
 }
 
 int halo_dist_all_reduce(void* g, at::Tensor** ts, size_t n, int op, int coalesced, char** err) {
-  return guarded(err, [&] {
-    auto group = static_cast<Group*>(g);
-    auto list = tensors(ts, n);
-    if (coalesced != 0) {
-      c10d::AllreduceCoalescedOptions opts;
-      opts.reduceOp = reduce_op(op);
-      wait(group->backend->allreduce_coalesced(list, opts));
-    } else {
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = reduce_op(op);
-      wait(group->backend->allreduce(list, opts));
-    }
+  return guarded(err, [&] { wait(start_all_reduce(static_cast<Group*>(g), tensors(ts, n), op, coalesced != 0)); });
+}
+
+// Starts an all-reduce (coalesced: one collective over all of `ts`) and returns its work
+// handle, freed by halo_dist_work_free; null with *err set when it cannot start.
+void* halo_dist_all_reduce_async(void* g, at::Tensor** ts, size_t n, int op, int coalesced, char** err) {
+  c10::intrusive_ptr<c10d::Work>* work = nullptr;
+  guarded(err, [&] {
+    work = new c10::intrusive_ptr<c10d::Work>(start_all_reduce(static_cast<Group*>(g), tensors(ts, n), op, coalesced != 0));
   });
+  return work;
+}
+
+// Waits for a started collective to end.
+int halo_dist_work_wait(void* w, char** err) {
+  return guarded(err, [&] { wait(*static_cast<c10::intrusive_ptr<c10d::Work>*>(w)); });
+}
+
+void halo_dist_work_free(void* w) {
+  delete static_cast<c10::intrusive_ptr<c10d::Work>*>(w);
+}
+
+// Gradient buckets over `n` parameters, parameter i in bucket bucket_of[i] (buckets numbered
+// from 0 in the order their all-reduces start, the same on every rank), with a hook on each
+// parameter (see Buckets). Returns null and sets *err on failure.
+void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bucket_of, char** err) {
+  std::shared_ptr<Buckets>* out = nullptr;
+  guarded(err, [&] {
+    auto b = std::make_shared<Buckets>();
+    b->group = static_cast<Group*>(g);
+    b->params = tensors(ps, n);
+    b->bucket_of.assign(n, 0);
+    b->fired.assign(n, 0);
+    b->expected.assign(n, 1);
+    b->last_seen.assign(n, 0);
+    std::vector<size_t> identity(n);
+    for (size_t i = 0; i < n; ++i) {
+      identity[i] = i;
+      if (!b->params[i].requires_grad()) {
+        throw std::invalid_argument("parameter " + std::to_string(i) + " of the gradient buckets does not require grad");
+      }
+    }
+    b->assign(identity.data(), bucket_of);
+    for (size_t i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
+    }
+    out = new std::shared_ptr<Buckets>(std::move(b));
+  });
+  return out;
+}
+
+// Removes the hooks and frees the buckets.
+void halo_dist_buckets_free(void* bs) {
+  auto b = static_cast<std::shared_ptr<Buckets>*>(bs);
+  for (auto& p : (*b)->params) {
+    torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  }
+  delete b;
+}
+
+// Arms the hooks for the backward passes of a step's last microbatch.
+void halo_dist_buckets_arm(void* bs) {
+  (*static_cast<std::shared_ptr<Buckets>*>(bs))->arm();
+}
+
+// The parameters (n) in the order their gradients became final in the last armed step.
+void halo_dist_buckets_order(void* bs, size_t* out) {
+  (*static_cast<std::shared_ptr<Buckets>*>(bs))->order(out);
+}
+
+// Rebuilds the buckets: parameter order[j] in bucket bucket_of[j].
+int halo_dist_buckets_assign(void* bs, const size_t* order, const size_t* bucket_of, char** err) {
+  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->assign(order, bucket_of); });
+}
+
+// After those backward passes: see Buckets::finish.
+int halo_dist_buckets_finish(void* bs, size_t* counts, char** err) {
+  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->finish(counts); });
 }
 
 int halo_dist_broadcast(void* g, at::Tensor* t, int root, char** err) {

@@ -31,6 +31,15 @@ mod ffi {
         fn halo_dist_reduce_scatter(g: *mut c_void, out: *mut c_void, ins: *const *mut c_void, n: usize, op: c_int, err: *mut *mut c_char) -> c_int;
         fn halo_dist_barrier(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         fn halo_dist_probe(g: *mut c_void, timeout_ms: i64, lost: *mut c_int, cap: usize, n_lost: *mut usize, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_all_reduce_async(g: *mut c_void, ts: *const *mut c_void, n: usize, op: c_int, coalesced: c_int, err: *mut *mut c_char) -> *mut c_void;
+        fn halo_dist_work_wait(w: *mut c_void, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_work_free(w: *mut c_void);
+        fn halo_dist_buckets_new(g: *mut c_void, ps: *const *mut c_void, n: usize, bucket_of: *const usize, err: *mut *mut c_char) -> *mut c_void;
+        fn halo_dist_buckets_free(b: *mut c_void);
+        fn halo_dist_buckets_arm(b: *mut c_void);
+        fn halo_dist_buckets_finish(b: *mut c_void, counts: *mut usize, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_buckets_order(b: *mut c_void, out: *mut usize);
+        fn halo_dist_buckets_assign(b: *mut c_void, order: *const usize, bucket_of: *const usize, err: *mut *mut c_char) -> c_int;
     }
 
     /// A c10d process group (and its store), owned.
@@ -63,6 +72,78 @@ mod ffi {
         Err(text)
     }
 
+    /// Runs a shim call that returns a new object, null with its error message on failure.
+    fn create(f: impl FnOnce(*mut *mut c_char) -> *mut c_void) -> Result<NonNull<c_void>, String> {
+        let mut made = std::ptr::null_mut();
+        call(|err| {
+            made = f(err);
+            c_int::from(made.is_null())
+        })?;
+        NonNull::new(made).ok_or_else(|| "the c10d shim returned nothing and no error".to_string())
+    }
+
+    /// A collective in flight (a c10d work handle), owned.
+    pub struct Work(NonNull<c_void>);
+
+    impl Work {
+        /// Waits until the collective ended.
+        pub fn wait(&self) -> Result<(), String> {
+            // SAFETY: a live handle from halo_dist_all_reduce_async.
+            call(|err| unsafe { halo_dist_work_wait(self.0.as_ptr(), err) })
+        }
+    }
+
+    impl Drop for Work {
+        fn drop(&mut self) {
+            // SAFETY: created by halo_dist_all_reduce_async, freed once.
+            unsafe { halo_dist_work_free(self.0.as_ptr()) }
+        }
+    }
+
+    /// Gradient buckets with their hooks on the parameters (shim's `Buckets`), owned; dropping
+    /// them removes the hooks.
+    pub struct Buckets(NonNull<c_void>, usize);
+
+    impl Buckets {
+        /// The parameters by their last accumulation in the last armed step, then the others.
+        pub fn order(&self) -> Vec<usize> {
+            let mut out = vec![0usize; self.1];
+            // SAFETY: a live handle and room for one index per parameter.
+            unsafe { halo_dist_buckets_order(self.0.as_ptr(), out.as_mut_ptr()) };
+            out
+        }
+
+        /// Rebuilds the buckets: parameter `order[j]` in bucket `bucket_of[j]`.
+        pub fn assign(&self, order: &[usize], bucket_of: &[usize]) -> Result<(), String> {
+            assert!(order.len() == self.1 && bucket_of.len() == self.1);
+            // SAFETY: a live handle and one entry per parameter in each slice.
+            call(|err| unsafe { halo_dist_buckets_assign(self.0.as_ptr(), order.as_ptr(), bucket_of.as_ptr(), err) })
+        }
+
+        /// Arms the hooks for the next backward passes.
+        pub fn arm(&self) {
+            // SAFETY: a live handle from halo_dist_buckets_new.
+            unsafe { halo_dist_buckets_arm(self.0.as_ptr()) }
+        }
+
+        /// Starts the buckets the hooks did not, waits for all, redoes those a gradient grew
+        /// in after they started: the numbers of buckets started while gradients were still
+        /// to come, the others, and those redone.
+        pub fn finish(&self) -> Result<[usize; 3], String> {
+            let mut counts = [0usize; 3];
+            // SAFETY: a live handle and room for the three counts.
+            call(|err| unsafe { halo_dist_buckets_finish(self.0.as_ptr(), counts.as_mut_ptr(), err) })?;
+            Ok(counts)
+        }
+    }
+
+    impl Drop for Buckets {
+        fn drop(&mut self) {
+            // SAFETY: created by halo_dist_buckets_new, freed once.
+            unsafe { halo_dist_buckets_free(self.0.as_ptr()) }
+        }
+    }
+
     fn ptrs(ts: &[Tensor]) -> Vec<*mut c_void> {
         ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
     }
@@ -71,17 +152,28 @@ mod ffi {
         pub fn new(backend: &str, rv: &Rendezvous, timeout: Duration) -> Result<Group> {
             let c = |s: &str| CString::new(s).map_err(|_| anyhow::anyhow!("NUL byte in {s:?}"));
             let (backend_c, host, prefix) = (c(backend)?, c(&rv.master_addr)?, c(&rv.prefix)?);
-            let mut group = std::ptr::null_mut();
-            let made = call(|err| {
-                // SAFETY: valid C strings for the call's duration.
-                group = unsafe { halo_dist_new(backend_c.as_ptr(), host.as_ptr(), rv.master_port, rv.rank as c_int, rv.world_size as c_int, rv.serve_store as c_int, prefix.as_ptr(), timeout.as_millis() as i64, err) };
-                c_int::from(group.is_null())
-            });
-            match (made, NonNull::new(group)) {
-                (Ok(()), Some(g)) => Ok(Group(g)),
-                (Err(e), _) => bail!("{e}"),
-                (Ok(()), None) => bail!("the c10d shim returned no process group"),
+            // SAFETY: valid C strings for the call's duration.
+            match create(|err| unsafe { halo_dist_new(backend_c.as_ptr(), host.as_ptr(), rv.master_port, rv.rank as c_int, rv.world_size as c_int, rv.serve_store as c_int, prefix.as_ptr(), timeout.as_millis() as i64, err) }) {
+                Ok(g) => Ok(Group(g)),
+                Err(e) => bail!("{e}"),
             }
+        }
+
+        /// Starts an all-reduce of `ts` (coalesced: one collective over all of them); the
+        /// tensors must not change until the work ended.
+        pub fn all_reduce_async(&self, ts: &[Tensor], op: Op, coalesced: bool) -> Result<Work, String> {
+            let p = ptrs(ts);
+            // SAFETY: live tensors; c10d keeps its own references to them while the work runs.
+            create(|err| unsafe { halo_dist_all_reduce_async(self.0.as_ptr(), p.as_ptr(), p.len(), op as c_int, c_int::from(coalesced), err) }).map(Work)
+        }
+
+        /// Gradient buckets over `params`, parameter i in bucket `bucket_of[i]`; the group
+        /// must outlive them.
+        pub fn buckets(&self, params: &[Tensor], bucket_of: &[usize]) -> Result<Buckets, String> {
+            assert_eq!(params.len(), bucket_of.len());
+            let p = ptrs(params);
+            // SAFETY: live tensors (the shim keeps references) and one bucket per tensor.
+            create(|err| unsafe { halo_dist_buckets_new(self.0.as_ptr(), p.as_ptr(), p.len(), bucket_of.as_ptr(), err) }).map(|b| Buckets(b, params.len()))
         }
 
         pub fn all_reduce(&self, ts: &[Tensor], op: Op, coalesced: bool) -> Result<(), String> {
@@ -131,6 +223,33 @@ mod ffi {
     /// No process group can exist in a build without the shim.
     pub enum Group {}
 
+    /// No collective can be in flight without a process group.
+    pub enum Work {}
+
+    impl Work {
+        pub fn wait(&self) -> Result<(), String> {
+            match *self {}
+        }
+    }
+
+    /// No gradient buckets without a process group.
+    pub enum Buckets {}
+
+    impl Buckets {
+        pub fn order(&self) -> Vec<usize> {
+            match *self {}
+        }
+        pub fn assign(&self, _: &[usize], _: &[usize]) -> Result<(), String> {
+            match *self {}
+        }
+        pub fn arm(&self) {
+            match *self {}
+        }
+        pub fn finish(&self) -> Result<[usize; 3], String> {
+            match *self {}
+        }
+    }
+
     impl Group {
         pub fn new(_backend: &str, rv: &Rendezvous, _timeout: Duration) -> Result<Group> {
             bail!(
@@ -157,7 +276,13 @@ mod ffi {
         pub fn probe(&self, _: usize, _: Duration) -> Result<Vec<usize>, String> {
             match *self {}
         }
+        pub fn all_reduce_async(&self, _: &[Tensor], _: Op, _: bool) -> Result<Work, String> {
+            match *self {}
+        }
+        pub fn buckets(&self, _: &[Tensor], _: &[usize]) -> Result<Buckets, String> {
+            match *self {}
+        }
     }
 }
 
-pub use ffi::Group;
+pub use ffi::{Buckets, Group, Work};

@@ -10,13 +10,14 @@
 mod env;
 mod group;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 pub use env::{first_host, read as read_rendezvous, Rendezvous};
-use group::{Group, Op};
+use group::{Buckets, Group, Op};
 
 /// Whether this build has the NCCL backend (compiled in when the CUDA headers it needs were
 /// found beside torch; see build.rs).
@@ -169,6 +170,13 @@ impl Dist {
         self.average(ts, op)
     }
 
+    /// Starts reducing several tensors in one collective, as [`Dist::all_reduce_coalesced`],
+    /// and returns at once; the tensors must not change before [`Work::wait`] returned.
+    pub fn all_reduce_coalesced_async(&self, ts: &[Tensor], op: ReduceOp) -> Result<Work<'_>> {
+        let work = self.group.all_reduce_async(ts, op.shim(), true).map_err(|e| self.failed("all_reduce_coalesced (starting)", e))?;
+        Ok(Work { dist: self, work, tensors: ts.iter().map(Tensor::shallow_clone).collect(), op })
+    }
+
     /// Copies rank `root`'s `t` into every other rank's `t`.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         ensure!(root < self.rv.world_size, "broadcast from rank {root} in a world of {}", self.rv.world_size);
@@ -215,9 +223,131 @@ impl Dist {
     }
 }
 
+/// An all-reduce started by [`Dist::all_reduce_coalesced_async`], running while this process
+/// goes on.
+pub struct Work<'a> {
+    dist: &'a Dist,
+    work: group::Work,
+    tensors: Vec<Tensor>,
+    op: ReduceOp,
+}
+
+impl Work<'_> {
+    /// Waits until the all-reduce ended; its tensors then hold the result. Errors as the
+    /// synchronous collectives' (the collective, this rank, the lost ranks).
+    pub fn wait(mut self) -> Result<()> {
+        self.work.wait().map_err(|e| self.dist.failed("all_reduce_coalesced", e))?;
+        self.dist.average(&mut self.tensors, self.op)
+    }
+}
+
+/// How a step's gradient buckets were all-reduced (see [`GradBuckets::finish`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketCounts {
+    /// Started by a gradient hook while gradients were still to come (before the armed
+    /// passes' last accumulation): overlapping the rest of the backward pass.
+    pub during_backward: usize,
+    /// Started by the hook of the armed passes' last accumulation, or after the backward
+    /// pass: a bucket with a gradient this rank did not produce in the armed passes, or
+    /// behind such a bucket (buckets start in order).
+    pub after_backward: usize,
+    /// All-reduced a second time because a gradient grew after its bucket had started.
+    pub redone: usize,
+}
+
+/// Gradient buckets whose sums over the ranks overlap the backward pass, as torch's DDP
+/// does: a hook on every parameter sees its gradient accumulated, and once every gradient
+/// of a bucket is final the bucket's all-reduce (of one flat copy) starts asynchronously.
+/// A parameter counts as final when its gradient was accumulated as often as in the
+/// previous armed step (once at first): activation checkpointing accumulates a layer's
+/// gradient once per checkpointed forward. Buckets start in their order on every rank; as
+/// DDP's, they are rebuilt once, after the first step, in the order in which rank 0's
+/// gradients became final.
+pub struct GradBuckets {
+    // Dropped first: the hooks go before the process group can.
+    buckets: Buckets,
+    dist: Arc<Dist>,
+    params: Vec<Tensor>,
+    bucket_bytes: usize,
+    rebuilt: bool,
+}
+
+impl GradBuckets {
+    /// Hooks `params`, in buckets of at most `bucket_bytes` (see [`bucket_of`]) in this order
+    /// until the first step shows the order of the backward pass (start with the parameters
+    /// whose gradients should come first: the last layers'). Their gradients are summed, not
+    /// averaged.
+    pub fn new(dist: Arc<Dist>, params: &[Tensor], bucket_bytes: usize) -> Result<GradBuckets> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+        let buckets = dist.group.buckets(&params, &bucket_of(&params, bucket_bytes)).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
+        Ok(GradBuckets { buckets, dist, params, bucket_bytes, rebuilt: false })
+    }
+
+    /// Arms the hooks for the backward passes that follow (a step's last microbatch).
+    pub fn arm(&self) {
+        self.buckets.arm();
+    }
+
+    /// After the armed backward passes: starts, in order, the buckets the hooks did not (with
+    /// zeros for gradients this rank has none of), waits for every bucket, copies the sums
+    /// into the gradients, and all-reduces again on every rank any bucket whose gradient grew
+    /// after its start on some rank (one small all-reduce of flags tells the ranks which).
+    /// After the first step, rebuilds the buckets in the order in which rank 0's gradients
+    /// became final (a broadcast).
+    pub fn finish(&mut self) -> Result<BucketCounts> {
+        let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed("all_reduce of the gradient buckets", e))?;
+        if !self.rebuilt {
+            self.rebuild()?;
+        }
+        Ok(BucketCounts { during_backward, after_backward, redone })
+    }
+
+    /// Rebuilds the buckets in the order in which rank 0's gradients became final in the
+    /// armed step (their last accumulation; one broadcast).
+    fn rebuild(&mut self) -> Result<()> {
+        let observed: Vec<i64> = self.buckets.order().into_iter().map(|i| i as i64).collect();
+        let mut order = Tensor::from_slice(&observed).to_device(self.dist.device());
+        self.dist.broadcast(&mut order, 0)?;
+        let order: Vec<usize> = Vec::<i64>::try_from(&order.to_device(Device::Cpu))?.into_iter().map(|i| i as usize).collect();
+        let ordered: Vec<Tensor> = order.iter().map(|&i| self.params[i].shallow_clone()).collect();
+        let bucket_of = bucket_of(&ordered, self.bucket_bytes);
+        self.buckets.assign(&order, &bucket_of).map_err(|e| anyhow!("rank {}: cannot rebuild the gradient buckets: {e}", self.dist.rank()))?;
+        self.rebuilt = true;
+        tracing::debug!(rank = self.dist.rank(), buckets = bucket_of.last().map_or(0, |b| b + 1), "gradient buckets rebuilt in the order of rank 0's backward pass");
+        Ok(())
+    }
+}
+
+/// The bucket of each of `ts`, numbered from 0: consecutive tensors of one dtype, at most
+/// `max_bytes` a bucket (a larger tensor alone in its own).
+pub fn bucket_of(ts: &[Tensor], max_bytes: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(ts.len());
+    let (mut bucket, mut bytes) = (0, 0);
+    for (i, t) in ts.iter().enumerate() {
+        let size = t.numel() * t.kind().elt_size_in_bytes();
+        if i > 0 && (bytes + size > max_bytes || t.kind() != ts[i - 1].kind()) {
+            bucket += 1;
+            bytes = 0;
+        }
+        bytes += size;
+        out.push(bucket);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_hold_one_dtype_and_at_most_the_bytes_asked() {
+        let t = |n: i64, kind: Kind| Tensor::zeros([n], (kind, Device::Cpu));
+        let ts = [t(3, Kind::Float), t(2, Kind::Float), t(1, Kind::Float), t(2, Kind::BFloat16), t(10, Kind::BFloat16), t(1, Kind::BFloat16)];
+        // 20 bytes: 12 + 8 fit, 4 more do not; bf16 starts its own; 20 bytes fill one.
+        assert_eq!(bucket_of(&ts, 20), [0, 0, 1, 2, 3, 4]);
+        assert_eq!(bucket_of(&ts, 1 << 20), [0, 0, 0, 1, 1, 1]);
+        assert!(bucket_of(&[], 20).is_empty());
+    }
 
     #[test]
     fn backends() {

@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use haloflow_dist::{Dist, ReduceOp, Rendezvous};
+use std::sync::Arc;
+
+use haloflow_dist::{BucketCounts, Dist, GradBuckets, ReduceOp, Rendezvous};
 use tch::{Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,6 +67,17 @@ fn rank_main(role: &str) {
             let agent = std::env::var("TORCHELASTIC_USE_AGENT_STORE").unwrap_or_default();
             println!("collectives ok on rank {} (agent store: {agent:?})", dist.rank());
         }
+        "async" => {
+            let mine = || Tensor::from_slice(&[1.0f32, 2.0, 3.0]) * (r + 1.0);
+            let ts = [mine(), Tensor::from_slice(&[10.0 * (r as f32 + 1.0)])];
+            let work = dist.all_reduce_coalesced_async(&ts, ReduceOp::Sum).unwrap();
+            work.wait().unwrap();
+            assert_eq!((values(&ts[0]), values(&ts[1])), (vec![3.0, 6.0, 9.0], vec![30.0]));
+            let ts = [mine()];
+            dist.all_reduce_coalesced_async(&ts, ReduceOp::Avg).unwrap().wait().unwrap();
+            assert_eq!(values(&ts[0]), [1.5, 3.0, 4.5]);
+            gradient_buckets(Arc::new(dist));
+        }
         "die" => {
             dist.barrier().unwrap();
             if dist.rank() == 1 {
@@ -78,6 +91,55 @@ fn rank_main(role: &str) {
         }
         other => panic!("unknown role {other}"),
     }
+}
+
+/// Gradient buckets on 2 ranks, of at most 20 bytes: [c], [b, a], [d, e] in the order given,
+/// rebuilt after the first step in the order in which rank 0's gradients became final: [e, d],
+/// [a, b], [c]. The counts are (started while gradients were still to come, the others, redone).
+fn gradient_buckets(dist: Arc<Dist>) {
+    let r = dist.rank() as f64;
+    let param = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let (a, b, c, d, e) = (param(3), param(2), param(4), param(1), param(2));
+    let mut buckets = GradBuckets::new(dist.clone(), &[c.shallow_clone(), b.shallow_clone(), a.shallow_clone(), d.shallow_clone(), e.shallow_clone()], 20).unwrap();
+    let counts = |during_backward, after_backward, redone| BucketCounts { during_backward, after_backward, redone };
+    let grad = |t: &Tensor| values(&t.grad());
+    let sum = |t: &Tensor, k: f64| t.sum(Kind::Float) * k;
+
+    // The gradients come one backward pass each. Rank 0 accumulates c at first and again at
+    // the end (as activation checkpointing does with a tied embedding): [c] started after the
+    // first, so every rank redoes it. Rank 1 never produces e's gradient: [d, e] starts after
+    // the backward pass, with zeros for e.
+    buckets.arm();
+    let passes: &[(&Tensor, f64)] = if r == 0.0 { &[(&c, 3.0), (&e, 5.0), (&d, 4.0), (&a, 1.0), (&b, 2.0), (&c, 7.0)] } else { &[(&c, 6.0), (&b, 4.0), (&a, 2.0), (&d, 8.0)] };
+    for (t, k) in passes {
+        sum(t, *k).backward();
+    }
+    assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 1) } else { counts(2, 1, 1) });
+    let expected = |b: f64| (vec![3.0; 3], vec![b; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]);
+    assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), expected(6.0));
+
+    // Rebuilt: [e, d] first, which rank 1 never completes (no e), so all its buckets start
+    // after the backward pass. Rank 0's [c] now waits for c's second accumulation, the last.
+    for step in 1..3 {
+        for t in [&a, &b, &c, &d, &e] {
+            let _ = t.grad().zero_();
+        }
+        buckets.arm();
+        if r == 0.0 {
+            (sum(&a, 1.0) + sum(&b, 2.0) + sum(&c, 3.0) + sum(&d, 4.0) + sum(&e, 5.0)).backward();
+            sum(&c, 7.0).backward();
+        } else {
+            (sum(&a, 2.0) + sum(&c, 6.0) + sum(&d, 8.0)).backward();
+        }
+        assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(2, 1, 0) } else { counts(0, 3, 0) }, "step {step}");
+        assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), expected(2.0), "step {step}");
+    }
+
+    // Not armed: the hooks do nothing, and dropping the buckets removes them.
+    sum(&a, 1.0).backward();
+    drop(buckets);
+    sum(&a, 1.0).backward();
+    println!("async and buckets ok on rank {}", dist.rank());
 }
 
 fn free_port() -> u16 {
@@ -109,6 +171,17 @@ fn spawn_ranks(role: &str, port: u16, ranks: std::ops::Range<usize>) -> Vec<Chil
 fn output(child: Child) -> (i32, String) {
     let out = child.wait_with_output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `all_reduce_coalesced_async`, and gradient buckets started by their hooks during the
+/// backward pass, after it, redone, and rebuilt (see `gradient_buckets`).
+fn async_all_reduce_and_gradient_buckets() {
+    let ranks = spawn("async", free_port());
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (code, stdout) = output(child);
+        assert_eq!(code, 0, "rank {rank} failed: {stdout}");
+        assert!(stdout.contains(&format!("async and buckets ok on rank {rank}")), "{stdout}");
+    }
 }
 
 fn every_collective_gives_the_expected_result() {
@@ -215,6 +288,7 @@ fn main() {
     }
     for (name, test) in [
         ("every_collective_gives_the_expected_result", every_collective_gives_the_expected_result as fn()),
+        ("async_all_reduce_and_gradient_buckets", async_all_reduce_and_gradient_buckets),
         ("a_killed_rank_makes_the_other_fail_naming_it", a_killed_rank_makes_the_other_fail_naming_it),
         ("under_torchrun_with_its_agent_store", under_torchrun_with_its_agent_store),
         ("a_port_in_use_or_an_unreachable_master_is_a_clear_error", a_port_in_use_or_an_unreachable_master_is_a_clear_error),

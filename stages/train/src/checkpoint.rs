@@ -33,7 +33,8 @@ pub struct TrainState {
 /// `microbatches_per_step` of a step are spread over ranks, not the collectives' timeout), so
 /// that a run resumes on another number of ranks with the same global batch.
 pub fn run_id(args: &Args, microbatches_per_step: usize, model: &Path, data: &Path) -> Result<String> {
-    let normalized = Args { grad_accum: microbatches_per_step, dist_backend: String::new(), dist_timeout_s: 0.0, ..args.clone() };
+    // How gradients are summed over the ranks does not change the training.
+    let normalized = Args { grad_accum: microbatches_per_step, dist_backend: String::new(), dist_timeout_s: 0.0, overlap_grad_sync: true, grad_bucket_mb: 0.0, ..args.clone() };
     let mut settings = format!("{normalized:?}");
     for path in [&args.policy, &args.metrics, &args.report, &args.summary] {
         settings = settings.replace(&path.display().to_string(), "");

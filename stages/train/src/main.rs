@@ -171,6 +171,16 @@ pub struct Args {
     /// Seconds a multi-process run waits for a rank (rendezvous and each collective).
     #[arg(long, default_value_t = 600.0)]
     pub dist_timeout_s: f64,
+    /// Data-parallel runs: sum each bucket of gradients over the ranks as soon as the backward
+    /// pass of the step's last microbatch finished it, while the backward goes on, as torch's
+    /// DDP does (`--overlap-grad-sync=false`: all buckets after the backward pass). Not with
+    /// --shard-optimizer, whose reduce-scatter follows the backward pass.
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overlap_grad_sync: bool,
+    /// Data-parallel runs: MiB of gradients per all-reduce (a bucket; torch's DDP's
+    /// bucket_cap_mb).
+    #[arg(long, default_value_t = 25.0)]
+    pub grad_bucket_mb: f64,
     /// ZeRO-1: shard the AdamW moments and f32 master weights over the ranks
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]

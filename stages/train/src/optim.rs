@@ -210,12 +210,15 @@ impl Optimizer {
         }
     }
 
-    /// Sums the step's gradients over the ranks, divides them by its example count and clips
-    /// them by global norm; returns the step's loss and the norm before clipping.
-    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64) -> Result<(f64, f64)> {
+    /// Sums the step's gradients over the ranks (unless `summed`: the gradient buckets did
+    /// during the backward pass), divides them by its example count and clips them by global
+    /// norm; returns the step's loss and the norm before clipping.
+    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64, summed: bool) -> Result<(f64, f64)> {
         match self {
             Optimizer::Full(opt) => {
-                ranks.sum_gradients(params)?;
+                if !summed {
+                    ranks.sum_gradients(params)?;
+                }
                 let loss = acc.finish(params);
                 Ok((loss, opt.clip_grad_norm(max_norm)))
             }

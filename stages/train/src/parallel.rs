@@ -8,19 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use haloflow_dist::{Dist, ReduceOp};
+use haloflow_dist::{bucket_of, Dist, GradBuckets, ReduceOp};
 use haloflow_ml::device::parse_device;
 use haloflow_ml::losses::AllReduce;
 use tch::{Device, Kind, Tensor};
 
 use crate::Args;
 
-/// Elements per all-reduce of gradients (about 25 MB of f32, as torch's DDP buckets).
+/// Elements per window of ZeRO-1's collectives (about 25 MB of f32, as torch's DDP buckets).
 pub const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
 
 /// This process's place in the run.
 pub struct Ranks {
     dist: Option<Arc<Dist>>,
+    /// Bytes per bucket of gradients summed in one all-reduce (`--grad-bucket-mb`).
+    bucket_bytes: usize,
 }
 
 /// [`AllReduce`] for the losses' batch statistics over a process group.
@@ -38,6 +40,8 @@ impl Ranks {
     /// Joins the run the environment describes (torchrun's or Slurm's variables) and picks the
     /// device: with several ranks, `--device auto` or `cuda` means CUDA device LOCAL_RANK.
     pub fn join(args: &Args) -> Result<(Ranks, Device)> {
+        ensure!(args.grad_bucket_mb > 0.0, "--grad-bucket-mb must be positive, got {}", args.grad_bucket_mb);
+        let bucket_bytes = ((args.grad_bucket_mb * 1024.0 * 1024.0) as usize).max(1);
         let requested = parse_device(&args.device)?;
         let backend = haloflow_dist::backend_for(&args.dist_backend, requested)?;
         let dist = Dist::from_env(backend, Duration::from_secs_f64(args.dist_timeout_s))?;
@@ -48,13 +52,13 @@ impl Ranks {
         if let Some(d) = &dist {
             tracing::info!(rank = d.rank(), world = d.world_size(), backend = d.backend(), device = ?device, "data-parallel run");
         }
-        Ok((Ranks { dist: dist.map(Arc::new) }, device))
+        Ok((Ranks { dist: dist.map(Arc::new), bucket_bytes }, device))
     }
 
     /// One process, no launcher.
     #[cfg(test)]
     pub fn single() -> Ranks {
-        Ranks { dist: None }
+        Ranks { dist: None, bucket_bytes: 25 * 1024 * 1024 }
     }
 
     /// This process's rank.
@@ -91,24 +95,31 @@ impl Ranks {
         step.iter().skip(rank).step_by(world)
     }
 
-    /// Sums the gradients of `params` over the ranks, in buckets of coalesced all-reduces.
-    /// Gradients a rank never produced (no example in its share) count as zeros.
+    /// Sums the gradients of `params` over the ranks after the backward pass, in buckets of
+    /// coalesced all-reduces. Gradients a rank never produced (no example in its share)
+    /// count as zeros.
     pub fn sum_gradients(&self, params: &[Tensor]) -> Result<()> {
         let Some(dist) = &self.dist else { return Ok(()) };
-        let grads = defined_grads(params);
-        let mut bucket: Vec<Tensor> = Vec::new();
-        let mut elements = 0;
-        for g in grads {
-            let same_kind = bucket.first().is_none_or(|b| b.kind() == g.kind());
-            if !bucket.is_empty() && (elements + g.numel() as i64 > BUCKET_ELEMENTS || !same_kind) {
-                dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)?;
-                bucket.clear();
-                elements = 0;
-            }
-            elements += g.numel() as i64;
-            bucket.push(g);
+        let mut grads = defined_grads(params);
+        let bucket_of = bucket_of(&grads, self.bucket_bytes);
+        let mut start = 0;
+        while start < grads.len() {
+            let end = (start..grads.len()).find(|&i| bucket_of[i] != bucket_of[start]).unwrap_or(grads.len());
+            dist.all_reduce_coalesced(&mut grads[start..end], ReduceOp::Sum)?;
+            start = end;
         }
-        dist.all_reduce_coalesced(&mut bucket, ReduceOp::Sum)
+        Ok(())
+    }
+
+    /// The gradient buckets of `params` (named `names`) whose all-reduces overlap the backward
+    /// pass (`None` for one process), as large as [`Ranks::sum_gradients`]'s: at first the
+    /// parameters in the reverse of their names' natural order (the last layers, whose
+    /// gradients come first, first), after the first step in the order the backward pass
+    /// showed.
+    pub fn grad_buckets(&self, params: &[Tensor], names: &[String]) -> Result<Option<GradBuckets>> {
+        let Some(dist) = &self.dist else { return Ok(None) };
+        let ordered: Vec<Tensor> = backward_order(names).iter().map(|&i| params[i].shallow_clone()).collect();
+        GradBuckets::new(dist.clone(), &ordered, self.bucket_bytes).map(Some)
     }
 
     /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's
@@ -181,6 +192,23 @@ impl Ranks {
     }
 }
 
+/// Indices of `names` in the reverse of their natural order (numbers compared as numbers,
+/// so `layers.10` after `layers.9`): an approximation of the order in which the backward
+/// pass finishes the parameters' gradients (from the last layer to the first).
+fn backward_order(names: &[String]) -> Vec<usize> {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum Part<'a> {
+        Number(u64),
+        Text(&'a str),
+    }
+    fn key(name: &str) -> Vec<Part<'_>> {
+        name.split('.').map(|p| p.parse().map_or(Part::Text(p), Part::Number)).collect()
+    }
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&a, &b| key(&names[b]).cmp(&key(&names[a])));
+    order
+}
+
 /// The gradients of `params`, zeros where a parameter has none yet (so that every rank
 /// reduces the same tensors).
 pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
@@ -193,4 +221,16 @@ pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
             p.grad()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backward_order_goes_from_the_last_layer_to_the_first() {
+        let names: Vec<String> = ["model.embed_tokens.weight", "model.layers.10.mlp.weight", "model.layers.2.mlp.weight", "model.layers.9.attn.weight", "model.norm.weight", "value_head.w"].map(String::from).to_vec();
+        let ordered: Vec<&str> = backward_order(&names).into_iter().map(|i| names[i].as_str()).collect();
+        assert_eq!(ordered, ["value_head.w", "model.norm.weight", "model.layers.10.mlp.weight", "model.layers.9.attn.weight", "model.layers.2.mlp.weight", "model.embed_tokens.weight"]);
+    }
 }

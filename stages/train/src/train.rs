@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use haloflow::records;
 use haloflow::schema::plan_meta;
 use haloflow::tracking::Tracker;
+use haloflow_dist::{BucketCounts, GradBuckets};
 use haloflow_ml::dataset::{self, DataKind, ScoredRow};
 use haloflow_ml::device::parse_dtype;
 use haloflow_ml::losses::ppo::ValueHead;
@@ -106,6 +107,11 @@ struct Trainer<'a> {
     params: Vec<Tensor>,
     opt: Optimizer,
     max_grad_norm: f64,
+    /// The gradient buckets whose all-reduces overlap the last microbatch's backward pass
+    /// (data-parallel runs with --overlap-grad-sync, not ZeRO-1).
+    grad_buckets: Option<GradBuckets>,
+    /// How the buckets were all-reduced, summed over the steps.
+    bucket_counts: BucketCounts,
 }
 
 impl Trainer<'_> {
@@ -120,6 +126,7 @@ impl Trainer<'_> {
         let mut row = Row::new(step + 1, epoch);
         job.tokens.take(); // not the evaluation passes since the last step
         let step_kl = step_kl(job, self.policy, &mine)?;
+        let last = mine.len() - 1;
         for (k, members) in mine.iter().enumerate() {
             let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
             let out = microbatch_loss(job, self.policy, members, true, fixed)?;
@@ -127,6 +134,11 @@ impl Trainer<'_> {
             if !loss.is_finite() {
                 let ids: Vec<&str> = members.iter().map(|&i| rows[i].id.as_str()).collect();
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
+            }
+            // As DDP's no_sync: earlier microbatches accumulate on this rank alone, the last
+            // one's backward sums each bucket of gradients as soon as it is final.
+            if let Some(buckets) = self.grad_buckets.as_ref().filter(|_| k == last) {
+                buckets.arm();
             }
             acc.backward(&out)?;
             // Activation checkpointing: the layers' part of the backward (nothing otherwise).
@@ -136,6 +148,14 @@ impl Trainer<'_> {
             self.policy.net.finish_backward()?;
             row.add_microbatch(&out);
         }
+        // The buckets' collectives come before any other, in the same order on every rank.
+        if let Some(buckets) = &mut self.grad_buckets {
+            let counts = buckets.finish()?;
+            tracing::debug!(rank = ranks.rank(), during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, "gradient buckets all-reduced");
+            self.bucket_counts.during_backward += counts.during_backward;
+            self.bucket_counts.after_backward += counts.after_backward;
+            self.bucket_counts.redone += counts.redone;
+        }
         let mut tokens = job.tokens.take();
         if let Some(reduce) = ranks.loss_reduce() {
             acc.all_reduce(reduce.as_ref())?;
@@ -143,7 +163,7 @@ impl Trainer<'_> {
             tokens = Tokens::from_array(&Vec::<f64>::try_from(ranks.sum(&Tensor::from_slice(&tokens.to_array()))?)?);
         }
         let examples = acc.examples();
-        let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm)?;
+        let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm, self.grad_buckets.is_some())?;
         if !grad_norm.is_finite() {
             let ids: Vec<&str> = microbatches.iter().flat_map(|&mb| &self.split.train[mb]).map(|&i| rows[i].id.as_str()).collect();
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
@@ -264,6 +284,7 @@ pub fn run(args: &Args) -> Result<()> {
     });
     params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
+    let grad_buckets = if args.overlap_grad_sync && !args.shard_optimizer { ranks.grad_buckets(&param_list, &params.keys().cloned().collect::<Vec<_>>())? } else { None };
     let fused = args.fused_adamw;
     let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
 
@@ -286,7 +307,7 @@ pub fn run(args: &Args) -> Result<()> {
         chunk: args.logits_chunk,
         tokens: Default::default(),
     };
-    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, eval_halo, params: param_list, opt, max_grad_norm: args.max_grad_norm };
+    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, eval_halo, params: param_list, opt, max_grad_norm: args.max_grad_norm, grad_buckets, bucket_counts: BucketCounts::default() };
     let ckpt_root = args
         .checkpoint_dir
         .clone()
@@ -381,6 +402,13 @@ pub fn run(args: &Args) -> Result<()> {
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
         "shard_optimizer": args.shard_optimizer,
+        // Rank 0's gradient buckets over the run (all zero without overlap).
+        "grad_sync": {
+            "overlap": trainer.grad_buckets.is_some(),
+            "buckets_during_backward": trainer.bucket_counts.during_backward,
+            "buckets_after_backward": trainer.bucket_counts.after_backward,
+            "buckets_redone": trainer.bucket_counts.redone,
+        },
         "fused_adamw": fused,
         "lora": lora_config,
         "trainable_parameters": trainable_parameters,

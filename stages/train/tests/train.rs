@@ -76,6 +76,8 @@ fn bad_training_input_is_refused_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2 rows"));
     let (out, _) = train(dir.path(), "dpo-on-plan", &plan, &model, &["--loss", "dpo"], &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("learns from preference pairs"));
+    let (out, _) = train(dir.path(), "no-buckets", &plan, &model, &["--loss", "kto", "--reference", "live", "--grad-bucket-mb", "0"], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--grad-bucket-mb must be positive, got 0"));
     // A learning rate that blows the model up stops the run at the step, naming its examples,
     // and keeps the last good checkpoint.
     write_plan(&plan, 4, false);
