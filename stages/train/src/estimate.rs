@@ -77,28 +77,61 @@ pub fn print(args: &Args) -> Result<()> {
 /// `nvidia-smi`; skipped with a warning when it cannot be read). CPU runs are not checked.
 pub fn check_fits(e: &Estimate, device: Device) -> Result<()> {
     let Device::Cuda(index) = device else { return Ok(()) };
-    let free = match free_cuda_bytes(index) {
-        Ok(free) => free,
+    match free_cuda_bytes(index, "nvidia-smi") {
+        Ok(free) => refuse_beyond(e, index, free),
         Err(err) => {
             tracing::warn!(error = %format!("{err:#}"), "free GPU memory unknown: the memory estimate is not checked");
-            return Ok(());
+            Ok(())
         }
-    };
+    }
+}
+
+/// Refuses an estimate above `free` bytes of CUDA device `index`, with the table and what to
+/// try.
+fn refuse_beyond(e: &Estimate, index: usize, free: f64) -> Result<()> {
     if e.total() > free {
         bail!("the memory estimate says this run does not fit on cuda:{index}: it needs {:.2} GiB, {:.2} GiB are free\n{}(try --checkpoint-activations, a smaller --microbatch-size or --max-length, bf16, or --shard-optimizer over more ranks)", e.total() / GIB, free / GIB, e.table());
     }
     Ok(())
 }
 
-/// Free bytes on CUDA device `index` (as libtorch numbers it, i.e. after CUDA_VISIBLE_DEVICES).
-fn free_cuda_bytes(index: usize) -> Result<f64> {
+/// Free bytes on CUDA device `index` (as libtorch numbers it, i.e. after CUDA_VISIBLE_DEVICES),
+/// from `nvidia_smi`.
+fn free_cuda_bytes(index: usize, nvidia_smi: &str) -> Result<f64> {
     let physical = match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(list) => list.split(',').nth(index).map(|s| s.trim().to_string()).with_context(|| format!("CUDA_VISIBLE_DEVICES `{list}` has no device {index}"))?,
         Err(_) => index.to_string(),
     };
-    let out = Command::new("nvidia-smi").args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", &physical]).output().context("running nvidia-smi")?;
-    anyhow::ensure!(out.status.success(), "nvidia-smi: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let out = Command::new(nvidia_smi).args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", &physical]).output().with_context(|| format!("running {nvidia_smi}"))?;
+    anyhow::ensure!(out.status.success(), "{nvidia_smi}: {}", String::from_utf8_lossy(&out.stderr).trim());
     let text = String::from_utf8_lossy(&out.stdout);
-    let mib: f64 = text.trim().parse().with_context(|| format!("nvidia-smi printed `{}`, not MiB", text.trim()))?;
+    let mib: f64 = text.trim().parse().with_context(|| format!("{nvidia_smi} printed `{}`, not MiB", text.trim()))?;
     Ok(mib * 1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CUDA fit check's parts, without a GPU: the free memory read from a stand-in
+    /// `nvidia-smi` (asked for the right device and fields), and the refusal above it.
+    #[test]
+    fn the_fit_check_reads_nvidia_smi_and_refuses_what_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("nvidia-smi");
+        let asked = dir.path().join("asked");
+        std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" > {}\necho 2048\n", asked.display())).unwrap();
+        std::process::Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+        let device = std::env::var("CUDA_VISIBLE_DEVICES").ok().and_then(|l| l.split(',').next().map(|s| s.trim().to_string())).unwrap_or("0".into());
+        let free = free_cuda_bytes(0, fake.to_str().unwrap()).unwrap();
+        assert_eq!(free, 2048.0 * 1024.0 * 1024.0);
+        assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), format!("--query-gpu=memory.free --format=csv,noheader,nounits -i {device}"));
+        let e = |gib: f64| Estimate { parameters: 1, trainable: 1, weights: gib * GIB, reference: 0.0, gradients: 0.0, optimizer: 0.0, master_weights: 0.0, activations: 0.0 };
+        refuse_beyond(&e(1.5), 0, free).unwrap();
+        let err = refuse_beyond(&e(2.5), 3, free).unwrap_err().to_string();
+        assert!(err.contains("does not fit on cuda:3: it needs 2.50 GiB, 2.00 GiB are free") && err.contains("--checkpoint-activations"), "{err}");
+        std::fs::write(&fake, "#!/bin/sh\necho 'No devices were found'\n").unwrap();
+        let err = format!("{:#}", free_cuda_bytes(0, fake.to_str().unwrap()).unwrap_err());
+        assert!(err.contains("not MiB"), "{err}");
+    }
 }
