@@ -19,9 +19,10 @@ fn unrecorded() -> String {
 pub struct Fingerprint {
     /// blake3 of the weight files.
     pub weights: String,
-    /// blake3 of tokenizer.json and tokenizer_config.json (which holds the chat template).
+    /// blake3 of tokenizer.json, tokenizer_config.json and chat_template.jinja (the files that
+    /// hold the chat template), those present.
     pub tokenizer: String,
-    /// The chat template, if any (also covered by `tokenizer`; kept readable).
+    /// The chat template the tokenizer uses, if any (also covered by `tokenizer`; kept readable).
     pub chat_template: Option<String>,
     /// How prompts became text (`template`, `transcript` or `plain`); caches written before
     /// the field existed read as `unrecorded` and match nothing.
@@ -38,16 +39,9 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// Computes the fingerprint of a model directory and a data file tokenized by `tok`.
     pub fn compute(model_dir: &Path, tok: &Tokenizer, data: &Path, max_prompt_length: usize, max_length: usize) -> Result<Fingerprint> {
-        let mut tokenizer = blake3::Hasher::new();
-        for file in ["tokenizer.json", "tokenizer_config.json"] {
-            let path = model_dir.join(file);
-            if path.is_file() {
-                tokenizer.update(haloflow::hashing::hash_path(&path)?.as_bytes());
-            }
-        }
         Ok(Fingerprint {
             weights: weights_hash(model_dir)?,
-            tokenizer: tokenizer.finalize().to_hex().to_string(),
+            tokenizer: tokenizer_hash(model_dir)?,
             chat_template: chat_template(model_dir),
             prompt_format: tok.prompt_format().to_string(),
             max_prompt_length,
@@ -95,8 +89,26 @@ pub fn weights_hash(model_dir: &Path) -> Result<String> {
     Ok(weights.finalize().to_hex().to_string())
 }
 
-/// The `chat_template` of `tokenizer_config.json` (a string, or JSON text for template lists).
+/// blake3 of a model directory's tokenizer files: tokenizer.json, tokenizer_config.json and
+/// chat_template.jinja, those present (a directory without the last hashes as before it counted).
+fn tokenizer_hash(model_dir: &Path) -> Result<String> {
+    let mut tokenizer = blake3::Hasher::new();
+    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        let path = model_dir.join(file);
+        if path.is_file() {
+            tokenizer.update(haloflow::hashing::hash_path(&path)?.as_bytes());
+        }
+    }
+    Ok(tokenizer.finalize().to_hex().to_string())
+}
+
+/// The chat template the tokenizer uses: `chat_template.jinja` (which takes precedence, as
+/// transformers 5 writes it), else the `chat_template` of `tokenizer_config.json` (a string, or
+/// JSON text for template lists).
 fn chat_template(model_dir: &Path) -> Option<String> {
+    if let Ok(source) = std::fs::read_to_string(model_dir.join("chat_template.jinja")) {
+        return Some(source);
+    }
     let text = std::fs::read(model_dir.join("tokenizer_config.json")).ok()?;
     let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
     match config.get("chat_template")? {
@@ -121,5 +133,21 @@ mod tests {
         assert!(a.check(&plain).unwrap_err().to_string().contains("prompt formats differ: cache transcript, expected plain"));
         let old: Fingerprint = serde_json::from_str(r#"{"weights": "w", "tokenizer": "t", "chat_template": null, "max_prompt_length": 8, "max_length": 16, "data": "d"}"#).unwrap();
         assert!(old.check(&a).unwrap_err().to_string().contains("cache unrecorded"));
+    }
+
+    /// A chat_template.jinja (transformers 5's save_pretrained writes the template there, and
+    /// the tokenizer prefers it) is part of the fingerprint: editing it invalidates a cache.
+    #[test]
+    fn chat_template_jinja_is_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "{{ config }}"}"#).unwrap();
+        let without = tokenizer_hash(dir.path()).unwrap();
+        assert_eq!(chat_template(dir.path()).as_deref(), Some("{{ config }}"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "{{ one }}").unwrap();
+        let one = tokenizer_hash(dir.path()).unwrap();
+        assert_eq!(chat_template(dir.path()).as_deref(), Some("{{ one }}"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "{{ two }}").unwrap();
+        let two = tokenizer_hash(dir.path()).unwrap();
+        assert!(without != one && one != two, "the tokenizer hash ignores chat_template.jinja");
     }
 }

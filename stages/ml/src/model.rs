@@ -13,8 +13,10 @@ use crate::lora::{self, AdapterFile, Lora, LoraConfig};
 use crate::network::Network;
 use crate::weights;
 
-/// Files besides the weights that make a Hugging Face model directory; copied on save.
-pub const SIDE_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+/// Files besides the weights that make a Hugging Face model directory; copied on save
+/// (`chat_template.jinja`: where transformers 5 saves the chat template, which the tokenizer
+/// prefers to tokenizer_config.json's).
+pub const SIDE_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"];
 
 /// A model with its variables.
 pub struct CausalLm {
@@ -154,4 +156,32 @@ fn resolve(dir: &Path) -> Result<(Option<AdapterFile>, PathBuf)> {
         None => dir.to_path_buf(),
     };
     Ok((adapter, base))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A saved model keeps its tokenizer files, the chat template of a transformers 5 directory
+    /// (chat_template.jinja) included: without it a policy trained from Gemma 3 would be
+    /// sampled with an HH transcript instead of its template.
+    #[test]
+    fn save_copies_the_tokenizer_files_and_chat_template_jinja() {
+        let src = tempfile::tempdir().unwrap();
+        for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+            std::fs::write(src.path().join(file), file).unwrap();
+        }
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        let model = CausalLm::random(config, src.path(), Device::Cpu, Kind::Float).unwrap();
+        let out = src.path().join("saved");
+        model.save(&out).unwrap();
+        for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+            assert_eq!(std::fs::read_to_string(out.join(file)).unwrap(), file, "{file} of the saved model");
+        }
+        assert!(out.join("model.safetensors").is_file() && !out.join("special_tokens_map.json").exists());
+    }
 }
