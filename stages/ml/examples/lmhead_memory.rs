@@ -16,10 +16,8 @@ use tch::{Device, Kind};
 
 /// A `/proc/self/status` field in MiB.
 fn status_mib(field: &str) -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
-    let kib: f64 = line.split_whitespace().nth(1).context("a value")?.parse()?;
-    Ok(kib / 1024.0)
+    let bytes = haloflow_ml::memory::process_status_bytes(field).with_context(|| format!("no {field} in /proc/self/status"))?;
+    Ok(bytes / 1024.0 / 1024.0)
 }
 
 fn main() -> Result<()> {

@@ -17,9 +17,12 @@
 //!   per layer and token the tensors autograd keeps — the two RMSNorms' inputs and outputs
 //!   (plus their f32 copies below f32), rotated q and k, v, the attention output and its
 //!   log-sum-exp per head, and the MLP's gate, up, SiLU(gate) and product — and the head's
-//!   logits (in the dtype, and the f32 copy log-sum-exp keeps) with the three f32 buffers of
-//!   their size that backward holds at once (the gather's scattered gradient, log-sum-exp's,
-//!   and the un-narrowed gradient of the whole sequence). Gemma adds its two further norms'
+//!   logits for the completion positions with gradient ([`Setup::head_positions`]: only those
+//!   reach the LM head, `logprobs::completion_logps`), in the dtype and the f32 copy
+//!   log-sum-exp keeps, with the three f32 buffers of their size that backward holds at once
+//!   (the gather's scattered gradient, log-sum-exp's, and the gradient of the gathered rows),
+//!   or, when it is more, the kept logits with one chunk of the passes without gradient
+//!   (`chunk` positions' f32 logits and log-softmax's temporary), which run before backward. Gemma adds its two further norms'
 //!   inputs and outputs, Qwen3 and Gemma 3 the q/k norms' inputs; Gemma 2's soft-capped
 //!   attention is computed outside SDPA and keeps, per head and key, the capped logits and the
 //!   probabilities (dtype) and the softmax output (f32), plus the key/value heads repeated to
@@ -27,8 +30,11 @@
 //!   With checkpointing only each layer's input is kept, plus one layer's activations while it
 //!   is recomputed. Attention scores are not counted (SDPA's fused kernels do not keep them).
 //!
-//! Not counted: the framework's own memory (libtorch, allocator caches), the data, PPO's value
-//! head, and the no-grad forwards (reference, KL partners) beyond their logits.
+//! The framework's own memory (libtorch's code and state, the tokenizer, the data) is the
+//! `runtime` part: the process's resident memory when the estimate is made ([`Setup::runtime`],
+//! host memory; the CUDA fit check compares [`Estimate::tensors`] with the device's free memory).
+//! Not counted: allocator caches, PPO's value head, and the no-grad forwards (reference, KL
+//! partners) beyond their LM head's chunk.
 
 use serde::Serialize;
 
@@ -47,6 +53,13 @@ pub struct Setup {
     pub sequences: usize,
     /// Tokens per sequence (the longest a microbatch may pad to).
     pub length: usize,
+    /// Completion positions a microbatch's passes with gradient run through the LM head (the
+    /// most of any microbatch); at most `sequences × length`, the bound taken without data.
+    pub head_positions: usize,
+    /// Positions whose logits the passes without gradient compute at once (`--logits-chunk`).
+    pub chunk: usize,
+    /// Bytes the process holds besides the estimated tensors (see the module documentation).
+    pub runtime: f64,
     /// Activation checkpointing.
     pub checkpointing: bool,
     /// Trained elements when not every parameter is (LoRA adapters); `None`: full training.
@@ -78,11 +91,18 @@ pub struct Estimate {
     pub master_weights: f64,
     /// Activations kept for backward at the peak of one microbatch.
     pub activations: f64,
+    /// The process's own memory (host), measured when the estimate was made.
+    pub runtime: f64,
 }
 
 impl Estimate {
     /// The sum of the parts.
     pub fn total(&self) -> f64 {
+        self.tensors() + self.runtime
+    }
+
+    /// The tensors' part: what a CUDA run holds on the device.
+    pub fn tensors(&self) -> f64 {
         self.weights + self.reference + self.gradients + self.optimizer + self.master_weights + self.activations
     }
 
@@ -98,6 +118,7 @@ impl Estimate {
             "optimizer_gib": gib(self.optimizer),
             "master_weights_gib": gib(self.master_weights),
             "activations_gib": gib(self.activations),
+            "runtime_gib": gib(self.runtime),
             "total_gib": gib(self.total()),
         })
     }
@@ -111,6 +132,7 @@ impl Estimate {
             ("optimizer state", self.optimizer),
             ("master weights", self.master_weights),
             ("activations", self.activations),
+            ("runtime (process)", self.runtime),
             ("total", self.total()),
         ];
         let mut out = format!("parameters {} (trained {})\n", self.parameters, self.trainable);
@@ -161,6 +183,15 @@ fn layer_bytes(c: &Config, dtype_bytes: usize, length: usize) -> f64 {
     in_dtype as f64 * dtype_bytes as f64 + f32s as f64 * 4.0 + bytes
 }
 
+/// The process's `field` of /proc/self/status (`VmRSS:`, `VmHWM:`) in bytes; `None` where it
+/// cannot be read (not Linux).
+pub fn process_status_bytes(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
 /// The estimate for `config` trained as `setup` says.
 pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let parameters = parameter_count(config);
@@ -178,12 +209,15 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let layer = tokens * layer_bytes(config, setup.dtype_bytes, setup.length);
     let layers = config.num_hidden_layers as f64;
     let h = config.hidden_size as f64;
-    let kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
-    // The head: logits in the dtype (when not f32) and as f32, and backward's three f32
-    // buffers of their size.
-    // Soft-capped logits keep one more copy in the dtype (tanh's output).
+    let layers_kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
+    // The head: logits of the completion positions in the dtype (when not f32) and as f32
+    // (soft-capped logits keep one more copy in the dtype, tanh's output), with backward's three
+    // f32 buffers of their size, or, before backward, with one no-grad chunk's f32 logits and
+    // temporary, whichever is more.
     let capped = if config.softcap("final_logit_softcapping").is_some() { s } else { 0.0 };
-    let logits = tokens * config.vocab_size as f64 * (if setup.dtype_bytes < 4 { s } else { 0.0 } + capped + 4.0 + 3.0 * 4.0);
+    let vocab = config.vocab_size as f64;
+    let kept = setup.head_positions as f64 * vocab * (if setup.dtype_bytes < 4 { s } else { 0.0 } + capped + 4.0);
+    let logits = kept + f64::max(setup.head_positions as f64 * vocab * 3.0 * 4.0, setup.chunk as f64 * vocab * 2.0 * 4.0);
     Estimate {
         parameters,
         trainable,
@@ -192,7 +226,8 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
         gradients: t * s,
         optimizer,
         master_weights,
-        activations: kept + logits,
+        activations: layers_kept + logits,
+        runtime: setup.runtime,
     }
 }
 
@@ -210,7 +245,7 @@ mod tests {
     }
 
     fn setup() -> Setup {
-        Setup { dtype_bytes: 2, sequences: 4, length: 1024, checkpointing: false, trainable: None, ranks: 1, shard_optimizer: false, live_reference: false }
+        Setup { dtype_bytes: 2, sequences: 4, length: 1024, head_positions: 4096, chunk: 1024, runtime: 0.0, checkpointing: false, trainable: None, ranks: 1, shard_optimizer: false, live_reference: false }
     }
 
     #[test]
@@ -229,6 +264,13 @@ mod tests {
         let per_layer = 4096.0 * ((16384.0 + 8192.0 + 2048.0 + 57344.0) * 2.0 + (32.0 + 8192.0) * 4.0);
         let logits = 4096.0 * 128256.0 * 18.0;
         assert_eq!(e.activations, 32.0 * per_layer + logits);
+        // Only completion positions reach the LM head with gradient; with few of them the
+        // no-grad passes' chunk (f32 logits and a temporary) beside them is more than backward's buffers.
+        let few = estimate(&c, &Setup { head_positions: 500, ..setup() });
+        assert_eq!(few.activations, 32.0 * per_layer + 500.0 * 128256.0 * 6.0 + 1024.0 * 128256.0 * 8.0);
+        // The runtime counts in the total, not in the tensors a CUDA device holds.
+        let r = estimate(&c, &Setup { runtime: 5e8, ..setup() });
+        assert_eq!((r.total() - e.total(), r.tensors()), (5e8, e.tensors()));
         // Checkpointing keeps each layer's input and one layer's activations.
         let ck = estimate(&c, &Setup { checkpointing: true, ..setup() });
         assert_eq!(ck.activations, 32.0 * 4096.0 * 4096.0 * 2.0 + per_layer + logits);

@@ -21,12 +21,19 @@ pub fn live_reference(args: &Args, halo: &dyn Halo) -> bool {
 }
 
 /// The estimate for `config` trained as `args` say, with microbatches of `rows` rows (pairs
-/// for paired data) of at most `length` tokens, on `ranks` processes in `kind`.
-pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows: usize, paired: bool, length: usize, ranks: usize) -> Estimate {
+/// for paired data) of at most `length` tokens whose passes with gradient run at most
+/// `head_positions` completion positions through the LM head (`None`: every position), on
+/// `ranks` processes in `kind`.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows: usize, paired: bool, length: usize, head_positions: Option<usize>, ranks: usize) -> Estimate {
+    let sequences = rows * if paired { 2 } else { 1 };
     let setup = Setup {
         dtype_bytes: kind.elt_size_in_bytes(),
-        sequences: rows * if paired { 2 } else { 1 },
+        sequences,
         length,
+        head_positions: head_positions.unwrap_or(sequences * length),
+        chunk: args.logits_chunk,
+        runtime: memory::process_status_bytes("VmRSS:").unwrap_or(0.0),
         checkpointing: args.checkpoint_activations,
         // LoRA adapters train only their own elements.
         trainable: args.lora.as_deref().and_then(|text| LoraConfig::parse(text).ok()).map(|lora| lora.adapter_elements(config)),
@@ -39,7 +46,9 @@ pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows:
 
 /// `halo-train --estimate-memory`: the estimate for `--model`'s config.json with microbatches
 /// of `--microbatch-size` rows (pairs for a paired loss) of `--max-length` tokens, on
-/// `WORLD_SIZE` processes (1 when unset); prints it and reads nothing else.
+/// `WORLD_SIZE` processes (1 when unset); prints it and reads nothing else. Without data every
+/// position counts as a completion position reaching the LM head (an upper bound; a run's
+/// summary.json has the estimate for its real completions).
 pub fn print(args: &Args) -> Result<()> {
     let config = haloflow_ml::model::CausalLm::config_of(&args.model)?;
     let device = parse_device(&args.device)?;
@@ -50,9 +59,9 @@ pub fn print(args: &Args) -> Result<()> {
         Err(_) => 1,
     };
     let paired = halo.data() == DataNeed::Paired;
-    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size, paired, args.max_length, ranks);
+    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size, paired, args.max_length, None, ranks);
     println!(
-        "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens, checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
+        "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens (every position counted as a completion position), checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
         args.model.display(),
         config.num_hidden_layers,
         config.hidden_size,
@@ -73,7 +82,7 @@ pub fn print(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// On CUDA, refuses a run whose estimate exceeds the device's free memory (read with
+/// On CUDA, refuses a run whose estimated tensors exceed the device's free memory (read with
 /// `nvidia-smi`; skipped with a warning when it cannot be read). CPU runs are not checked.
 pub fn check_fits(e: &Estimate, device: Device) -> Result<()> {
     let Device::Cuda(index) = device else { return Ok(()) };
@@ -89,8 +98,8 @@ pub fn check_fits(e: &Estimate, device: Device) -> Result<()> {
 /// Refuses an estimate above `free` bytes of CUDA device `index`, with the table and what to
 /// try.
 fn refuse_beyond(e: &Estimate, index: usize, free: f64) -> Result<()> {
-    if e.total() > free {
-        bail!("the memory estimate says this run does not fit on cuda:{index}: it needs {:.2} GiB, {:.2} GiB are free\n{}(try --checkpoint-activations, a smaller --microbatch-size or --max-length, bf16, or --shard-optimizer over more ranks)", e.total() / GIB, free / GIB, e.table());
+    if e.tensors() > free {
+        bail!("the memory estimate says this run does not fit on cuda:{index}: its tensors need {:.2} GiB, {:.2} GiB are free\n{}(try --checkpoint-activations, a smaller --microbatch-size or --max-length, bf16, or --shard-optimizer over more ranks)", e.tensors() / GIB, free / GIB, e.table());
     }
     Ok(())
 }
@@ -126,10 +135,10 @@ mod tests {
         let free = free_cuda_bytes(0, fake.to_str().unwrap()).unwrap();
         assert_eq!(free, 2048.0 * 1024.0 * 1024.0);
         assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), format!("--query-gpu=memory.free --format=csv,noheader,nounits -i {device}"));
-        let e = |gib: f64| Estimate { parameters: 1, trainable: 1, weights: gib * GIB, reference: 0.0, gradients: 0.0, optimizer: 0.0, master_weights: 0.0, activations: 0.0 };
+        let e = |gib: f64| Estimate { parameters: 1, trainable: 1, weights: gib * GIB, reference: 0.0, gradients: 0.0, optimizer: 0.0, master_weights: 0.0, activations: 0.0, runtime: GIB };
         refuse_beyond(&e(1.5), 0, free).unwrap();
         let err = refuse_beyond(&e(2.5), 3, free).unwrap_err().to_string();
-        assert!(err.contains("does not fit on cuda:3: it needs 2.50 GiB, 2.00 GiB are free") && err.contains("--checkpoint-activations"), "{err}");
+        assert!(err.contains("does not fit on cuda:3: its tensors need 2.50 GiB, 2.00 GiB are free") && err.contains("--checkpoint-activations"), "{err}");
         std::fs::write(&fake, "#!/bin/sh\necho 'No devices were found'\n").unwrap();
         let err = format!("{:#}", free_cuda_bytes(0, fake.to_str().unwrap()).unwrap_err());
         assert!(err.contains("not MiB"), "{err}");
