@@ -96,7 +96,7 @@ print(f"checkpointing: peak RSS x{m['ckpt']/m['full']:.2f}, step time x{t['ckpt'
 for name in ("full", "ckpt", "lora", "lora_ckpt"):
     e = json.load(open(f"{w}/{name}.json"))["memory_estimate"]
     est = e["total_gib"] * 1024
-    print(f"estimate {name}: {est:.0f} MiB (activations {e['activations_gib']*1024:.0f} MiB); measured peak {m[name]:.0f} MiB, "
-          f"{m[name] - base:.0f} MiB above the runtime's {base:.0f} MiB (halo-train --estimate-memory's peak RSS); "
-          f"estimate / (peak - runtime) = {est / (m[name] - base):.2f}, estimate / peak = {est / m[name]:.2f}")
+    print(f"estimate {name}: {est:.0f} MiB (activations {e['activations_gib']*1024:.0f} MiB, the process's own {e['runtime_gib']*1024:.0f} MiB); "
+          f"measured peak {m[name]:.0f} MiB; estimate / peak = {est / m[name]:.2f} (target within 15%); "
+          f"halo-train --estimate-memory's own peak RSS {base:.0f} MiB")
 PY
