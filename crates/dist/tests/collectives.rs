@@ -176,20 +176,20 @@ fn output(child: Child) -> (i32, String) {
 /// `all_reduce_coalesced_async`, and gradient buckets started by their hooks during the
 /// backward pass, after it, redone, and rebuilt (see `gradient_buckets`).
 fn async_all_reduce_and_gradient_buckets() {
-    let ranks = spawn("async", free_port());
-    for (rank, child) in ranks.into_iter().enumerate() {
-        let (code, stdout) = output(child);
-        assert_eq!(code, 0, "rank {rank} failed: {stdout}");
-        assert!(stdout.contains(&format!("async and buckets ok on rank {rank}")), "{stdout}");
-    }
+    every_rank_reports("async", "async and buckets ok");
 }
 
 fn every_collective_gives_the_expected_result() {
-    let ranks = spawn("collectives", free_port());
+    every_rank_reports("collectives", "collectives ok");
+}
+
+/// Runs `mode` on the ranks; each must exit 0 and print `ok` with its rank.
+fn every_rank_reports(mode: &str, ok: &str) {
+    let ranks = spawn(mode, free_port());
     for (rank, child) in ranks.into_iter().enumerate() {
         let (code, stdout) = output(child);
         assert_eq!(code, 0, "rank {rank} failed: {stdout}");
-        assert!(stdout.contains(&format!("collectives ok on rank {rank}")), "{stdout}");
+        assert!(stdout.contains(&format!("{ok} on rank {rank}")), "{stdout}");
     }
 }
 

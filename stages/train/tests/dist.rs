@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
@@ -386,14 +386,23 @@ fn overlapped_equals_synchronous(data: &Path, args: &[&str], ranks_only: &[&str]
     sync
 }
 
-#[test]
-fn overlapped_gradient_sync_equals_synchronous_and_one_process_kto_dpo() {
+/// KTO's and DPO's arguments of the overlap tests.
+const OVERLAP_KTO: [&str; 8] = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
+const OVERLAP_DPO: [&str; 10] = ["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--microbatch-size", "4", "--max-steps", "3"];
+
+/// A plan of `rows` rows and 32 pairs, under a temporary directory.
+fn plan_and_pairs(rows: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (plan, pairs) = (dir.path().join("plan.arrow"), dir.path().join("pairs.arrow"));
-    write_plan(&plan, 8, false);
+    write_plan(&plan, rows, false);
     write_pairs(&pairs, 32);
-    let kto = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
-    let dpo = ["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--microbatch-size", "4", "--max-steps", "3"];
+    (dir, plan, pairs)
+}
+
+#[test]
+fn overlapped_gradient_sync_equals_synchronous_and_one_process_kto_dpo() {
+    let (_dir, plan, pairs) = plan_and_pairs(8);
+    let (kto, dpo) = (OVERLAP_KTO, OVERLAP_DPO);
     let sync = overlapped_equals_synchronous(&plan, &kto, &[], &[], 1, "KTO");
     // Without checkpointing every gradient is final after one accumulation: nothing redone,
     // and in each of the 3 steps only the last bucket waits for the last gradient.
@@ -406,12 +415,8 @@ fn overlapped_gradient_sync_equals_synchronous_and_one_process_kto_dpo() {
 /// later steps wait for the count seen before.
 #[test]
 fn overlapped_gradient_sync_with_activation_checkpointing_equals_one_plain_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let (plan, pairs) = (dir.path().join("plan.arrow"), dir.path().join("pairs.arrow"));
-    write_plan(&plan, 12, false);
-    write_pairs(&pairs, 32);
-    let kto = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
-    let dpo = ["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--microbatch-size", "4", "--max-steps", "3"];
+    let (_dir, plan, pairs) = plan_and_pairs(12);
+    let (kto, dpo) = (OVERLAP_KTO, OVERLAP_DPO);
     let ckpt = ["--checkpoint-activations=true"];
     // Against a plain process (prompts shared, as the checkpointed ranks share them).
     for (data, args, plain, grad_accum, what) in [(&plan, &kto[..], &[][..], 2, "KTO, checkpointing, grad_accum 2 per rank"), (&pairs, &dpo[..], &[][..], 1, "DPO, checkpointing")] {
