@@ -14,6 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::network::{Continuation, Network};
+use crate::recompute::grad_if;
 
 /// Default number of positions whose logits are computed at once ([`completion_logps`]).
 pub const LOGITS_CHUNK: usize = 1024;
@@ -291,9 +292,8 @@ pub fn shared_prefix_pass(net: &Network, pairs: &[(&Sequence, &Sequence)], devic
     }
 
     let (prefix_hidden, hidden) = net.shared_forward(&prefix_ids, &prefix_positions, &continuations);
-    let with_grad = |grad: bool, f: &dyn Fn() -> Tensor| if grad { f() } else { tch::no_grad(f) };
     // Each prefix's last position predicts its suffixes' first tokens.
-    let last_hidden = with_grad(sides.contains(&Some(true)), &|| {
+    let last_hidden = grad_if(sides.contains(&Some(true)), || {
         let last: Vec<i64> = prefix.iter().map(|&l| l as i64 - 1).collect();
         let width = prefix_hidden.size()[2];
         let index = Tensor::from_slice(&last).to_device(device).view([b, 1, 1]).expand([b, 1, width], false);
@@ -301,7 +301,7 @@ pub fn shared_prefix_pass(net: &Network, pairs: &[(&Sequence, &Sequence)], devic
     });
     let (mut parts, mut spans, mut offset) = (Vec::new(), Vec::with_capacity(seqs.len()), 0);
     for (((group, longest), continuation), hidden) in groups.iter().zip(&continuations).zip(&hidden) {
-        parts.push(with_grad(continuation.grad, &|| {
+        parts.push(grad_if(continuation.grad, || {
             // Suffix token j is predicted by the prefix's last position (j = 0) or suffix position j − 1.
             let predict = Tensor::cat(&[last_hidden.index_select(0, &continuation.rows), hidden.narrow(1, 0, *longest as i64 - 1)], 1);
             let (mut predictors, mut targets) = (Vec::new(), Vec::new());

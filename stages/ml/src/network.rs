@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 use crate::config::{Architecture, Config};
 use crate::layers::{init_std, Linear, RmsNorm, Rope};
 use crate::lora::Adapter;
-use crate::recompute::{grad_enabled, LayerArgs, Segment, Tape};
+use crate::recompute::{grad_enabled, grad_if, LayerArgs, Segment, Tape};
 use crate::{gemma2, llama};
 
 /// One decoder block.
@@ -241,13 +241,12 @@ impl Network {
     /// `recompute.rs`), prompt sharing and checkpointing together.
     pub fn shared_forward(&self, prefix_ids: &Tensor, prefix_positions: &Tensor, continuations: &[Continuation]) -> (Tensor, Vec<Tensor>) {
         let grad = continuations.iter().any(|c| c.grad) && grad_enabled();
-        let run = |grad: bool, f: &dyn Fn() -> Tensor| if grad { f() } else { tch::no_grad(f) };
-        let mut xs = vec![run(grad, &|| self.embed(prefix_ids))];
+        let mut xs = vec![grad_if(grad, || self.embed(prefix_ids))];
         let kind = xs[0].kind();
         let mut segments = vec![Segment { args: self.layer_args(prefix_positions, prefix_positions, None, kind), continues: None, grad }];
         for c in continuations {
             let key_positions = Tensor::cat(&[&prefix_positions.index_select(0, &c.rows), &c.positions], 1);
-            xs.push(run(c.grad && grad, &|| self.embed(&c.ids)));
+            xs.push(grad_if(c.grad && grad, || self.embed(&c.ids)));
             segments.push(Segment { args: self.layer_args(&c.positions, &key_positions, Some(&c.mask), kind), continues: Some(c.rows.shallow_clone()), grad: c.grad && grad });
         }
         let grads: Vec<bool> = segments.iter().map(|s| s.grad).collect();
@@ -256,7 +255,7 @@ impl Network {
         } else {
             (0..self.layers.len()).fold(xs, |xs, i| self.segments(i, &xs, &segments))
         };
-        let mut hidden = xs.iter().zip(grads).map(|(x, grad)| run(grad, &|| self.norm.forward(x)));
+        let mut hidden = xs.iter().zip(grads).map(|(x, grad)| grad_if(grad, || self.norm.forward(x)));
         let prefix = hidden.next().expect("the prompt's hidden states");
         (prefix, hidden.collect())
     }
@@ -274,17 +273,16 @@ impl Network {
     /// whose keys and values it keeps), then each continuation from its prompt rows' keys and
     /// values; a segment without gradient under no-grad.
     fn segments(&self, i: usize, xs: &[Tensor], segments: &[Segment]) -> Vec<Tensor> {
-        let run = |grad: bool, f: &mut dyn FnMut() -> Tensor| if grad { f() } else { tch::no_grad(f) };
         if segments.len() == 1 {
-            return vec![run(segments[0].grad, &mut || self.layer(i, &xs[0], &segments[0].args, None))];
+            return vec![grad_if(segments[0].grad, || self.layer(i, &xs[0], &segments[0].args, None))];
         }
         let mut slot = None;
-        let mut out = vec![run(segments[0].grad, &mut || self.layer(i, &xs[0], &segments[0].args, Some(&mut slot)))];
+        let mut out = vec![grad_if(segments[0].grad, || self.layer(i, &xs[0], &segments[0].args, Some(&mut slot)))];
         let (k, v) = slot.expect("the prompt's keys and values");
         for (x, s) in xs[1..].iter().zip(&segments[1..]) {
             let rows = s.continues.as_ref().expect("a continuation names its prompt rows");
             let mut slot = Some((k.index_select(0, rows), v.index_select(0, rows)));
-            out.push(run(s.grad, &mut || self.layer(i, x, &s.args, Some(&mut slot))));
+            out.push(grad_if(s.grad, || self.layer(i, x, &s.args, Some(&mut slot))));
         }
         out
     }

@@ -92,6 +92,15 @@ pub fn grad_enabled() -> bool {
     (Tensor::ones([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true) * 1.0).requires_grad()
 }
 
+/// Runs `f` keeping its graph when `grad` holds, else under no-grad.
+pub fn grad_if<T>(grad: bool, f: impl FnOnce() -> T) -> T {
+    if grad {
+        f()
+    } else {
+        tch::no_grad(f)
+    }
+}
+
 impl Tape {
     /// Turns checkpointing on or off.
     pub fn set_enabled(&self, on: bool) {
@@ -166,12 +175,9 @@ impl Tape {
                 backward_products(&ys, &grads)?;
                 grads = inputs.iter().map(|x| x.grad()).collect();
             }
-            let firsts: Vec<Tensor> = record.inputs[0].iter().map(|x| x.shallow_clone()).collect();
-            let trained: Vec<usize> = (0..firsts.len()).filter(|&s| firsts[s].requires_grad()).collect();
-            if !trained.is_empty() {
-                let (firsts, grads): (Vec<Tensor>, Vec<Tensor>) = trained.iter().map(|&s| (firsts[s].shallow_clone(), grads[s].shallow_clone())).unzip();
-                backward_products(&firsts, &grads)?;
-            }
+            // The embedding, when it is trained, gets its gradient from the first layer's inputs.
+            let (firsts, grads): (Vec<Tensor>, Vec<Tensor>) = record.inputs[0].iter().zip(&grads).filter(|(x, _)| x.requires_grad()).map(|(x, g)| (x.shallow_clone(), g.shallow_clone())).unzip();
+            backward_products(&firsts, &grads)?;
         }
         Ok(())
     }

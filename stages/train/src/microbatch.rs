@@ -11,6 +11,7 @@ use haloflow_ml::logprobs::{sequence_logps, shareable_prefix, shared_prefix_pass
 use haloflow_ml::losses::ppo::{TokenLogps, ValueHead};
 use haloflow_ml::losses::{Halo, KlPartners, LossInputs, LossOutput, Sums};
 use haloflow_ml::model::CausalLm;
+use haloflow_ml::recompute::grad_if;
 use haloflow_ml::tokenize::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
@@ -85,12 +86,7 @@ pub fn reference(args: &Args, tok: &Tokenizer, halo: &dyn Halo, device: Device, 
 fn logps(job: &Job, model: &CausalLm, seqs: &[&Sequence], grad: bool) -> (Tensor, Tensor) {
     let batch = Batch::new(seqs, 0, job.device);
     job.count(Tokens { tokens: batch.tokens, forward: batch.tokens, padded: batch.padded() });
-    let run = || sequence_logps(&model.net, &batch, job.chunk);
-    if grad {
-        run()
-    } else {
-        tch::no_grad(run)
-    }
+    grad_if(grad, || sequence_logps(&model.net, &batch, job.chunk))
 }
 
 /// Summed log-probs and token counts of the sequences of each row, `[first, second]`, each
@@ -286,7 +282,7 @@ fn ppo_inputs(job: &Job, policy: &CausalLm, head: &ValueHead, rows: &[&EncodedRo
         let values = head.forward(&hidden.narrow(1, 0, t - 1).detach().to_kind(Kind::Float));
         (logps, values)
     };
-    let (logps, values) = if grad { run() } else { tch::no_grad(run) };
+    let (logps, values) = grad_if(grad, run);
     let reference = match job.reference {
         Reference::Live(_) | Reference::Base => {
             job.count(Tokens { tokens: batch.tokens, forward: batch.tokens, padded: batch.padded() });
