@@ -3,6 +3,16 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
+/// Process-wide settings of a stage that runs models, before any model work: haloflow's
+/// allocator settings ([`crate::allocator::configure`]) and libtorch's CPU threads (`None`:
+/// libtorch's default).
+pub fn init_process(threads: Option<i32>) {
+    crate::allocator::configure();
+    if let Some(threads) = threads {
+        tch::set_num_threads(threads);
+    }
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
     Ok(match name {

@@ -2,6 +2,7 @@
 //! Qwen2/Qwen3, Gemma 2/3), tokenizers and chat templates, and completion log-probabilities. Only the
 //! machine-learning stages link this crate (and libtorch).
 
+pub mod allocator;
 pub mod chat_template;
 pub mod config;
 pub mod dataset;
@@ -24,3 +25,4 @@ pub mod qwen3;
 pub mod recompute;
 pub mod weights;
 pub mod tokenize;
+

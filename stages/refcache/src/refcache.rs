@@ -28,9 +28,7 @@ pub const DATA_KIND: &str = "haloflow.data_kind";
 
 /// Runs the stage.
 pub fn run(args: &Args) -> Result<()> {
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
+    haloflow_ml::device::init_process(args.threads);
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype, device)?;
     let (data_kind, rows) = dataset::read_rows(&args.data)?;

@@ -85,9 +85,7 @@ pub fn run(args: &Args) -> Result<()> {
 /// The local backend: every rank generates its share, rank 0 writes the outputs.
 fn run_local(args: &Args, rows: &[PromptRow], options: &GenerateOptions) -> Result<()> {
     let model_dir = args.model.as_deref().context("--backend local needs --model (a Hugging Face model directory)")?;
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
+    haloflow_ml::device::init_process(args.threads);
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype, device)?;
     let model_id = match &args.model_id {

@@ -5,7 +5,6 @@ mod checkpoint;
 mod data;
 mod estimate;
 mod fused;
-mod heap;
 mod metrics;
 mod microbatch;
 mod optim;
@@ -227,12 +226,6 @@ pub struct Args {
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<i32>,
-    /// glibc's mmap threshold in KiB: blocks above it are mapped on their own and returned to
-    /// the system when freed, which keeps the heap from growing step after step (see
-    /// `heap.rs`; 0: glibc's own rising threshold). Glibc's MALLOC_MMAP_THRESHOLD_,
-    /// MALLOC_TRIM_THRESHOLD_ or MALLOC_TOP_PAD_ in the environment take precedence.
-    #[arg(long, default_value_t = 1024)]
-    pub malloc_mmap_threshold_kib: usize,
     /// EMA weight smoothing the report's training curves (TensorBoard's; 0: none), in [0, 1).
     #[arg(long, default_value_t = 0.6, value_parser = report::smoothing_weight)]
     pub smoothing: f64,

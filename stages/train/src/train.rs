@@ -233,10 +233,7 @@ fn dropout_seed(seed: u64, step: usize, rank: usize) -> i64 {
 
 /// Runs the stage.
 pub fn run(args: &Args) -> Result<()> {
-    crate::heap::fix_mmap_threshold(args.malloc_mmap_threshold_kib)?;
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
+    haloflow_ml::device::init_process(args.threads);
     let (ranks, device) = Ranks::join(args)?;
     let kind = parse_dtype(&args.dtype, device)?;
     let adam = AdamWConfig { beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_eps, weight_decay: args.weight_decay };
