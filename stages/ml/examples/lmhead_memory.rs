@@ -2,7 +2,11 @@
 //! a 128k vocabulary, full logits against completion-only chunks. Run by `ci/bench-lmhead.sh`,
 //! one process per mode, since peak RSS is per process:
 //!
-//!     lmhead_memory full|chunked [--grad] [--chunk N]
+//!     lmhead_memory full|chunked [--grad [--frozen]] [--chunk N] [--vocab V] [--hidden H]
+//!                   [--rows R] [--prompt P] [--completion C]
+//!
+//! `--frozen`: the head's weights take no gradient (LoRA), only the hidden states do. The
+//! other sizes default to 128256, 64, 4, 512 and 512.
 //!
 //! Prints one JSON line: RSS before the step, peak RSS after it (VmHWM), in MiB.
 
@@ -24,25 +28,35 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("chunked");
     let grad = args.iter().any(|a| a == "--grad");
-    let chunk = match args.iter().position(|a| a == "--chunk") {
-        Some(i) => args.get(i + 1).context("--chunk N")?.parse()?,
-        None => LOGITS_CHUNK,
+    let frozen = args.iter().any(|a| a == "--frozen");
+    let number = |name: &str, default: usize| -> Result<usize> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => args.get(i + 1).with_context(|| format!("{name} N"))?.parse().with_context(|| format!("{name}: not a number")),
+            None => Ok(default),
+        }
     };
-    let (rows, prompt, completion) = (4usize, 512usize, 512usize);
-    tch::set_num_threads(1);
+    let chunk = number("--chunk", LOGITS_CHUNK)?;
+    let (vocab, hidden_size) = (number("--vocab", 128256)?, number("--hidden", 64)?);
+    let (rows, prompt, completion) = (number("--rows", 4)?, number("--prompt", 512)?, number("--completion", 512)?);
+    haloflow_ml::device::init_process(Some(1));
     tch::manual_seed(0);
     let config: Config = serde_json::from_value(serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 64,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden_size,
         "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 2048
     }))?;
-    let model = CausalLm::random(config, Path::new("."), Device::Cpu, Kind::Float)?;
+    let mut model = CausalLm::random(config, Path::new("."), Device::Cpu, Kind::Float)?;
+    if frozen {
+        model.vs.freeze();
+    }
     let seqs: Vec<Sequence> = (0..rows)
-        .map(|r| Sequence { ids: (0..prompt + completion).map(|i| ((i * 7919 + r * 104729) % 128256) as i64).collect(), completion_start: prompt })
+        .map(|r| Sequence { ids: (0..prompt + completion).map(|i| ((i * 7919 + r * 104729) % vocab) as i64).collect(), completion_start: prompt })
         .collect();
     let batch = Batch::new(&seqs.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     let step = || -> Result<(f64, f64)> {
         let hidden = batch.hidden_states(&model.net);
+        // Frozen weights: the gradient still reaches the hidden states (through LoRA's layers).
+        let hidden = if frozen { hidden.detach().set_requires_grad(true) } else { hidden };
         let before = status_mib("VmRSS:")?;
         let sums = match mode {
             "full" => target_logps(&model.net.logits(&hidden), &batch).sum_dim_intlist([-1].as_slice(), false, Kind::Float),
@@ -59,7 +73,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"mode": mode, "grad": grad, "chunk": chunk, "positions": rows * (prompt + completion), "completion_positions": rows * completion,
-                           "vocab": 128256, "rss_before_mib": before, "peak_rss_mib": peak, "sum_logps": total})
+                           "vocab": vocab, "frozen": frozen, "rss_before_mib": before, "peak_rss_mib": peak, "sum_logps": total})
     );
     Ok(())
 }

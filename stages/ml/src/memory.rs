@@ -19,10 +19,14 @@
 //!   log-sum-exp per head, and the MLP's gate, up, SiLU(gate) and product — and the head's
 //!   logits for the completion positions with gradient ([`Setup::head_positions`]: only those
 //!   reach the LM head, `logprobs::completion_logps`), in the dtype and the f32 copy
-//!   log-sum-exp keeps, with the three f32 buffers of their size that backward holds at once
-//!   (the gather's scattered gradient, log-sum-exp's, and the gradient of the gathered rows),
-//!   or, when it is more, the kept logits with one chunk of the passes without gradient
-//!   (`chunk` positions' f32 logits and log-softmax's temporary), which run before backward. Gemma adds its two further norms'
+//!   log-sum-exp keeps, with the three f32 buffers that backward holds at once for one chunk
+//!   of `chunk` positions (log-sum-exp's gradient and its temporary, and the gather's scattered
+//!   gradient; backward walks the chunks one by one, freeing each chunk's logits), or, when it
+//!   is more, the kept logits with one chunk of the passes without gradient (`chunk` positions'
+//!   f32 logits and log-softmax's temporary). Measured (`examples/lmhead_memory.rs`, 262k
+//!   vocabulary, mimalloc purging at once): 4.0× the logits of 512 and of 1024 positions, 2.7×
+//!   for 1536 and 2.5× for 2048 in chunks of 1024; the count is 4.0, 4.0, 3.0 and 2.5×, an
+//!   upper bound where the last chunk is partial. Gemma adds its two further norms'
 //!   inputs and outputs, Qwen3 and Gemma 3 the q/k norms' inputs; Gemma 2's soft-capped
 //!   attention is computed outside SDPA and keeps, per head and key, the capped logits and the
 //!   probabilities (dtype) and the softmax output (f32), plus the key/value heads repeated to
@@ -91,6 +95,10 @@ pub struct Estimate {
     pub master_weights: f64,
     /// Activations kept for backward at the peak of one microbatch.
     pub activations: f64,
+    /// The LM head's part of `activations` (logits and backward's buffers).
+    pub head_activations: f64,
+    /// Completion positions counted through the LM head ([`Setup::head_positions`]).
+    pub head_positions: usize,
     /// The process's own memory (host), measured when the estimate was made.
     pub runtime: f64,
 }
@@ -118,6 +126,8 @@ impl Estimate {
             "optimizer_gib": gib(self.optimizer),
             "master_weights_gib": gib(self.master_weights),
             "activations_gib": gib(self.activations),
+            "head_activations_gib": gib(self.head_activations),
+            "head_positions": self.head_positions,
             "runtime_gib": gib(self.runtime),
             "total_gib": gib(self.total()),
         })
@@ -132,6 +142,7 @@ impl Estimate {
             ("optimizer state", self.optimizer),
             ("master weights", self.master_weights),
             ("activations", self.activations),
+            ("  of it LM head", self.head_activations),
             ("runtime (process)", self.runtime),
             ("total", self.total()),
         ];
@@ -212,12 +223,13 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let layers_kept = if setup.checkpointing { layers * tokens * h * s + layer } else { layers * layer };
     // The head: logits of the completion positions in the dtype (when not f32) and as f32
     // (soft-capped logits keep one more copy in the dtype, tanh's output), with backward's three
-    // f32 buffers of their size, or, before backward, with one no-grad chunk's f32 logits and
+    // f32 buffers for one chunk, or, before backward, with one no-grad chunk's f32 logits and
     // temporary, whichever is more.
     let capped = if config.softcap("final_logit_softcapping").is_some() { s } else { 0.0 };
     let vocab = config.vocab_size as f64;
     let kept = setup.head_positions as f64 * vocab * (if setup.dtype_bytes < 4 { s } else { 0.0 } + capped + 4.0);
-    let logits = kept + f64::max(setup.head_positions as f64 * vocab * 3.0 * 4.0, setup.chunk as f64 * vocab * 2.0 * 4.0);
+    let chunk = setup.chunk.max(1) as f64;
+    let head = kept + vocab * 4.0 * f64::max(3.0 * chunk.min(setup.head_positions as f64), 2.0 * chunk);
     Estimate {
         parameters,
         trainable,
@@ -226,7 +238,9 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
         gradients: t * s,
         optimizer,
         master_weights,
-        activations: layers_kept + logits,
+        activations: layers_kept + head,
+        head_activations: head,
+        head_positions: setup.head_positions,
         runtime: setup.runtime,
     }
 }
@@ -262,12 +276,16 @@ mod tests {
         assert_eq!((e.weights, e.gradients, e.optimizer, e.master_weights, e.reference), (2.0 * p, 2.0 * p, 8.0 * p, 4.0 * p, 0.0));
         // Per token and layer: 4·4096 + 2·4096 + 2·1024 + 4·14336 bf16 elements, 32 + 2·4096 f32.
         let per_layer = 4096.0 * ((16384.0 + 8192.0 + 2048.0 + 57344.0) * 2.0 + (32.0 + 8192.0) * 4.0);
-        let logits = 4096.0 * 128256.0 * 18.0;
-        assert_eq!(e.activations, 32.0 * per_layer + logits);
+        // The completions' logits in bf16 and f32, backward's three f32 buffers for one chunk.
+        let logits = 4096.0 * 128256.0 * 6.0 + 3.0 * 1024.0 * 128256.0 * 4.0;
+        assert_eq!((e.activations, e.head_activations, e.head_positions), (32.0 * per_layer + logits, logits, 4096));
         // Only completion positions reach the LM head with gradient; with few of them the
         // no-grad passes' chunk (f32 logits and a temporary) beside them is more than backward's buffers.
         let few = estimate(&c, &Setup { head_positions: 500, ..setup() });
         assert_eq!(few.activations, 32.0 * per_layer + 500.0 * 128256.0 * 6.0 + 1024.0 * 128256.0 * 8.0);
+        // Between the two, backward's buffers for all of them.
+        let some = estimate(&c, &Setup { head_positions: 900, ..setup() });
+        assert_eq!(some.head_activations, 900.0 * 128256.0 * 6.0 + 3.0 * 900.0 * 128256.0 * 4.0);
         // The runtime counts in the total, not in the tensors a CUDA device holds.
         let r = estimate(&c, &Setup { runtime: 5e8, ..setup() });
         assert_eq!((r.total() - e.total(), r.tensors()), (5e8, e.tensors()));

@@ -1,10 +1,12 @@
 //! Loading and saving Hugging Face safetensors checkpoints into a `VarStore`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use tch::{nn::VarStore, Tensor};
+use anyhow::{bail, ensure, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::lora;
 
@@ -50,23 +52,19 @@ fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
     let mut loaded = BTreeSet::new();
     let mut unused = Vec::new();
     for file in files {
-        let tensors = Tensor::read_safetensors(file)
-            .with_context(|| format!("{}: cannot read safetensors (corrupt or truncated?)", file.display()))?;
-        for (key, tensor) in tensors {
-            let name = lora::variable_name(&key).to_string();
+        let corrupt = || format!("{}: cannot read safetensors (corrupt or truncated?)", file.display());
+        let f = File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let entries = read_header(&f).with_context(corrupt)?;
+        for entry in entries {
+            let name = lora::variable_name(&entry.key).to_string();
             let Some(var) = variables.get(&name) else {
                 unused.push(name);
                 continue;
             };
-            if var.size() != tensor.size() {
-                bail!(
-                    "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
-                    file.display(),
-                    tensor.size(),
-                    var.size()
-                );
+            if var.size() != entry.shape {
+                bail!("{}: tensor `{name}` has shape {:?}, the config implies {:?}", file.display(), entry.shape, var.size());
             }
-            tch::no_grad(|| var.shallow_clone().copy_(&tensor));
+            entry.read_into(&f, var).with_context(corrupt)?;
             loaded.insert(name);
         }
     }
@@ -79,6 +77,75 @@ fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
         tracing::debug!(count = unused.len(), first = %unused[0], "checkpoint tensors not used by the model");
     }
     Ok(())
+}
+
+/// One tensor of a safetensors file: its key, shape, element type and where its bytes lie.
+struct Entry {
+    key: String,
+    shape: Vec<i64>,
+    kind: Kind,
+    /// Byte offset in the file and length.
+    offset: u64,
+    len: usize,
+}
+
+/// The tensors of a safetensors file (an 8-byte little-endian header length, a JSON header of
+/// `{key: {dtype, shape, data_offsets}}`, the data), each checked to lie within the file with
+/// as many bytes as its shape and type need.
+fn read_header(file: &File) -> Result<Vec<Entry>> {
+    let size = file.metadata()?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact_at(&mut prefix, 0).context("no header")?;
+    let header_len = u64::from_le_bytes(prefix);
+    ensure!(header_len <= size.saturating_sub(8), "header of {header_len} bytes in a file of {size}");
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)?;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header).context("the header is not a JSON object")?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::new();
+    for (key, info) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
+        let dtype = info["dtype"].as_str().with_context(|| format!("tensor `{key}`: no dtype"))?;
+        let kind = match dtype {
+            "F32" => Kind::Float,
+            "F16" => Kind::Half,
+            "BF16" => Kind::BFloat16,
+            "F64" => Kind::Double,
+            "I64" => Kind::Int64,
+            "I32" => Kind::Int,
+            "I8" => Kind::Int8,
+            "U8" => Kind::Uint8,
+            "BOOL" => Kind::Bool,
+            other => bail!("tensor `{key}`: dtype {other} is not supported"),
+        };
+        let shape: Vec<i64> = serde_json::from_value(info["shape"].clone()).with_context(|| format!("tensor `{key}`: no shape"))?;
+        let [start, end]: [u64; 2] = serde_json::from_value(info["data_offsets"].clone()).with_context(|| format!("tensor `{key}`: no data_offsets"))?;
+        let len = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+        ensure!(end >= start && end - start == len, "tensor `{key}`: {} bytes for shape {shape:?} of {dtype}", end.saturating_sub(start));
+        ensure!(data_start + end <= size, "tensor `{key}` ends at byte {} of a file of {size}", data_start + end);
+        entries.push(Entry { key, shape, kind, offset: data_start + start, len: len as usize });
+    }
+    Ok(entries)
+}
+
+impl Entry {
+    /// Copies the tensor's bytes from `file` into `var` (same shape): straight into its memory
+    /// when it is a contiguous CPU tensor of the same type, else through one buffer of the
+    /// tensor's size (converted by `copy_`). So loading holds the model and at most one
+    /// tensor's bytes, not the whole file besides the model.
+    fn read_into(&self, file: &File, var: &Tensor) -> Result<()> {
+        if var.device() == Device::Cpu && var.kind() == self.kind && var.is_contiguous() {
+            // SAFETY: `var` is a contiguous CPU tensor of `self.len` bytes (same shape and
+            // element type), written only here, without autograd (the bytes are its value).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(var.data_ptr() as *mut u8, self.len) };
+            file.read_exact_at(bytes, self.offset).with_context(|| format!("tensor `{}`", self.key))?;
+        } else {
+            let mut bytes = vec![0u8; self.len];
+            file.read_exact_at(&mut bytes, self.offset).with_context(|| format!("tensor `{}`", self.key))?;
+            let tensor = Tensor::f_from_data_size(&bytes, &self.shape, self.kind)?;
+            tch::no_grad(|| var.shallow_clone().copy_(&tensor));
+        }
+        Ok(())
+    }
 }
 
 /// Writes the variables of `vs` as `DIR/model.safetensors` (sorted by name).

@@ -135,7 +135,7 @@ mod tests {
         let free = free_cuda_bytes(0, fake.to_str().unwrap()).unwrap();
         assert_eq!(free, 2048.0 * 1024.0 * 1024.0);
         assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), format!("--query-gpu=memory.free --format=csv,noheader,nounits -i {device}"));
-        let e = |gib: f64| Estimate { parameters: 1, trainable: 1, weights: gib * GIB, reference: 0.0, gradients: 0.0, optimizer: 0.0, master_weights: 0.0, activations: 0.0, runtime: GIB };
+        let e = |gib: f64| Estimate { parameters: 1, trainable: 1, weights: gib * GIB, reference: 0.0, gradients: 0.0, optimizer: 0.0, master_weights: 0.0, activations: 0.0, head_activations: 0.0, head_positions: 0, runtime: GIB };
         refuse_beyond(&e(1.5), 0, free).unwrap();
         let err = refuse_beyond(&e(2.5), 3, free).unwrap_err().to_string();
         assert!(err.contains("does not fit on cuda:3: its tensors need 2.50 GiB, 2.00 GiB are free") && err.contains("--checkpoint-activations"), "{err}");
