@@ -159,3 +159,44 @@ pub fn save_file(vs: &VarStore, path: &Path) -> Result<()> {
     let tensors: Vec<(&str, Tensor)> = variables.iter().map(|(n, t)| (n.as_str(), t.detach().contiguous())).collect();
     Tensor::write_safetensors(&tensors, path).with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::CausalLm;
+
+    fn tiny(kind: Kind) -> CausalLm {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16
+        }))
+        .unwrap();
+        CausalLm::random(config, Path::new("."), Device::Cpu, kind).unwrap()
+    }
+
+    #[test]
+    fn tensors_load_in_place_or_converted_and_bad_offsets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        tch::manual_seed(1);
+        let saved = tiny(Kind::Float);
+        save_file(&saved.vs, &file).unwrap();
+        // Same type on the CPU: read straight into the variables; bf16: converted by copy_.
+        for kind in [Kind::Float, Kind::BFloat16] {
+            tch::manual_seed(2);
+            let loaded = tiny(kind);
+            load_file(&loaded.vs, &file).unwrap();
+            for (name, var) in saved.vs.variables() {
+                let got = loaded.vs.variables()[&name].to_kind(Kind::Float);
+                let want = var.to_kind(kind).to_kind(Kind::Float);
+                assert!(got.equal(&want), "{name} ({kind:?}) differs after loading");
+            }
+        }
+        // A header whose offsets run past the end of the file names the tensor.
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();
+        let err = format!("{:#}", load_file(&tiny(Kind::Float).vs, &file).unwrap_err());
+        assert!(err.contains("corrupt or truncated") && err.contains("ends at byte"), "{err}");
+    }
+}
