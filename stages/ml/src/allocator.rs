@@ -1,7 +1,8 @@
-//! The allocator of every process that calls [`configure`]: mimalloc, for Rust and libtorch.
+//! The allocator of every binary that links this crate: mimalloc, for Rust and libtorch.
 //! mimalloc's `override` feature makes it the process's `malloc`, `free` and `posix_memalign`,
 //! which both Rust's system allocator and libtorch's CPU allocator call, so a training step's
-//! activations come from it.
+//! activations come from it. The stages that run models apply haloflow's settings with
+//! [`configure`] (through `device::init_process`).
 //!
 //! Why not glibc: its heap either keeps the freed blocks of one step's activations in a heap
 //! that grows by fragmentation from step to step (its default, rising mmap threshold) or maps

@@ -34,9 +34,7 @@ impl Local {
     /// Loads `--judge-model`.
     pub fn from_args(args: &JudgeArgs) -> Result<Local> {
         let dir = args.judge_model.as_ref().context("--backend local needs --judge-model DIR")?;
-        if let Some(threads) = args.threads {
-            tch::set_num_threads(threads);
-        }
+        haloflow_ml::device::init_process(args.threads);
         let device = parse_device(&args.device)?;
         let kind = parse_dtype(&args.dtype, device)?;
         let weights = haloflow_ml::weights::weight_files(dir)?
