@@ -23,8 +23,8 @@
 
 use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
 
-/// mimalloc 2's `mi_option_purge_delay` (its `mimalloc.h`; the Rust bindings name it by its
-/// former name only in comments).
+/// mimalloc 2's `mi_option_purge_delay` (its `mimalloc.h`), which the Rust bindings do not
+/// export.
 const MI_OPTION_PURGE_DELAY: mi_option_t = 15;
 
 /// How long freed memory stays with the process before mimalloc returns it to the system.
