@@ -234,14 +234,9 @@ struct Buckets {
       }
     }
     next = buckets.size();
-    for (size_t k = 0; k < buckets.size(); ++k) {
-      try {
-        wait(buckets[k].work);
-      } catch (const std::exception& e) {
-        throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
-      }
-    }
-    // Which buckets some rank must redo: the flags' maximum over the ranks.
+    // Which buckets some rank must redo: the flags' maximum over the ranks, exchanged before
+    // the buckets are waited for, so that each bucket's sums go into the gradients as soon as
+    // its all-reduce ends while the later ones still run.
     std::vector<int32_t> mine(buckets.size());
     for (size_t k = 0; k < buckets.size(); ++k) mine[k] = buckets[k].dirty ? 1 : 0;
     auto device = group->gloo || buckets.empty() ? at::Device(at::kCPU) : buckets[0].flat.device();
@@ -257,6 +252,11 @@ struct Buckets {
     auto redo = flags.cpu();
     counts[2] = 0;
     for (size_t k = 0; k < buckets.size(); ++k) {
+      try {
+        wait(buckets[k].work);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
+      }
       if (redo[k].item<int32_t>() != 0) {
         ++counts[2];
         try {

@@ -69,33 +69,34 @@ impl AdamW {
         zero_grads(self.slots.values().map(|s| &s.param));
     }
 
-    /// The global L2 norm of all gradients (f64).
+    /// The global L2 norm of all gradients (f64), as torch's `clip_grad_norm_` computes it: each
+    /// gradient's norm in one pass (no squared copy), then the norm of those norms.
     pub fn grad_norm(&self) -> f64 {
-        let squares: Vec<Tensor> = self
-            .slots
-            .values()
-            .map(|s| s.param.grad())
-            .filter(|g| g.defined())
-            .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
-            .collect();
-        if squares.is_empty() {
+        let norms: Vec<Tensor> = self.slots.values().map(|s| s.param.grad()).filter(|g| g.defined()).map(|g| l2_norm(&g)).collect();
+        if norms.is_empty() {
             return 0.0;
         }
-        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[])
+        l2_norm(&Tensor::stack(&norms, 0)).double_value(&[])
     }
 
-    /// Scales gradients so their global norm is at most `max_norm` (as torch's
-    /// `clip_grad_norm_`); returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.grad_norm();
+    /// Multiplies the gradients by `scale` (the accumulator's 1/examples; `None`: leaves them)
+    /// and scales them so that their global norm is at most `max_norm` (as torch's
+    /// `clip_grad_norm_`; 0: no clipping), in one multiplication; returns the norm of the
+    /// scaled gradients before clipping.
+    pub fn scale_and_clip(&mut self, scale: Option<f64>, max_norm: f64) -> f64 {
+        let scale = scale.unwrap_or(1.0);
+        let norm = self.grad_norm() * scale;
         let coef = max_norm / (norm + 1e-6);
-        if max_norm > 0.0 && coef < 1.0 {
-            for slot in self.slots.values_mut() {
-                let mut grad = slot.param.grad();
-                if grad.defined() {
-                    let _ = grad.g_mul_scalar_(coef);
+        let factor = if max_norm > 0.0 && coef < 1.0 { scale * coef } else { scale };
+        if factor != 1.0 {
+            tch::no_grad(|| {
+                for slot in self.slots.values_mut() {
+                    let mut grad = slot.param.grad();
+                    if grad.defined() {
+                        let _ = grad.g_mul_scalar_(factor);
+                    }
                 }
-            }
+            });
         }
         norm
     }
@@ -219,8 +220,8 @@ impl Optimizer {
                 if !summed {
                     ranks.sum_gradients(params)?;
                 }
-                let loss = acc.finish(params);
-                Ok((loss, opt.clip_grad_norm(max_norm)))
+                let (loss, scale) = acc.totals();
+                Ok((loss, opt.scale_and_clip(scale, max_norm)))
             }
             Optimizer::Sharded(opt) => {
                 let (loss, scale) = acc.totals();
@@ -252,6 +253,11 @@ impl Optimizer {
             Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
         }
     }
+}
+
+/// The L2 norm of `t` in f32, in one pass.
+pub fn l2_norm(t: &Tensor) -> Tensor {
+    t.norm_scalaropt_dtype(2.0, Kind::Float)
 }
 
 /// Sets the defined gradients of `params` to zero.
@@ -335,9 +341,26 @@ pub(crate) mod tests {
         let mut opt = AdamW::new(BTreeMap::from([("p".to_string(), p.shallow_clone())]), config(), false);
         (&p * 1.0).sum(Kind::Float).backward();
         (&p * &p).sum(Kind::Float).backward(); // grad = 1 + 2p = (7, 9)
-        let norm = opt.clip_grad_norm(1.0);
+        let norm = opt.scale_and_clip(None, 1.0);
         assert!((norm - (49.0f64 + 81.0).sqrt()).abs() < 1e-5);
         assert!((opt.grad_norm() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_example_scale_comes_before_the_norm_and_the_clip() {
+        let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
+        let mut opt = AdamW::new(BTreeMap::from([("p".to_string(), p.shallow_clone())]), config(), false);
+        (&p * &p).sum(Kind::Float).backward(); // grad = 2p = (6, 8), norm 10
+        // Divided by 4 examples: norm 2.5, under max_norm 3 (no clip): grad (1.5, 2).
+        assert!((opt.scale_and_clip(Some(0.25), 3.0) - 2.5).abs() < 1e-6);
+        assert_eq!(Vec::<f32>::try_from(p.grad()).unwrap(), [1.5, 2.0]);
+        // Divided by 2 more: norm 1.25, clipped to 1: grad (0.6, 0.8).
+        assert!((opt.scale_and_clip(Some(0.5), 1.0) - 1.25).abs() < 1e-6);
+        let g = Vec::<f32>::try_from(p.grad()).unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+        // No examples: the gradients stay as they are.
+        assert!((opt.scale_and_clip(None, 0.0) - 1.0).abs() < 1e-6);
+        assert!((opt.grad_norm() - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::optim::{self, AdamWConfig};
+use crate::optim::{self, l2_norm, AdamWConfig};
 use crate::parallel::{defined_grads, Ranks, BUCKET_ELEMENTS};
 
 /// Where a shard sits in the flat parameter vector (its `.json` beside the tensors).
@@ -160,7 +160,7 @@ impl ShardedAdamW {
                 if let Some(s) = scale {
                     mine *= s;
                 }
-                squares += mine.square().sum(Kind::Float);
+                squares += l2_norm(&mine).square();
                 match &self.master {
                     Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&mine),
                     None => self.flat.write(&grads, self.start + o, &mine),
@@ -313,10 +313,7 @@ mod tests {
                 zero.zero_grad();
                 loss(&plain).backward();
                 loss(&sharded).backward();
-                for g in plain.values().map(Tensor::grad) {
-                    let _ = g.shallow_clone().g_mul_scalar_(0.5);
-                }
-                let a = adamw.clip_grad_norm(max_norm);
+                let a = adamw.scale_and_clip(Some(0.5), max_norm);
                 let z = zero.sync_and_clip(&ranks, Some(0.5), max_norm).unwrap();
                 assert!((a - z).abs() < 1e-5 * a.max(1.0), "{kind:?} step {step}: norm {a} vs {z}");
                 adamw.step(0.01).unwrap();

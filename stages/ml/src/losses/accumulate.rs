@@ -9,7 +9,8 @@ use super::{AllReduce, LossOutput};
 /// Accumulates the microbatches of one optimizer step.
 ///
 /// For each microbatch call [`Accumulator::backward`], which backpropagates `count_k · loss_k`;
-/// then [`Accumulator::finish`] divides the accumulated gradients by `Σ count_k`. The gradients
+/// then the accumulated gradients are multiplied by the factor of [`Accumulator::totals`],
+/// `1 / Σ count_k` (by the optimizer, in the same multiplication as clipping). The gradients
 /// are then those of `Σ_k count_k·loss_k / Σ_k count_k`, the loss of one big batch (summing the
 /// microbatch losses instead would scale the learning rate by their number). The step's
 /// example count need not be known in advance.
@@ -61,22 +62,5 @@ impl Accumulator {
         }
         let scale = 1.0 / self.examples as f64;
         (self.weighted_loss * scale, Some(scale))
-    }
-
-    /// Divides the gradients of `params` by the step's example count and returns the step's
-    /// loss (0 for a step without examples, whose gradients stay untouched).
-    pub fn finish(self, params: &[Tensor]) -> f64 {
-        let (loss, scale) = self.totals();
-        if let Some(scale) = scale {
-            tch::no_grad(|| {
-                for p in params {
-                    let mut grad = p.grad();
-                    if grad.defined() {
-                        grad *= scale;
-                    }
-                }
-            });
-        }
-        loss
     }
 }
