@@ -65,30 +65,43 @@ bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
 
-// The gradient buckets of a data-parallel step whose all-reduces overlap the backward pass,
+// The gradient buckets of a data-parallel step whose collectives overlap the backward pass,
 // as torch's DDP reducer does: a post-accumulate-grad hook on every parameter counts its
 // gradient's accumulations, and once each parameter of a bucket reached the count it had in
 // the previous armed step (1 at first), the bucket's gradients are copied into one flat
-// buffer and its all-reduce starts asynchronously. Buckets start strictly in order, so every
+// buffer and its collective starts asynchronously. Buckets start strictly in order, so every
 // rank issues the same collectives in the same order whatever its hooks saw; `finish` starts
 // the buckets the hooks did not, waits for all, and redoes (on every rank) a bucket one of
-// whose gradients grew after its all-reduce started (activation checkpointing accumulates a
-// layer's gradient once per checkpointed forward, a tied embedding twice). As DDP, the Rust
-// side rebuilds the buckets once, after the first step, in the order in which rank 0's
-// gradients became final.
+// whose gradients grew after its collective started (activation checkpointing accumulates a
+// layer's gradient once per checkpointed forward, a tied embedding twice).
+//
+// A bucket holds pieces of parameters (a range of one flattened parameter each) and its flat
+// buffer may end in zeros. Two kinds:
+// - all-reduce (DDP): whole parameters; the sums are copied back into the gradients. As DDP,
+//   the Rust side rebuilds these buckets once, after the first step, in the order in which
+//   rank 0's gradients became final.
+// - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
+//   keeps the sums of the buffer's r-th slice until `take` copies them out; the gradients are
+//   left as they are.
 struct Buckets {
+  struct Piece {
+    size_t param;
+    int64_t offset, len;
+  };
   struct Bucket {
-    std::vector<size_t> params;
-    size_t pending = 0;  // parameters not at their expected count yet
-    at::Tensor flat;
+    std::vector<Piece> pieces;  // at most one per parameter
+    int64_t numel = 0;          // elements of the flat buffer: the pieces, then zeros
+    size_t pending = 0;         // parameters not at their expected count yet
+    at::Tensor flat, out;
     c10::intrusive_ptr<c10d::Work> work;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
   };
 
   Group* group;  // outlives the buckets (the Rust side holds the process group)
+  int64_t slices = 0;  // 0: all-reduce buckets; else reduce-scatter over this many ranks
   std::vector<at::Tensor> params;
-  std::vector<size_t> bucket_of;
+  std::vector<std::vector<size_t>> buckets_of;  // each parameter's buckets
   std::vector<int64_t> fired, expected;
   std::vector<size_t> last_seen;  // each parameter's last accumulation in the armed step (0: none)
   std::vector<Bucket> buckets;
@@ -98,13 +111,24 @@ struct Buckets {
   std::string error;    // the first failure to start a bucket inside a hook
   std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
 
-  // Bucket k's gradients, flattened (zeros where a parameter has none on this rank).
+  // Bucket b's pieces of the gradients, flattened (zeros where a parameter has no gradient on
+  // this rank, and after the pieces), in f32 for a reduce-scatter.
   at::Tensor flatten(const Bucket& b) {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> parts;
-    for (size_t i : b.params) {
-      const auto& grad = params[i].grad();
-      parts.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+    int64_t filled = 0;
+    for (const auto& piece : b.pieces) {
+      const auto& p = params[piece.param];
+      const auto& grad = p.grad();
+      parts.push_back(grad.defined() ? grad.reshape({-1}).narrow(0, piece.offset, piece.len) : at::zeros({piece.len}, p.options()));
+      filled += piece.len;
+    }
+    if (slices > 0) {
+      for (auto& part : parts) part = part.to(at::kFloat);
+    }
+    if (b.numel > filled || parts.empty()) {
+      auto options = parts.empty() || slices > 0 ? params[0].options().dtype(at::kFloat) : parts[0].options();
+      parts.push_back(at::zeros({b.numel - filled}, options));
     }
     return at::cat(parts);
   }
@@ -112,8 +136,13 @@ struct Buckets {
   void start(size_t k) {
     auto& b = buckets[k];
     b.flat = flatten(b);
-    std::vector<at::Tensor> list{b.flat};
-    b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
+    if (slices == 0) {
+      std::vector<at::Tensor> list{b.flat};
+      b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
+    } else {
+      b.out = at::empty({b.numel / slices}, b.flat.options());
+      b.work = group->backend->_reduce_scatter_base(b.out, b.flat, c10d::ReduceScatterOptions());
+    }
   }
 
   // Starts, in order, the buckets whose gradients are all final (called by the hooks).
@@ -127,10 +156,9 @@ struct Buckets {
   void ready(size_t i) {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed) return;
-    auto& b = buckets[bucket_of[i]];
     last_seen[i] = ++seen;
     if (++fired[i] == expected[i]) {
-      --b.pending;
+      for (size_t k : buckets_of[i]) --buckets[k].pending;
       if (error.empty()) {
         try {
           start_ready();
@@ -138,8 +166,10 @@ struct Buckets {
           error = "starting gradient bucket " + std::to_string(next) + " during backward: " + halo_ffi::first_lines(e);
         }
       }
-    } else if (fired[i] > expected[i] && b.work) {
-      b.dirty = true;
+    } else if (fired[i] > expected[i]) {
+      for (size_t k : buckets_of[i]) {
+        if (buckets[k].work) buckets[k].dirty = true;
+      }
     }
   }
 
@@ -148,8 +178,9 @@ struct Buckets {
     std::fill(fired.begin(), fired.end(), 0);
     std::fill(last_seen.begin(), last_seen.end(), 0);
     for (auto& b : buckets) {
-      b.pending = b.params.size();
+      b.pending = b.pieces.size();
       b.flat = at::Tensor();
+      b.out = at::Tensor();
       b.work.reset();
       b.dirty = false;
       b.started_at = 0;
@@ -160,51 +191,81 @@ struct Buckets {
     armed = true;
   }
 
-  // Puts parameter order[j] into bucket bucket_of[j] (numbered from 0 in order), keeping
-  // each parameter's expected accumulation count. Not while armed.
-  void assign(const size_t* order, const size_t* bucket_of_ordered) {
+  // Sets the buckets (not while armed), checking that each parameter has at most one piece
+  // per bucket, within its elements, and each bucket at least its pieces' elements.
+  void set(std::vector<Bucket> made) {
+    const size_t n = params.size();
+    std::vector<std::vector<size_t>> of(n);
+    for (size_t k = 0; k < made.size(); ++k) {
+      int64_t filled = 0;
+      for (const auto& piece : made[k].pieces) {
+        if (piece.param >= n) throw std::invalid_argument("gradient bucket " + std::to_string(k) + " names parameter " + std::to_string(piece.param) + " of " + std::to_string(n));
+        if (!of[piece.param].empty() && of[piece.param].back() == k) throw std::invalid_argument("parameter " + std::to_string(piece.param) + " has two pieces in gradient bucket " + std::to_string(k));
+        if (piece.offset < 0 || piece.len <= 0 || piece.offset + piece.len > params[piece.param].numel()) {
+          throw std::invalid_argument("a piece of parameter " + std::to_string(piece.param) + " lies outside its " + std::to_string(params[piece.param].numel()) + " elements");
+        }
+        of[piece.param].push_back(k);
+        filled += piece.len;
+      }
+      if (made[k].numel < filled || (slices > 0 && made[k].numel % slices != 0)) {
+        throw std::invalid_argument("gradient bucket " + std::to_string(k) + " of " + std::to_string(made[k].numel) + " elements for pieces of " + std::to_string(filled));
+      }
+    }
     std::lock_guard<std::mutex> lock(mu);
     if (armed) throw std::logic_error("gradient buckets rebuilt while armed");
+    buckets = std::move(made);
+    buckets_of = std::move(of);
+  }
+
+  // All-reduce buckets of whole parameters: parameter order[j] in bucket bucket_of[j]
+  // (numbered from 0 in order), keeping each parameter's expected accumulation count.
+  void assign(const size_t* order, const size_t* bucket_of_ordered) {
+    if (slices != 0) throw std::logic_error("reduce-scatter buckets are not rebuilt");
     const size_t n = params.size();
-    std::vector<bool> seen(n, false);
+    std::vector<bool> placed(n, false);
     std::vector<Bucket> rebuilt;
     for (size_t j = 0; j < n; ++j) {
       size_t i = order[j], k = bucket_of_ordered[j], previous = j == 0 ? 0 : bucket_of_ordered[j - 1];
-      if (i >= n || seen[i]) throw std::invalid_argument("the gradient buckets' order is not a permutation of the " + std::to_string(n) + " parameters");
+      if (i >= n || placed[i]) throw std::invalid_argument("the gradient buckets' order is not a permutation of the " + std::to_string(n) + " parameters");
       if (k != previous && (j == 0 || k != previous + 1)) {
         throw std::invalid_argument("gradient buckets must be numbered in order from 0, parameter " + std::to_string(i) + " is in bucket " + std::to_string(k));
       }
-      seen[i] = true;
+      placed[i] = true;
       if (rebuilt.size() <= k) rebuilt.resize(k + 1);
-      rebuilt[k].params.push_back(i);
-      bucket_of[i] = k;
+      rebuilt[k].pieces.push_back({i, 0, params[i].numel()});
+      rebuilt[k].numel += params[i].numel();
     }
-    buckets = std::move(rebuilt);
+    set(std::move(rebuilt));
   }
 
   // The parameters in the order in which their gradients became final (their last
   // accumulation) in the last armed step, then those not accumulated in it in their buckets'
-  // order.
+  // order (each once).
   void order(size_t* out) {
     std::lock_guard<std::mutex> lock(mu);
     std::vector<size_t> seen_order, rest;
+    std::vector<bool> listed(params.size(), false);
     for (const auto& b : buckets) {
-      for (size_t i : b.params) (last_seen[i] > 0 ? seen_order : rest).push_back(i);
+      for (const auto& piece : b.pieces) {
+        if (listed[piece.param]) continue;
+        listed[piece.param] = true;
+        (last_seen[piece.param] > 0 ? seen_order : rest).push_back(piece.param);
+      }
     }
     std::sort(seen_order.begin(), seen_order.end(), [&](size_t x, size_t y) { return last_seen[x] < last_seen[y]; });
     seen_order.insert(seen_order.end(), rest.begin(), rest.end());
     std::copy(seen_order.begin(), seen_order.end(), out);
   }
 
-  // Copies bucket k's reduced buffer into its parameters' gradients.
+  // Copies all-reduce bucket k's sums into its parameters' gradients.
   void scatter(size_t k) {
     at::NoGradGuard no_grad;
     auto& b = buckets[k];
     int64_t offset = 0;
-    for (size_t i : b.params) {
-      auto& p = params[i];
-      auto part = b.flat.narrow(0, offset, p.numel()).view(p.sizes());
-      offset += p.numel();
+    for (const auto& piece : b.pieces) {
+      auto& p = params[piece.param];
+      auto part = b.flat.narrow(0, offset, piece.len).view(p.sizes());
+      offset += piece.len;
       auto& grad = p.mutable_grad();
       if (grad.defined()) {
         grad.copy_(part);
@@ -212,6 +273,15 @@ struct Buckets {
         grad = part.clone();
       }
     }
+  }
+
+  // Copies reduce-scatter bucket k's slice of the sums into `dst`, once.
+  void take(size_t k, at::Tensor& dst) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (k >= buckets.size() || !buckets[k].out.defined()) throw std::logic_error("gradient bucket " + std::to_string(k) + " holds no sums to take");
+    at::NoGradGuard no_grad;
+    dst.copy_(buckets[k].out);
+    buckets[k].out = at::Tensor();
   }
 
   // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
@@ -263,10 +333,10 @@ struct Buckets {
           start(k);
           wait(buckets[k].work);
         } catch (const std::exception& e) {
-          throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its all-reduce started): " + halo_ffi::first_lines(e));
+          throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
-      scatter(k);
+      if (slices == 0) scatter(k);
       buckets[k].flat = at::Tensor();
       buckets[k].work.reset();
     }
@@ -285,6 +355,37 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
     if (auto b = buckets.lock()) b->ready(index);
   }
 };
+
+}  // namespace
+
+namespace {
+
+// Buckets over the `n` parameters `ps` (see Buckets), made by `fill`, with a hook on each
+// parameter; null with *err set on failure.
+template <typename Fill>
+void* new_buckets(void* g, at::Tensor** ps, size_t n, int64_t slices, char** err, Fill fill) {
+  std::shared_ptr<Buckets>* out = nullptr;
+  guarded(err, [&] {
+    auto b = std::make_shared<Buckets>();
+    b->group = static_cast<Group*>(g);
+    b->slices = slices;
+    b->params = tensors(ps, n);
+    b->fired.assign(n, 0);
+    b->expected.assign(n, 1);
+    b->last_seen.assign(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      if (!b->params[i].requires_grad()) {
+        throw std::invalid_argument("parameter " + std::to_string(i) + " of the gradient buckets does not require grad");
+      }
+    }
+    fill(*b);
+    for (size_t i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
+    }
+    out = new std::shared_ptr<Buckets>(std::move(b));
+  });
+  return out;
+}
 
 }  // namespace
 
@@ -372,33 +473,36 @@ void halo_dist_work_free(void* w) {
   delete static_cast<c10::intrusive_ptr<c10d::Work>*>(w);
 }
 
-// Gradient buckets over `n` parameters, parameter i in bucket bucket_of[i] (buckets numbered
-// from 0 in the order their all-reduces start, the same on every rank), with a hook on each
-// parameter (see Buckets). Returns null and sets *err on failure.
+// All-reduce buckets over `n` parameters, parameter i in bucket bucket_of[i] (buckets
+// numbered from 0 in the order their all-reduces start, the same on every rank).
 void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bucket_of, char** err) {
-  std::shared_ptr<Buckets>* out = nullptr;
-  guarded(err, [&] {
-    auto b = std::make_shared<Buckets>();
-    b->group = static_cast<Group*>(g);
-    b->params = tensors(ps, n);
-    b->bucket_of.assign(n, 0);
-    b->fired.assign(n, 0);
-    b->expected.assign(n, 1);
-    b->last_seen.assign(n, 0);
+  return new_buckets(g, ps, n, 0, err, [&](Buckets& b) {
     std::vector<size_t> identity(n);
-    for (size_t i = 0; i < n; ++i) {
-      identity[i] = i;
-      if (!b->params[i].requires_grad()) {
-        throw std::invalid_argument("parameter " + std::to_string(i) + " of the gradient buckets does not require grad");
-      }
-    }
-    b->assign(identity.data(), bucket_of);
-    for (size_t i = 0; i < n; ++i) {
-      torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
-    }
-    out = new std::shared_ptr<Buckets>(std::move(b));
+    for (size_t i = 0; i < n; ++i) identity[i] = i;
+    b.assign(identity.data(), bucket_of);
   });
-  return out;
+}
+
+// Reduce-scatter buckets over `n` parameters for `slices` ranks: piece j is elements
+// [offset[j], offset[j] + len[j]) of parameter param[j], in bucket bucket[j] (pieces in
+// order, buckets numbered from 0 in order), and bucket k's flat buffer has numel[k] elements
+// (the pieces, then zeros; a multiple of `slices`).
+void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t slices, const size_t* param, const int64_t* offset, const int64_t* len, const size_t* bucket, size_t n_pieces, const int64_t* numel, size_t n_buckets, char** err) {
+  return new_buckets(g, ps, n, slices, err, [&](Buckets& b) {
+    if (slices < 1) throw std::invalid_argument("reduce-scatter buckets need at least 1 rank, got " + std::to_string(slices));
+    std::vector<Buckets::Bucket> made(n_buckets);
+    for (size_t j = 0; j < n_pieces; ++j) {
+      if (bucket[j] >= n_buckets || (j > 0 && bucket[j] < bucket[j - 1])) throw std::invalid_argument("piece " + std::to_string(j) + " is in bucket " + std::to_string(bucket[j]) + " (buckets in order, " + std::to_string(n_buckets) + " of them)");
+      made[bucket[j]].pieces.push_back({param[j], offset[j], len[j]});
+    }
+    for (size_t k = 0; k < n_buckets; ++k) made[k].numel = numel[k];
+    b.set(std::move(made));
+  });
+}
+
+// Copies reduce-scatter bucket k's slice of the sums (after finish) into `dst`.
+int halo_dist_buckets_take(void* bs, size_t k, at::Tensor* dst, char** err) {
+  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->take(k, *dst); });
 }
 
 // Removes the hooks and frees the buckets.

@@ -40,6 +40,21 @@ mod ffi {
         fn halo_dist_buckets_finish(b: *mut c_void, counts: *mut usize, err: *mut *mut c_char) -> c_int;
         fn halo_dist_buckets_order(b: *mut c_void, out: *mut usize);
         fn halo_dist_buckets_assign(b: *mut c_void, order: *const usize, bucket_of: *const usize, err: *mut *mut c_char) -> c_int;
+        fn halo_dist_buckets_new_slices(
+            g: *mut c_void,
+            ps: *const *mut c_void,
+            n: usize,
+            slices: i64,
+            param: *const usize,
+            offset: *const i64,
+            len: *const i64,
+            bucket: *const usize,
+            n_pieces: usize,
+            numel: *const i64,
+            n_buckets: usize,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        fn halo_dist_buckets_take(b: *mut c_void, k: usize, dst: *mut c_void, err: *mut *mut c_char) -> c_int;
     }
 
     /// A c10d process group (and its store), owned.
@@ -135,6 +150,12 @@ mod ffi {
             call(|err| unsafe { halo_dist_buckets_finish(self.0.as_ptr(), counts.as_mut_ptr(), err) })?;
             Ok(counts)
         }
+
+        /// Copies reduce-scatter bucket `k`'s slice of the sums into `dst`, once per step.
+        pub fn take(&self, k: usize, dst: &Tensor) -> Result<(), String> {
+            // SAFETY: a live handle and a live tensor for the call's duration.
+            call(|err| unsafe { halo_dist_buckets_take(self.0.as_ptr(), k, dst.as_ptr() as *mut c_void, err) })
+        }
     }
 
     impl Drop for Buckets {
@@ -174,6 +195,22 @@ mod ffi {
             let p = ptrs(params);
             // SAFETY: live tensors (the shim keeps references) and one bucket per tensor.
             create(|err| unsafe { halo_dist_buckets_new(self.0.as_ptr(), p.as_ptr(), p.len(), bucket_of.as_ptr(), err) }).map(|b| Buckets(b, params.len()))
+        }
+
+        /// Reduce-scatter buckets over `params` for `slices` ranks: each piece (parameter,
+        /// offset, length, bucket) a range of a flattened parameter, in order; bucket k's flat
+        /// buffer has `numel[k]` elements. The group must outlive them.
+        pub fn slice_buckets(&self, params: &[Tensor], slices: usize, pieces: &[(usize, i64, i64, usize)], numel: &[i64]) -> Result<Buckets, String> {
+            let p = ptrs(params);
+            let param: Vec<usize> = pieces.iter().map(|x| x.0).collect();
+            let offset: Vec<i64> = pieces.iter().map(|x| x.1).collect();
+            let len: Vec<i64> = pieces.iter().map(|x| x.2).collect();
+            let bucket: Vec<usize> = pieces.iter().map(|x| x.3).collect();
+            // SAFETY: live tensors (the shim keeps references) and arrays of the lengths given.
+            create(|err| unsafe {
+                halo_dist_buckets_new_slices(self.0.as_ptr(), p.as_ptr(), p.len(), slices as i64, param.as_ptr(), offset.as_ptr(), len.as_ptr(), bucket.as_ptr(), pieces.len(), numel.as_ptr(), numel.len(), err)
+            })
+            .map(|b| Buckets(b, params.len()))
         }
 
         pub fn all_reduce(&self, ts: &[Tensor], op: Op, coalesced: bool) -> Result<(), String> {
@@ -248,6 +285,9 @@ mod ffi {
         pub fn finish(&self) -> Result<[usize; 3], String> {
             match *self {}
         }
+        pub fn take(&self, _: usize, _: &Tensor) -> Result<(), String> {
+            match *self {}
+        }
     }
 
     impl Group {
@@ -280,6 +320,9 @@ mod ffi {
             match *self {}
         }
         pub fn buckets(&self, _: &[Tensor], _: &[usize]) -> Result<Buckets, String> {
+            match *self {}
+        }
+        pub fn slice_buckets(&self, _: &[Tensor], _: usize, _: &[(usize, i64, i64, usize)], _: &[i64]) -> Result<Buckets, String> {
             match *self {}
         }
     }

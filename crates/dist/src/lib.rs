@@ -262,7 +262,8 @@ pub struct BucketCounts {
 /// previous armed step (once at first): activation checkpointing accumulates a layer's
 /// gradient once per checkpointed forward. Buckets start in their order on every rank; as
 /// DDP's, they are rebuilt once, after the first step, in the order in which rank 0's
-/// gradients became final.
+/// gradients became final. ZeRO-1's buckets ([`GradBuckets::slices`]) reduce-scatter ranges
+/// of the parameters instead.
 pub struct GradBuckets {
     // Dropped first: the hooks go before the process group can.
     buckets: Buckets,
@@ -283,6 +284,24 @@ impl GradBuckets {
         Ok(GradBuckets { buckets, dist, params, bucket_bytes, rebuilt: false })
     }
 
+    /// Reduce-scatter buckets (ZeRO-1) over `params`: each piece `(parameter, offset, length,
+    /// bucket)` a range of a flattened parameter, pieces in order; bucket k's flat buffer (in
+    /// f32) has `numel[k]` elements, the pieces then zeros, a multiple of the ranks. Rank r
+    /// keeps the sums of the buffer's r-th slice, which [`GradBuckets::take`] copies out after
+    /// [`GradBuckets::finish`]; the gradients are left as they are. These buckets are never
+    /// rebuilt: their layout is that of the optimizer state.
+    pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64]) -> Result<GradBuckets> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+        let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
+        Ok(GradBuckets { buckets, dist, params, bucket_bytes: 0, rebuilt: true })
+    }
+
+    /// Copies reduce-scatter bucket `k`'s slice of the sums into `dst` (its length), once per
+    /// step, after [`GradBuckets::finish`].
+    pub fn take(&self, k: usize, dst: &Tensor) -> Result<()> {
+        self.buckets.take(k, dst).map_err(|e| anyhow!("rank {}: {e}", self.dist.rank()))
+    }
+
     /// Arms the hooks for the backward passes that follow (a step's last microbatch).
     pub fn arm(&self) {
         self.buckets.arm();
@@ -290,7 +309,7 @@ impl GradBuckets {
 
     /// After the armed backward passes: starts, in order, the buckets the hooks did not (with
     /// zeros for gradients this rank has none of), waits for every bucket, copies the sums
-    /// into the gradients, and all-reduces again on every rank any bucket whose gradient grew
+    /// into the gradients (all-reduce buckets), and reduces again on every rank any bucket whose gradient grew
     /// after its start on some rank (one small all-reduce of flags tells the ranks which).
     /// After the first step, rebuilds the buckets in the order in which rank 0's gradients
     /// became final (a broadcast).

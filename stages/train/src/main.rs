@@ -172,12 +172,12 @@ pub struct Args {
     pub dist_timeout_s: f64,
     /// Data-parallel runs: sum each bucket of gradients over the ranks as soon as the backward
     /// pass of the step's last microbatch finished it, while the backward goes on, as torch's
-    /// DDP does (`--overlap-grad-sync=false`: all buckets after the backward pass). Not with
-    /// --shard-optimizer, whose reduce-scatter follows the backward pass.
+    /// DDP does (`--overlap-grad-sync=false`: all buckets after the backward pass). With
+    /// --shard-optimizer the buckets are ZeRO-1's windows, reduce-scattered the same way.
     #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub overlap_grad_sync: bool,
     /// Data-parallel runs: MiB of gradients per all-reduce (a bucket; torch's DDP's
-    /// bucket_cap_mb).
+    /// bucket_cap_mb), or of f32 gradients per window of ZeRO-1's reduce-scatters.
     #[arg(long, default_value_t = 25.0)]
     pub grad_bucket_mb: f64,
     /// ZeRO-1: shard the AdamW moments and f32 master weights over the ranks

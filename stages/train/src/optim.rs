@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use haloflow_dist::GradBuckets;
 use haloflow_ml::losses::Accumulator;
 use tch::{Kind, Tensor};
 
@@ -211,13 +212,13 @@ impl Optimizer {
         }
     }
 
-    /// Sums the step's gradients over the ranks (unless `summed`: the gradient buckets did
-    /// during the backward pass), divides them by its example count and clips them by global
-    /// norm; returns the step's loss and the norm before clipping.
-    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64, summed: bool) -> Result<(f64, f64)> {
+    /// Sums the step's gradients over the ranks (or takes the sums of `buckets`, whose
+    /// collectives overlapped the backward pass), divides them by its example count and clips
+    /// them by global norm; returns the step's loss and the norm before clipping.
+    pub fn sync_and_clip(&mut self, ranks: &Ranks, params: &[Tensor], acc: Accumulator, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<(f64, f64)> {
         match self {
             Optimizer::Full(opt) => {
-                if !summed {
+                if buckets.is_none() {
                     ranks.sum_gradients(params)?;
                 }
                 let (loss, scale) = acc.totals();
@@ -225,7 +226,7 @@ impl Optimizer {
             }
             Optimizer::Sharded(opt) => {
                 let (loss, scale) = acc.totals();
-                Ok((loss, opt.sync_and_clip(ranks, scale, max_norm)?))
+                Ok((loss, opt.sync_and_clip(ranks, scale, max_norm, buckets)?))
             }
         }
     }

@@ -15,9 +15,6 @@ use tch::{Device, Kind, Tensor};
 
 use crate::Args;
 
-/// Elements per window of ZeRO-1's collectives (about 25 MB of f32, as torch's DDP buckets).
-pub const BUCKET_ELEMENTS: i64 = 25 * 1024 * 1024 / 4;
-
 /// This process's place in the run.
 pub struct Ranks {
     dist: Option<Arc<Dist>>,
@@ -59,6 +56,11 @@ impl Ranks {
     #[cfg(test)]
     pub fn single() -> Ranks {
         Ranks { dist: None, bucket_bytes: 25 * 1024 * 1024 }
+    }
+
+    /// f32 elements per bucket of `--grad-bucket-mb` (ZeRO-1's windows over all ranks).
+    pub fn bucket_elements(&self) -> i64 {
+        (self.bucket_bytes / 4).max(1) as i64
     }
 
     /// This process's rank.
@@ -120,6 +122,14 @@ impl Ranks {
         let Some(dist) = &self.dist else { return Ok(None) };
         let ordered: Vec<Tensor> = backward_order(names).iter().map(|&i| params[i].shallow_clone()).collect();
         GradBuckets::new(dist.clone(), &ordered, self.bucket_bytes).map(Some)
+    }
+
+    /// ZeRO-1's windows as gradient buckets ([`GradBuckets::slices`]: pieces `(parameter,
+    /// offset, length, bucket)`, bucket k of `numel[k]` elements) whose reduce-scatters
+    /// overlap the backward pass (`None` for one process).
+    pub fn slice_buckets(&self, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64]) -> Result<Option<GradBuckets>> {
+        let Some(dist) = &self.dist else { return Ok(None) };
+        GradBuckets::slices(dist.clone(), params, pieces, numel).map(Some)
     }
 
     /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's
@@ -195,7 +205,7 @@ impl Ranks {
 /// Indices of `names` in the reverse of their natural order (numbers compared as numbers,
 /// so `layers.10` after `layers.9`): an approximation of the order in which the backward
 /// pass finishes the parameters' gradients (from the last layer to the first).
-fn backward_order(names: &[String]) -> Vec<usize> {
+pub fn backward_order(names: &[String]) -> Vec<usize> {
     #[derive(PartialEq, Eq, PartialOrd, Ord)]
     enum Part<'a> {
         Number(u64),

@@ -107,8 +107,8 @@ struct Trainer<'a> {
     params: Vec<Tensor>,
     opt: Optimizer,
     max_grad_norm: f64,
-    /// The gradient buckets whose all-reduces overlap the last microbatch's backward pass
-    /// (data-parallel runs with --overlap-grad-sync, not ZeRO-1).
+    /// The gradient buckets whose collectives overlap the last microbatch's backward pass
+    /// (data-parallel runs with --overlap-grad-sync: all-reduces, or ZeRO-1's reduce-scatters).
     grad_buckets: Option<GradBuckets>,
     /// How the buckets were all-reduced, summed over the steps.
     bucket_counts: BucketCounts,
@@ -163,7 +163,7 @@ impl Trainer<'_> {
             tokens = Tokens::from_array(&Vec::<f64>::try_from(ranks.sum(&Tensor::from_slice(&tokens.to_array()))?)?);
         }
         let examples = acc.examples();
-        let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm, self.grad_buckets.is_some())?;
+        let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm, self.grad_buckets.as_ref())?;
         if !grad_norm.is_finite() {
             let ids: Vec<&str> = microbatches.iter().flat_map(|&mb| &self.split.train[mb]).map(|&i| rows[i].id.as_str()).collect();
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
@@ -285,9 +285,14 @@ pub fn run(args: &Args) -> Result<()> {
     });
     params.extend(value_vs.variables());
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
-    let grad_buckets = if args.overlap_grad_sync && !args.shard_optimizer { ranks.grad_buckets(&param_list, &params.keys().cloned().collect::<Vec<_>>())? } else { None };
+    let names: Vec<String> = params.keys().cloned().collect();
     let fused = args.fused_adamw;
     let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
+    let grad_buckets = match &opt {
+        _ if !args.overlap_grad_sync => None,
+        Optimizer::Sharded(zero) => zero.grad_buckets(&ranks)?,
+        Optimizer::Full(_) => ranks.grad_buckets(&param_list, &names)?,
+    };
 
     ranks.check_microbatches(split.train.len(), args.grad_accum)?;
     let per_step = args.grad_accum * ranks.world();

@@ -1,14 +1,17 @@
-//! ZeRO-1 (`--shard-optimizer`): the parameters are seen as one flat f32 vector cut into one
-//! slice per rank; each rank keeps the AdamW moments of its slice only, and f32 master weights
-//! of it when the weights are stored in a narrower type (f32 weights are their own master, as
-//! in [`crate::optim::AdamW`]). A step reduce-scatters the gradients (each rank gets its slice,
-//! summed), clips by the global norm (the slices' squared norms summed), updates the slice and
-//! all-gathers the weights. Both collectives run window by window (about
-//! [`BUCKET_ELEMENTS`] elements over all ranks at a time) between the parameters' own tensors
-//! and the state, so no flat copy of all gradients or weights ever exists: a rank holds the
-//! weights, their gradients and its slice of the state, less than a data-parallel rank
-//! holding the whole state. Checkpoints hold one shard file per rank with its offset; a
-//! resume with another number of ranks re-slices them.
+//! ZeRO-1 (`--shard-optimizer`): the parameters are seen as one flat f32 vector (in the order
+//! of the backward pass, [`backward_order`]) cut into windows of `ranks × window` elements
+//! (`--grad-bucket-mb` of f32 each), rank r owning the r-th `window` elements of every window;
+//! a rank's shard is its parts of all windows, in order. Each rank keeps the AdamW moments of
+//! its shard only, and f32 master weights of it when the weights are stored in a narrower type
+//! (f32 weights are their own master, as in [`crate::optim::AdamW`]). A step reduce-scatters
+//! the gradients window by window (each rank gets its part, summed), clips by the global norm
+//! (the parts' squared norms summed), updates its shard and all-gathers the weights, window by
+//! window between the parameters' own tensors and the state, so no flat copy of all weights
+//! ever exists. With `--overlap-grad-sync` the windows are gradient buckets whose
+//! reduce-scatters start during the backward pass as soon as their gradients are final (the
+//! last layers' windows first); the all-gather after the update is not overlapped.
+//! Checkpoints hold one shard file per rank with the layout; a resume with another number of
+//! ranks re-slices them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,16 +21,71 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::optim::{self, l2_norm, AdamWConfig};
-use crate::parallel::{defined_grads, Ranks, BUCKET_ELEMENTS};
+use haloflow_dist::GradBuckets;
 
-/// Where a shard sits in the flat parameter vector (its `.json` beside the tensors).
+use crate::parallel::{backward_order, defined_grads, Ranks};
+
+/// A shard's place in the flat parameter vector (its `.json` beside the tensors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ShardMeta {
-    start: i64,
-    len: i64,
+    /// The ranks and elements per rank of a window of the run that wrote it.
+    world: i64,
+    window: i64,
     total: i64,
     steps: i64,
     config: AdamWConfig,
+}
+
+/// Which rank holds which elements of the flat vector: windows of `world × window` elements,
+/// rank r owning the r-th `window` elements of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    world: i64,
+    window: i64,
+    /// Windows, the last one padded past the parameters' `total` elements.
+    windows: i64,
+}
+
+impl Layout {
+    /// The layout of `total` elements over `world` ranks, windows of at most `max_window`
+    /// elements per rank (fewer for a model smaller than one window, so the shards are not
+    /// mostly padding).
+    fn new(total: i64, world: i64, max_window: i64) -> Layout {
+        let window = max_window.min((total + world - 1) / world).max(1);
+        Layout { world, window, windows: ((total + world * window - 1) / (world * window)).max(1) }
+    }
+
+    /// Elements of one rank's shard.
+    fn shard_len(&self) -> i64 {
+        self.windows * self.window
+    }
+
+    /// Where window `k` starts in the flat vector.
+    fn window_start(&self, k: i64) -> i64 {
+        k * self.world * self.window
+    }
+
+    /// Where rank `rank`'s part of window `k` starts in the flat vector.
+    fn part(&self, k: i64, rank: i64) -> i64 {
+        self.window_start(k) + rank * self.window
+    }
+
+    /// The flat range `[at, at + n)` by owner: (rank, offset in its shard, offset in the
+    /// range, length).
+    fn runs(&self, at: i64, n: i64) -> impl Iterator<Item = (i64, i64, i64, i64)> + '_ {
+        let span = self.world * self.window;
+        let mut f = at;
+        std::iter::from_fn(move || {
+            (f < at + n).then(|| {
+                let (k, within) = (f / span, f % span);
+                let (rank, i) = (within / self.window, within % self.window);
+                let len = (self.window - i).min(at + n - f);
+                let run = (rank, k * self.window + i, f - at, len);
+                f += len;
+                run
+            })
+        })
+    }
 }
 
 /// Tensors seen as one flat vector (each flattened, in order), copied in and out range by range.
@@ -83,22 +141,19 @@ fn shard_file(dir: &Path, rank: usize, ext: &str) -> std::path::PathBuf {
     dir.join(format!("optimizer-shard-{rank}.{ext}"))
 }
 
-/// AdamW over this rank's slice of the flattened parameters.
+/// AdamW over this rank's shard of the flattened parameters.
 pub struct ShardedAdamW {
     config: AdamWConfig,
     /// Whether the update runs libtorch's fused kernel ([`optim::update_all`]).
     fused: bool,
+    /// The parameters in the flat vector's order.
     params: Vec<Tensor>,
     flat: Flat,
-    /// This rank's offset and slice length; the flat vector is padded to world × len.
-    start: i64,
-    len: i64,
-    world: i64,
-    /// Elements per rank of one collective's window.
-    window: i64,
+    layout: Layout,
+    rank: i64,
     m: Tensor,
     v: Tensor,
-    /// f32 master weights and reduced gradients of the slice when the weights are not f32
+    /// f32 master weights and reduced gradients of the shard when the weights are not f32
     /// (f32 weights and gradients hold them in place).
     master: Option<(Tensor, Tensor)>,
     /// The clipping factor of the step in progress (set by [`ShardedAdamW::sync_and_clip`]).
@@ -108,29 +163,53 @@ pub struct ShardedAdamW {
 }
 
 impl ShardedAdamW {
-    /// The optimizer of rank `ranks.rank()` over `params` (name → tensor, in name order),
-    /// updating with the fused kernel when `fused`.
+    /// The optimizer of rank `ranks.rank()` over `params` (name → tensor), updating with the
+    /// fused kernel when `fused`.
     pub fn new(params: BTreeMap<String, Tensor>, config: AdamWConfig, fused: bool, ranks: &Ranks) -> ShardedAdamW {
-        let params: Vec<Tensor> = params.into_values().collect();
+        let names: Vec<String> = params.keys().cloned().collect();
+        let by_name: Vec<Tensor> = params.into_values().collect();
+        let params: Vec<Tensor> = backward_order(&names).into_iter().map(|i| by_name[i].shallow_clone()).collect();
         let flat = Flat::new(&params);
         let world = ranks.world() as i64;
-        let len = (flat.total + world - 1) / world;
-        let start = ranks.rank() as i64 * len;
-        let device = params[0].device();
-        let zeros = || Tensor::zeros([len], (Kind::Float, device));
-        let master = params.iter().any(|p| p.kind() != Kind::Float).then(|| {
-            let mut weights = zeros();
-            tch::no_grad(|| flat.read(&params, start, &mut weights));
-            (weights, zeros())
-        });
-        let window = (BUCKET_ELEMENTS / world).max(1);
-        ShardedAdamW { config, fused, params, flat, start, len, world, window, m: zeros(), v: zeros(), master, clip: None, steps: 0 }
+        let layout = Layout::new(flat.total, world, (ranks.bucket_elements() / world).max(1));
+        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, clip: None, steps: 0 };
+        zero.set_layout(layout);
+        zero
     }
 
-    /// The windows `(offset in the slice, length)` the collectives go through.
-    fn windows(&self) -> impl Iterator<Item = (i64, i64)> {
-        let (len, window) = (self.len, self.window);
-        (0..len).step_by(window as usize).map(move |o| (o, window.min(len - o)))
+    /// Lays the state out as `layout` says: zero moments, master weights from the parameters.
+    fn set_layout(&mut self, layout: Layout) {
+        self.layout = layout;
+        let device = self.params[0].device();
+        let zeros = || Tensor::zeros([layout.shard_len()], (Kind::Float, device));
+        (self.m, self.v) = (zeros(), zeros());
+        self.master = self.params.iter().any(|p| p.kind() != Kind::Float).then(|| (self.shard_weights(), zeros()));
+    }
+
+    /// The windows `(window, offset in the shard, length)` the collectives go through.
+    fn windows(&self) -> impl Iterator<Item = (i64, i64, i64)> {
+        let Layout { window, windows, .. } = self.layout;
+        (0..windows).map(move |k| (k, k * window, window))
+    }
+
+    /// This rank's elements of the parameters, in f32 (zeros past the end).
+    fn shard_weights(&self) -> Tensor {
+        let weights = Tensor::zeros([self.layout.shard_len()], (Kind::Float, self.params[0].device()));
+        tch::no_grad(|| {
+            for (k, o, n) in self.windows() {
+                self.flat.read(&self.params, self.layout.part(k, self.rank), &mut weights.narrow(0, o, n));
+            }
+        });
+        weights
+    }
+
+    /// The windows as gradient buckets whose reduce-scatters overlap the backward pass
+    /// (`None` for one process).
+    pub fn grad_buckets(&self, ranks: &Ranks) -> Result<Option<GradBuckets>> {
+        let span = self.layout.world * self.layout.window;
+        let pieces: Vec<(usize, i64, i64, usize)> =
+            self.windows().flat_map(|(k, _, _)| self.flat.pieces(self.layout.window_start(k), span).map(move |(i, from, _, len)| (i, from, len, k as usize))).collect();
+        ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize])
     }
 
     /// Clears every gradient.
@@ -138,24 +217,28 @@ impl ShardedAdamW {
         optim::zero_grads(self.params.iter());
     }
 
-    /// Reduce-scatters the gradients, multiplies them by `scale` (the accumulator's
+    /// Reduce-scatters the gradients (or takes the sums of `buckets`, whose reduce-scatters
+    /// overlapped the backward pass), multiplies them by `scale` (the accumulator's
     /// 1/examples) and clips them to the global norm `max_norm` (0: no clipping); returns the
     /// norm before clipping.
-    pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64) -> Result<f64> {
-        ensure!(ranks.world() as i64 == self.world, "ShardedAdamW made for {} ranks, used with {}", self.world, ranks.world());
+    pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
+        ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
         let grads = defined_grads(&self.params);
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
-        for (o, n) in self.windows() {
-            // Rank r's part of this window: its slice's elements [o, o + n).
-            let input = Tensor::zeros([self.world * n], (Kind::Float, device));
-            tch::no_grad(|| {
-                for (r, mut chunk) in input.chunk(self.world, 0).into_iter().enumerate() {
-                    self.flat.read(&grads, r as i64 * self.len + o, &mut chunk);
+        for (k, o, n) in self.windows() {
+            let mut mine = match buckets {
+                Some(buckets) => {
+                    let mine = Tensor::zeros([n], (Kind::Float, device));
+                    buckets.take(k as usize, &mine)?;
+                    mine
                 }
-            });
-            let mut mine = ranks.reduce_scatter(&input)?;
-            drop(input);
+                None => {
+                    let mut input = Tensor::zeros([self.layout.world * n], (Kind::Float, device));
+                    tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
+                    ranks.reduce_scatter(&input)?
+                }
+            };
             tch::no_grad(|| {
                 if let Some(s) = scale {
                     mine *= s;
@@ -163,7 +246,7 @@ impl ShardedAdamW {
                 squares += l2_norm(&mine).square();
                 match &self.master {
                     Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&mine),
-                    None => self.flat.write(&grads, self.start + o, &mine),
+                    None => self.flat.write(&grads, self.layout.part(k, self.rank), &mine),
                 }
             });
         }
@@ -173,21 +256,21 @@ impl ShardedAdamW {
         Ok(norm)
     }
 
-    /// Updates this rank's slice with the gradient of [`ShardedAdamW::sync_and_clip`] and
+    /// Updates this rank's shard with the gradient of [`ShardedAdamW::sync_and_clip`] and
     /// all-gathers the weights into the parameters.
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         let clip = self.clip.take().context("ShardedAdamW::update before sync_and_clip")?;
         self.steps += 1;
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let device = self.m.device();
-        for (o, n) in self.windows() {
+        for (k, o, n) in self.windows() {
             let (weights, mut grad) = match &self.master {
                 Some((master, reduced)) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
                 None => {
                     let (mut w, mut g) = (Tensor::zeros([n], (Kind::Float, device)), Tensor::zeros([n], (Kind::Float, device)));
                     tch::no_grad(|| {
-                        self.flat.read(&self.params, self.start + o, &mut w);
-                        self.flat.read(&grads, self.start + o, &mut g);
+                        self.flat.read(&self.params, self.layout.part(k, self.rank), &mut w);
+                        self.flat.read(&grads, self.layout.part(k, self.rank), &mut g);
                     });
                     (w, g)
                 }
@@ -200,69 +283,69 @@ impl ShardedAdamW {
             })?;
             drop(grad);
             let all = ranks.all_gather(&weights)?;
-            tch::no_grad(|| {
-                for (r, part) in all.chunk(self.world, 0).iter().enumerate() {
-                    self.flat.write(&self.params, r as i64 * self.len + o, part);
-                }
-            });
+            tch::no_grad(|| self.flat.write(&self.params, self.layout.window_start(k), &all));
         }
         Ok(())
     }
 
-    /// Writes this rank's shard (moments, master weights, offset) into `dir`; f32 weights are
+    /// Writes this rank's shard (moments, master weights, layout) into `dir`; f32 weights are
     /// their own master, copied out of the parameters.
     pub fn save(&self, dir: &Path, rank: usize) -> Result<()> {
         let path = shard_file(dir, rank, "safetensors");
         let master = match &self.master {
             Some((master, _)) => master.shallow_clone(),
-            None => {
-                let mut weights = self.m.zeros_like();
-                tch::no_grad(|| self.flat.read(&self.params, self.start, &mut weights));
-                weights
-            }
+            None => self.shard_weights(),
         };
         let tensors = [("m", self.m.shallow_clone()), ("v", self.v.shallow_clone()), ("master", master)].map(|(k, t)| (k.to_string(), t));
         Tensor::write_safetensors(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
-        let meta = ShardMeta { start: self.start, len: self.len, total: self.flat.total, steps: self.steps, config: self.config };
+        let meta = ShardMeta { world: self.layout.world, window: self.layout.window, total: self.flat.total, steps: self.steps, config: self.config };
         haloflow::io::write_json(&shard_file(dir, rank, "json"), &meta)
     }
 
-    /// Restores this rank's slice from the shards in `dir`, written by any number of ranks
+    /// Restores this rank's shard from the shards in `dir`, written by any number of ranks
     /// (the master weights only where they are not the f32 parameters, loaded from the
     /// checkpoint's model).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let total = self.flat.total;
-        let (from, to) = (self.start, (self.start + self.len).min(total));
-        let mut covered = 0;
-        for rank in 0.. {
-            let meta_path = shard_file(dir, rank, "json");
-            if !meta_path.exists() {
-                ensure!(rank > 0, "{}: no optimizer shard in this checkpoint (it was written without --shard-optimizer?)", dir.display());
-                break;
-            }
+        let mut metas = Vec::new();
+        while shard_file(dir, metas.len(), "json").exists() {
+            let meta_path = shard_file(dir, metas.len(), "json");
             let meta: ShardMeta = serde_json::from_slice(&std::fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?)
-                .with_context(|| format!("{}: unreadable", meta_path.display()))?;
+                .with_context(|| format!("{}: unreadable (written by another version of halo-train?)", meta_path.display()))?;
             ensure!(meta.total == total, "{}: the checkpoint's parameters have {} elements, this model {total}", meta_path.display(), meta.total);
-            self.steps = meta.steps;
-            let (lo, hi) = (from.max(meta.start), to.min(meta.start + meta.len).min(total));
-            if lo >= hi {
-                continue;
-            }
-            let path = shard_file(dir, rank, "safetensors");
-            let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?.into_iter().collect();
-            tch::no_grad(|| -> Result<()> {
-                let master = self.master.as_ref().map(|(master, _)| master);
-                for (name, mine) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", master)] {
-                    let saved = tensors.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
-                    if let Some(mine) = mine {
-                        mine.narrow(0, lo - from, hi - lo).copy_(&saved.narrow(0, lo - meta.start, hi - lo));
-                    }
-                }
-                Ok(())
-            })?;
-            covered += hi - lo;
+            metas.push(meta);
         }
-        ensure!(covered == to - from, "{}: the optimizer shards cover {covered} of this rank's {} elements (a shard file is missing)", dir.display(), to - from);
+        let first = metas.first().with_context(|| format!("{}: no optimizer shard in this checkpoint (it was written without --shard-optimizer?)", dir.display()))?;
+        let saved = Layout::new(total, first.world, first.window);
+        ensure!(
+            saved.window == first.window && metas.iter().all(|m| (m.world, m.window, m.steps) == (first.world, first.window, first.steps)),
+            "{}: the optimizer shards disagree on their layout or step",
+            dir.display()
+        );
+        ensure!(metas.len() as i64 == first.world, "{}: {} optimizer shard(s) of the {} ranks that wrote them (a shard file is missing)", dir.display(), metas.len(), first.world);
+        self.steps = first.steps;
+        let mut files: BTreeMap<i64, BTreeMap<String, Tensor>> = BTreeMap::new();
+        for (k, o, n) in self.windows().collect::<Vec<_>>() {
+            let at = self.layout.part(k, self.rank);
+            for (rank, from, to, len) in saved.runs(at, n.min(total - at).max(0)) {
+                if !files.contains_key(&rank) {
+                    let path = shard_file(dir, rank as usize, "safetensors");
+                    let tensors = Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
+                    files.insert(rank, tensors.into_iter().collect());
+                }
+                let tensors = &files[&rank];
+                tch::no_grad(|| -> Result<()> {
+                    let master = self.master.as_ref().map(|(master, _)| master);
+                    for (name, mine) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", master)] {
+                        let saved = tensors.get(name).with_context(|| format!("{}: no tensor {name}", shard_file(dir, rank as usize, "safetensors").display()))?;
+                        if let Some(mine) = mine {
+                            mine.narrow(0, o + to, len).copy_(&saved.narrow(0, from, len));
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
         Ok(())
     }
 }
@@ -283,6 +366,28 @@ mod tests {
         flat.write(&ts, 1, &Tensor::from_slice(&[-2.0f32, -3.0, -4.0, -5.0, -6.0]));
         assert_eq!(Vec::<f32>::try_from(&ts[0]).unwrap(), [1.0, -2.0, -3.0]);
         assert_eq!(Vec::<f32>::try_from(&ts[1].view([-1])).unwrap(), [-4.0, -5.0]);
+    }
+
+    #[test]
+    fn each_rank_owns_its_part_of_every_window() {
+        // 26 elements, 2 ranks, windows of 2 × 4: ranks alternate every 4 elements.
+        let two = Layout::new(26, 2, 4);
+        assert_eq!((two.window, two.windows, two.shard_len()), (4, 4, 16));
+        assert_eq!(two.part(1, 1), 12);
+        let runs: Vec<_> = two.runs(0, 26).collect();
+        assert_eq!(runs, [(0, 0, 0, 4), (1, 0, 4, 4), (0, 4, 8, 4), (1, 4, 12, 4), (0, 8, 16, 4), (1, 8, 20, 4), (0, 12, 24, 2)]);
+        // A model smaller than one window: one window, each rank a third of it.
+        let three = Layout::new(26, 3, 100);
+        assert_eq!((three.window, three.windows), (9, 1));
+        assert_eq!(three.runs(5, 10).collect::<Vec<_>>(), [(0, 5, 0, 4), (1, 0, 4, 6)]);
+        // Every element has one owner, at a place of its shard no other element has.
+        let mut seen = std::collections::HashSet::new();
+        for (rank, at, _, len) in two.runs(0, 26) {
+            for i in 0..len {
+                assert!(seen.insert((rank, at + i)));
+            }
+        }
+        assert_eq!(seen.len(), 26);
     }
 
     /// Window by window, with weights in f32 (their own master) and in bf16 (an f32 master),
@@ -306,7 +411,8 @@ mod tests {
             let mut zero = ShardedAdamW::new(copy(&sharded), config, fused, &ranks);
             // bf16 gradients clipped in place would round: clip the f32 case only.
             let max_norm = if kind == Kind::Float { 2.0 } else { 0.0 };
-            zero.window = 4; // 26 elements: 7 windows, the last one short
+            zero.set_layout(Layout::new(zero.flat.total, 1, 4)); // 26 elements: 7 windows, the last one short
+            assert_eq!(zero.layout.windows, 7);
             let loss = |ps: &BTreeMap<String, Tensor>| ps.values().map(|p| (p.to_kind(Kind::Float) * p.to_kind(Kind::Float) * p.to_kind(Kind::Float)).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b);
             for step in 0..4 {
                 adamw.zero_grad();
@@ -314,7 +420,7 @@ mod tests {
                 loss(&plain).backward();
                 loss(&sharded).backward();
                 let a = adamw.scale_and_clip(Some(0.5), max_norm);
-                let z = zero.sync_and_clip(&ranks, Some(0.5), max_norm).unwrap();
+                let z = zero.sync_and_clip(&ranks, Some(0.5), max_norm, None).unwrap();
                 assert!((a - z).abs() < 1e-5 * a.max(1.0), "{kind:?} step {step}: norm {a} vs {z}");
                 adamw.step(0.01).unwrap();
                 zero.update(&ranks, 0.01).unwrap();

@@ -119,20 +119,30 @@ fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
     assert!(one.status.success());
     let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp", data, &model, args, no_env);
     assert!(outs.iter().all(|o| o.status.success()));
-    let (outs, zero, _) = train_2_ranks(dir.path(), "zero", data, &model, &[args, &["--shard-optimizer"]].concat(), no_env);
+    // ZeRO-1 in windows of 4 KiB (dozens on stories260K), reduce-scattered during the backward
+    // pass, and after it.
+    let zero_args = [args, &["--shard-optimizer", "--grad-bucket-mb", "0.004"]].concat();
+    let (outs, zero, _) = train_2_ranks(dir.path(), "zero", data, &model, &zero_args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (outs, zero_after, _) = train_2_ranks(dir.path(), "zero-after", data, &model, &[&zero_args[..], &["--overlap-grad-sync=false"]].concat(), no_env);
     assert!(outs.iter().all(|o| o.status.success()));
     let steps = single.metrics()["loss"].len();
     assert!(steps >= 3, "{steps} steps");
     let (dm, dw) = (max_metric_diff(&single, &ddp), max_weight_diff(&single, &ddp));
     let (zm, zw) = (max_metric_diff(&ddp, &zero), max_weight_diff(&ddp, &zero));
+    let (am, aw) = (max_metric_diff(&zero_after, &zero), max_weight_diff(&zero_after, &zero));
+    let sync = grad_sync(&zero);
     eprintln!(
-        "{what}, {steps} steps: 2 ranks vs 1 process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}; ZeRO-1 vs DDP: {zm:.3e}, {zw:.3e}; s/step 1 process {:.3}, DDP {:.3}, ZeRO-1 {:.3}",
+        "{what}, {steps} steps: 2 ranks vs 1 process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}; ZeRO-1 vs DDP: {zm:.3e}, {zw:.3e}; ZeRO-1 overlapped vs after backward: {am:.3e}, {aw:.3e} (windows {sync}); s/step 1 process {:.3}, DDP {:.3}, ZeRO-1 {:.3}",
         seconds_per_step(&single),
         seconds_per_step(&ddp),
         seconds_per_step(&zero)
     );
     assert!(dm < 1e-5 && dw < 1e-5, "DDP differs from one process: metrics {dm}, weights {dw}");
     assert!(zm < 1e-5 && zw < 1e-5, "ZeRO-1 differs from DDP: metrics {zm}, weights {zw}");
+    assert!(am < 1e-5 && aw < 1e-5, "ZeRO-1 overlapped differs from ZeRO-1 after backward: metrics {am}, weights {aw}");
+    assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "no ZeRO-1 window was reduce-scattered during backward: {sync}");
+    assert_eq!(grad_sync(&zero_after)["buckets_during_backward"].as_u64(), Some(0));
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(ddp.dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!((summary["ranks"].as_u64(), summary["microbatches_per_step"].as_u64()), (Some(2), Some(2)));
 }
@@ -424,6 +434,10 @@ fn overlapped_gradient_sync_with_activation_checkpointing_equals_one_plain_proce
         let (during, redone) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_redone"].as_u64().unwrap());
         assert!(redone < during / 2, "{what}: most buckets redone: {sync}");
     }
+    // ZeRO-1's windows the same way: a window redone reduce-scatters the local gradients again.
+    let sync = overlapped_equals_synchronous(&pairs, &dpo, &[ckpt[0], "--shard-optimizer"], &[], 1, "DPO, checkpointing, ZeRO-1");
+    let (during, redone) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_redone"].as_u64().unwrap());
+    assert!(redone > 0 && redone < during / 2, "ZeRO-1 with checkpointing: {sync}");
 }
 
 #[test]
