@@ -81,9 +81,12 @@ bool is_loopback(const std::string& host) {
 //   the Rust side rebuilds these buckets once, after the first step, in the order in which
 //   rank 0's gradients became final.
 // - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
-//   keeps the sums of the buffer's r-th slice until `take` copies them out; the gradients are
-//   left as they are.
+//   gets the sums of the buffer's r-th slice, in `dest` (the buckets' slices one after
+//   another) or, without it, in its own part of the (f32) gradients.
 struct Buckets {
+  // Reduce-scatter buckets whose inputs may be held at once (2 × --grad-bucket-mb of f32).
+  static constexpr size_t kMaxInFlight = 2;
+
   struct Piece {
     size_t param;
     int64_t offset, len;
@@ -91,6 +94,7 @@ struct Buckets {
   struct Bucket {
     std::vector<Piece> pieces;  // at most one per parameter
     int64_t numel = 0;          // elements of the flat buffer: the pieces, then zeros
+    int64_t dest_offset = 0;    // where its slice of the sums goes in `dest`
     size_t pending = 0;         // parameters not at their expected count yet
     at::Tensor flat, out;
     c10::intrusive_ptr<c10d::Work> work;
@@ -100,6 +104,7 @@ struct Buckets {
 
   Group* group;  // outlives the buckets (the Rust side holds the process group)
   int64_t slices = 0;  // 0: all-reduce buckets; else reduce-scatter over this many ranks
+  at::Tensor dest;     // reduce-scatter: where the slices of the sums go (undefined: the gradients)
   std::vector<at::Tensor> params;
   std::vector<std::vector<size_t>> buckets_of;  // each parameter's buckets
   std::vector<int64_t> fired, expected;
@@ -134,13 +139,34 @@ struct Buckets {
   }
 
   void start(size_t k) {
+    if (slices > 0) {
+      // A reduce-scatter that ended needs its input no more: free it before making another,
+      // and with kMaxInFlight inputs held, wait for the oldest (the backward pass pauses
+      // while the collectives catch up, so a slow network cannot pile up a copy of every
+      // gradient; the other ranks started those windows before this one, so they end).
+      std::vector<size_t> in_flight;
+      for (size_t j = 0; j < k; ++j) {
+        auto& b = buckets[j];
+        if (!b.flat.defined() || !b.work) continue;
+        if (b.work->isCompleted()) {
+          b.flat = at::Tensor();
+        } else {
+          in_flight.push_back(j);
+        }
+      }
+      for (size_t i = 0; i + kMaxInFlight <= in_flight.size(); ++i) {
+        auto& b = buckets[in_flight[i]];
+        wait(b.work);
+        b.flat = at::Tensor();
+      }
+    }
     auto& b = buckets[k];
     b.flat = flatten(b);
     if (slices == 0) {
       std::vector<at::Tensor> list{b.flat};
       b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
     } else {
-      b.out = at::empty({b.numel / slices}, b.flat.options());
+      b.out = dest.defined() ? dest.narrow(0, b.dest_offset, b.numel / slices) : at::empty({b.numel / slices}, b.flat.options());
       b.work = group->backend->_reduce_scatter_base(b.out, b.flat, c10d::ReduceScatterOptions());
     }
   }
@@ -210,6 +236,12 @@ struct Buckets {
       if (made[k].numel < filled || (slices > 0 && made[k].numel % slices != 0)) {
         throw std::invalid_argument("gradient bucket " + std::to_string(k) + " of " + std::to_string(made[k].numel) + " elements for pieces of " + std::to_string(filled));
       }
+      if (slices > 0) {
+        made[k].dest_offset = k == 0 ? 0 : made[k - 1].dest_offset + made[k - 1].numel / slices;
+      }
+    }
+    if (dest.defined() && (made.empty() ? 0 : made.back().dest_offset + made.back().numel / slices) > dest.numel()) {
+      throw std::invalid_argument("the gradient buckets' slices do not fit the " + std::to_string(dest.numel()) + " elements of their destination");
     }
     std::lock_guard<std::mutex> lock(mu);
     if (armed) throw std::logic_error("gradient buckets rebuilt while armed");
@@ -275,13 +307,22 @@ struct Buckets {
     }
   }
 
-  // Copies reduce-scatter bucket k's slice of the sums into `dst`, once.
-  void take(size_t k, at::Tensor& dst) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (k >= buckets.size() || !buckets[k].out.defined()) throw std::logic_error("gradient bucket " + std::to_string(k) + " holds no sums to take");
+  // Copies reduce-scatter bucket k's slice of the sums into this rank's part of the gradients.
+  void scatter_own(size_t k) {
     at::NoGradGuard no_grad;
-    dst.copy_(buckets[k].out);
-    buckets[k].out = at::Tensor();
+    auto& b = buckets[k];
+    const int64_t size = b.numel / slices, lo = group->backend->getRank() * size, hi = lo + size;
+    int64_t at = 0;
+    for (const auto& piece : b.pieces) {
+      const int64_t from = std::max(at, lo), to = std::min(at + piece.len, hi);
+      if (from < to) {
+        auto& p = params[piece.param];
+        auto& grad = p.mutable_grad();
+        if (!grad.defined()) grad = at::zeros_like(p);
+        grad.view({-1}).narrow(0, piece.offset + from - at, to - from).copy_(b.out.narrow(0, from - lo, to - from));
+      }
+      at += piece.len;
+    }
   }
 
   // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
@@ -309,7 +350,7 @@ struct Buckets {
     // its all-reduce ends while the later ones still run.
     std::vector<int32_t> mine(buckets.size());
     for (size_t k = 0; k < buckets.size(); ++k) mine[k] = buckets[k].dirty ? 1 : 0;
-    auto device = group->gloo || buckets.empty() ? at::Device(at::kCPU) : buckets[0].flat.device();
+    auto device = group->gloo || params.empty() ? at::Device(at::kCPU) : params[0].device();
     auto flags = at::tensor(mine, at::kInt).to(device);
     std::vector<at::Tensor> list{flags};
     c10d::AllreduceOptions max;
@@ -336,7 +377,12 @@ struct Buckets {
           throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
-      if (slices == 0) scatter(k);
+      if (slices == 0) {
+        scatter(k);
+      } else if (!dest.defined()) {
+        scatter_own(k);
+      }
+      buckets[k].out = at::Tensor();
       buckets[k].flat = at::Tensor();
       buckets[k].work.reset();
     }
@@ -486,10 +532,12 @@ void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bu
 // Reduce-scatter buckets over `n` parameters for `slices` ranks: piece j is elements
 // [offset[j], offset[j] + len[j]) of parameter param[j], in bucket bucket[j] (pieces in
 // order, buckets numbered from 0 in order), and bucket k's flat buffer has numel[k] elements
-// (the pieces, then zeros; a multiple of `slices`).
-void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t slices, const size_t* param, const int64_t* offset, const int64_t* len, const size_t* bucket, size_t n_pieces, const int64_t* numel, size_t n_buckets, char** err) {
+// (the pieces, then zeros; a multiple of `slices`). The sums go into `dest` (f32, the
+// buckets' slices one after another) or, when it is null, into the gradients.
+void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t slices, const size_t* param, const int64_t* offset, const int64_t* len, const size_t* bucket, size_t n_pieces, const int64_t* numel, size_t n_buckets, at::Tensor* dest, char** err) {
   return new_buckets(g, ps, n, slices, err, [&](Buckets& b) {
     if (slices < 1) throw std::invalid_argument("reduce-scatter buckets need at least 1 rank, got " + std::to_string(slices));
+    if (dest != nullptr) b.dest = *dest;
     std::vector<Buckets::Bucket> made(n_buckets);
     for (size_t j = 0; j < n_pieces; ++j) {
       if (bucket[j] >= n_buckets || (j > 0 && bucket[j] < bucket[j - 1])) throw std::invalid_argument("piece " + std::to_string(j) + " is in bucket " + std::to_string(bucket[j]) + " (buckets in order, " + std::to_string(n_buckets) + " of them)");
@@ -498,11 +546,6 @@ void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t s
     for (size_t k = 0; k < n_buckets; ++k) made[k].numel = numel[k];
     b.set(std::move(made));
   });
-}
-
-// Copies reduce-scatter bucket k's slice of the sums (after finish) into `dst`.
-int halo_dist_buckets_take(void* bs, size_t k, at::Tensor* dst, char** err) {
-  return guarded(err, [&] { (*static_cast<std::shared_ptr<Buckets>*>(bs))->take(k, *dst); });
 }
 
 // Removes the hooks and frees the buckets.

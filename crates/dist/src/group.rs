@@ -52,9 +52,9 @@ mod ffi {
             n_pieces: usize,
             numel: *const i64,
             n_buckets: usize,
+            dest: *mut c_void,
             err: *mut *mut c_char,
         ) -> *mut c_void;
-        fn halo_dist_buckets_take(b: *mut c_void, k: usize, dst: *mut c_void, err: *mut *mut c_char) -> c_int;
     }
 
     /// A c10d process group (and its store), owned.
@@ -150,12 +150,6 @@ mod ffi {
             call(|err| unsafe { halo_dist_buckets_finish(self.0.as_ptr(), counts.as_mut_ptr(), err) })?;
             Ok(counts)
         }
-
-        /// Copies reduce-scatter bucket `k`'s slice of the sums into `dst`, once per step.
-        pub fn take(&self, k: usize, dst: &Tensor) -> Result<(), String> {
-            // SAFETY: a live handle and a live tensor for the call's duration.
-            call(|err| unsafe { halo_dist_buckets_take(self.0.as_ptr(), k, dst.as_ptr() as *mut c_void, err) })
-        }
     }
 
     impl Drop for Buckets {
@@ -199,8 +193,9 @@ mod ffi {
 
         /// Reduce-scatter buckets over `params` for `slices` ranks: each piece (parameter,
         /// offset, length, bucket) a range of a flattened parameter, in order; bucket k's flat
-        /// buffer has `numel[k]` elements. The group must outlive them.
-        pub fn slice_buckets(&self, params: &[Tensor], slices: usize, pieces: &[(usize, i64, i64, usize)], numel: &[i64]) -> Result<Buckets, String> {
+        /// buffer has `numel[k]` elements; the sums go into `dest` or the gradients. The group
+        /// must outlive them.
+        pub fn slice_buckets(&self, params: &[Tensor], slices: usize, pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<Buckets, String> {
             let p = ptrs(params);
             let param: Vec<usize> = pieces.iter().map(|x| x.0).collect();
             let offset: Vec<i64> = pieces.iter().map(|x| x.1).collect();
@@ -208,7 +203,7 @@ mod ffi {
             let bucket: Vec<usize> = pieces.iter().map(|x| x.3).collect();
             // SAFETY: live tensors (the shim keeps references) and arrays of the lengths given.
             create(|err| unsafe {
-                halo_dist_buckets_new_slices(self.0.as_ptr(), p.as_ptr(), p.len(), slices as i64, param.as_ptr(), offset.as_ptr(), len.as_ptr(), bucket.as_ptr(), pieces.len(), numel.as_ptr(), numel.len(), err)
+                halo_dist_buckets_new_slices(self.0.as_ptr(), p.as_ptr(), p.len(), slices as i64, param.as_ptr(), offset.as_ptr(), len.as_ptr(), bucket.as_ptr(), pieces.len(), numel.as_ptr(), numel.len(), dest.map_or(std::ptr::null_mut(), |d| d.as_ptr() as *mut c_void), err)
             })
             .map(|b| Buckets(b, params.len()))
         }
@@ -285,9 +280,6 @@ mod ffi {
         pub fn finish(&self) -> Result<[usize; 3], String> {
             match *self {}
         }
-        pub fn take(&self, _: usize, _: &Tensor) -> Result<(), String> {
-            match *self {}
-        }
     }
 
     impl Group {
@@ -322,7 +314,7 @@ mod ffi {
         pub fn buckets(&self, _: &[Tensor], _: &[usize]) -> Result<Buckets, String> {
             match *self {}
         }
-        pub fn slice_buckets(&self, _: &[Tensor], _: usize, _: &[(usize, i64, i64, usize)], _: &[i64]) -> Result<Buckets, String> {
+        pub fn slice_buckets(&self, _: &[Tensor], _: usize, _: &[(usize, i64, i64, usize)], _: &[i64], _: Option<&Tensor>) -> Result<Buckets, String> {
             match *self {}
         }
     }

@@ -286,20 +286,15 @@ impl GradBuckets {
 
     /// Reduce-scatter buckets (ZeRO-1) over `params`: each piece `(parameter, offset, length,
     /// bucket)` a range of a flattened parameter, pieces in order; bucket k's flat buffer (in
-    /// f32) has `numel[k]` elements, the pieces then zeros, a multiple of the ranks. Rank r
-    /// keeps the sums of the buffer's r-th slice, which [`GradBuckets::take`] copies out after
-    /// [`GradBuckets::finish`]; the gradients are left as they are. These buckets are never
+    /// f32) has `numel[k]` elements, the pieces then zeros, a multiple of the ranks. After
+    /// [`GradBuckets::finish`] rank r holds the sums of every buffer's r-th slice: in `dest`
+    /// (f32, the buckets' slices one after another), or without it in its own part of the
+    /// (f32) gradients, the rest of which are left as they were. These buckets are never
     /// rebuilt: their layout is that of the optimizer state.
-    pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64]) -> Result<GradBuckets> {
+    pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<GradBuckets> {
         let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-        let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
+        let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel, dest).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
         Ok(GradBuckets { buckets, dist, params, bucket_bytes: 0, rebuilt: true })
-    }
-
-    /// Copies reduce-scatter bucket `k`'s slice of the sums into `dst` (its length), once per
-    /// step, after [`GradBuckets::finish`].
-    pub fn take(&self, k: usize, dst: &Tensor) -> Result<()> {
-        self.buckets.take(k, dst).map_err(|e| anyhow!("rank {}: {e}", self.dist.rank()))
     }
 
     /// Arms the hooks for the backward passes that follow (a step's last microbatch).

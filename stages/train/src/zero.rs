@@ -209,7 +209,8 @@ impl ShardedAdamW {
         let span = self.layout.world * self.layout.window;
         let pieces: Vec<(usize, i64, i64, usize)> =
             self.windows().flat_map(|(k, _, _)| self.flat.pieces(self.layout.window_start(k), span).map(move |(i, from, _, len)| (i, from, len, k as usize))).collect();
-        ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize])
+        let reduced = self.master.as_ref().map(|(_, reduced)| reduced);
+        ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize], reduced)
     }
 
     /// Clears every gradient.
@@ -217,10 +218,10 @@ impl ShardedAdamW {
         optim::zero_grads(self.params.iter());
     }
 
-    /// Reduce-scatters the gradients (or takes the sums of `buckets`, whose reduce-scatters
-    /// overlapped the backward pass), multiplies them by `scale` (the accumulator's
-    /// 1/examples) and clips them to the global norm `max_norm` (0: no clipping); returns the
-    /// norm before clipping.
+    /// Reduce-scatters the gradients (unless `buckets` did during the backward pass) into the
+    /// reduced f32 gradients of the shard (narrow weights) or this rank's part of the f32
+    /// gradients, multiplies them by `scale` (the accumulator's 1/examples) and clips them to
+    /// the global norm `max_norm` (0: no clipping); returns the norm before clipping.
     pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
         ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
         let grads = defined_grads(&self.params);
@@ -228,11 +229,14 @@ impl ShardedAdamW {
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
             let mut mine = match buckets {
-                Some(buckets) => {
-                    let mine = Tensor::zeros([n], (Kind::Float, device));
-                    buckets.take(k as usize, &mine)?;
-                    mine
-                }
+                Some(_) => match &self.master {
+                    Some((_, reduced)) => reduced.narrow(0, o, n),
+                    None => {
+                        let mut mine = Tensor::zeros([n], (Kind::Float, device));
+                        tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut mine));
+                        mine
+                    }
+                },
                 None => {
                     let mut input = Tensor::zeros([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
