@@ -448,3 +448,24 @@ fn overlapped_gradient_sync_with_lora_equals_one_process() {
     let lora = r#"{"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}"#;
     overlapped_equals_synchronous(&plan, &["--loss", "kto", "--reference", "live", "--lr", "1e-2", "--max-steps", "3", "--lora", lora], &[], &[], 1, "KTO + LoRA");
 }
+
+/// ZeRO-1 with bf16 weights (f32 master weights and reduced gradients): the windows
+/// reduce-scattered during the backward pass, straight into the reduced shard, give what the
+/// windows after it give.
+#[test]
+fn zero1_bf16_overlapped_equals_after_backward() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3", "--dtype", "bf16", "--shard-optimizer", "--grad-bucket-mb", "0.004"];
+    let (outs, overlapped, _) = train_2_ranks(dir.path(), "overlapped", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&outs[0].stderr));
+    let (outs, after, _) = train_2_ranks(dir.path(), "after", &plan, &model, &[&args[..], &["--overlap-grad-sync=false"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (m, w) = (max_metric_diff(&after, &overlapped), max_weight_diff(&after, &overlapped));
+    let sync = grad_sync(&overlapped);
+    eprintln!("ZeRO-1 bf16, overlapped vs after backward: max |Δ metric| {m:.3e}, max |Δ weight| {w:.3e}; windows {sync}");
+    assert!(m < 1e-6 && w < 1e-6, "metrics {m}, weights {w}");
+    assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "{sync}");
+}
