@@ -139,7 +139,40 @@ fn gradient_buckets(dist: Arc<Dist>) {
     sum(&a, 1.0).backward();
     drop(buckets);
     sum(&a, 1.0).backward();
+    slice_buckets(&dist);
     println!("async and buckets ok on rank {}", dist.rank());
+}
+
+/// ZeRO-1's reduce-scatter buckets on 2 ranks over p (5 elements) and q (3): [p 0..4] and
+/// [p 4..5, q 0..3, two zeros]; rank r gets the sums of each bucket's r-th half, in its own
+/// part of the gradients (the rest stay local) or in a destination.
+fn slice_buckets(dist: &Arc<Dist>) {
+    let r = dist.rank();
+    let k = r as f64 + 1.0;
+    let pieces = [(0, 0, 4, 0), (0, 4, 1, 1), (1, 0, 3, 1)];
+    for with_dest in [false, true] {
+        let p = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let q = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let dest = Tensor::full([5], -1.0, (Kind::Float, tch::Device::Cpu));
+        let mut buckets = GradBuckets::slices(dist.clone(), &[p.shallow_clone(), q.shallow_clone()], &pieces, &[4, 6], with_dest.then_some(&dest)).unwrap();
+        buckets.arm();
+        // Local gradients: p = k·(1, 2, 3, 4, 5), q = k·(10, 20, 30); sums 3·(1..5) and (30, 60, 90).
+        let c = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]) * k;
+        let d = Tensor::from_slice(&[10.0f32, 20.0, 30.0]) * k;
+        ((&p * c).sum(Kind::Float) + (&q * d).sum(Kind::Float)).backward();
+        let counts = buckets.finish().unwrap();
+        assert_eq!(counts.during_backward + counts.after_backward, 2, "{counts:?}");
+        let (gp, gq) = (values(&p.grad()), values(&q.grad()));
+        let local = |v: &[f64]| v.iter().map(|x| x * k).collect::<Vec<f64>>();
+        match (with_dest, r) {
+            (false, 0) => assert_eq!((gp, gq), (vec![3.0, 6.0, 3.0, 4.0, 15.0], vec![30.0, 60.0, 30.0])),
+            (false, _) => assert_eq!((gp, gq), (vec![2.0, 4.0, 9.0, 12.0, 10.0], vec![20.0, 40.0, 90.0])),
+            (true, _) => {
+                assert_eq!((gp, gq), (local(&[1.0, 2.0, 3.0, 4.0, 5.0]), local(&[10.0, 20.0, 30.0])), "gradients left as they were");
+                assert_eq!(values(&dest), if r == 0 { [3.0, 6.0, 15.0, 30.0, 60.0] } else { [9.0, 12.0, 90.0, 0.0, 0.0] });
+            }
+        }
+    }
 }
 
 fn free_port() -> u16 {

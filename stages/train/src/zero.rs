@@ -18,11 +18,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+use haloflow_dist::GradBuckets;
 use tch::{Kind, Tensor};
 
 use crate::optim::{self, l2_norm, AdamWConfig};
-use haloflow_dist::GradBuckets;
-
 use crate::parallel::{backward_order, defined_grads, Ranks};
 
 /// A shard's place in the flat parameter vector (its `.json` beside the tensors).
@@ -228,19 +227,18 @@ impl ShardedAdamW {
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
-            let mut mine = match buckets {
-                Some(_) => match &self.master {
-                    Some((_, reduced)) => reduced.narrow(0, o, n),
-                    None => {
-                        let mut mine = Tensor::zeros([n], (Kind::Float, device));
-                        tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut mine));
-                        mine
-                    }
-                },
-                None => {
+            // This window's sums: where the buckets put them (`in_place`), or reduce-scattered now.
+            let (mut mine, in_place) = match (buckets, &self.master) {
+                (Some(_), Some((_, reduced))) => (reduced.narrow(0, o, n), true),
+                (Some(_), None) => {
+                    let mut mine = Tensor::zeros([n], (Kind::Float, device));
+                    tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut mine));
+                    (mine, false)
+                }
+                (None, _) => {
                     let mut input = Tensor::zeros([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
-                    ranks.reduce_scatter(&input)?
+                    (ranks.reduce_scatter(&input)?, false)
                 }
             };
             tch::no_grad(|| {
@@ -249,6 +247,7 @@ impl ShardedAdamW {
                 }
                 squares += l2_norm(&mine).square();
                 match &self.master {
+                    _ if in_place => {}
                     Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&mine),
                     None => self.flat.write(&grads, self.layout.part(k, self.rank), &mine),
                 }
