@@ -61,10 +61,13 @@ fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
                 unused.push(name);
                 continue;
             };
+            let Some(kind) = entry.kind else {
+                bail!("{}: tensor `{name}` has dtype {}, which haloflow cannot read", file.display(), entry.dtype);
+            };
             if var.size() != entry.shape {
                 bail!("{}: tensor `{name}` has shape {:?}, the config implies {:?}", file.display(), entry.shape, var.size());
             }
-            entry.read_into(&f, var).with_context(corrupt)?;
+            entry.read_into(&f, kind, var).with_context(corrupt)?;
             loaded.insert(name);
         }
     }
@@ -83,7 +86,9 @@ fn load_files(vs: &VarStore, files: &[PathBuf]) -> Result<()> {
 struct Entry {
     key: String,
     shape: Vec<i64>,
-    kind: Kind,
+    /// The type's name in the file, and its libtorch type where haloflow reads it.
+    dtype: String,
+    kind: Option<Kind>,
     /// Byte offset in the file and length.
     offset: u64,
     len: usize,
@@ -91,7 +96,8 @@ struct Entry {
 
 /// The tensors of a safetensors file (an 8-byte little-endian header length, a JSON header of
 /// `{key: {dtype, shape, data_offsets}}`, the data), each checked to lie within the file with
-/// as many bytes as its shape and type need.
+/// as many bytes as its shape and type need. A type haloflow cannot read (unsigned 16 to 64
+/// bits, 4- and 6-bit floats) is refused only for a tensor the model uses.
 fn read_header(file: &File) -> Result<Vec<Entry>> {
     let size = file.metadata()?.len();
     let mut prefix = [0u8; 8];
@@ -106,34 +112,40 @@ fn read_header(file: &File) -> Result<Vec<Entry>> {
     for (key, info) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
         let dtype = info["dtype"].as_str().with_context(|| format!("tensor `{key}`: no dtype"))?;
         let kind = match dtype {
-            "F32" => Kind::Float,
-            "F16" => Kind::Half,
-            "BF16" => Kind::BFloat16,
-            "F64" => Kind::Double,
-            "I64" => Kind::Int64,
-            "I32" => Kind::Int,
-            "I8" => Kind::Int8,
-            "U8" => Kind::Uint8,
-            "BOOL" => Kind::Bool,
-            other => bail!("tensor `{key}`: dtype {other} is not supported"),
+            "F32" => Some(Kind::Float),
+            "F16" => Some(Kind::Half),
+            "BF16" => Some(Kind::BFloat16),
+            "F64" => Some(Kind::Double),
+            "F8_E4M3" => Some(Kind::Float8e4m3fn),
+            "F8_E5M2" => Some(Kind::Float8e5m2),
+            "I64" => Some(Kind::Int64),
+            "I32" => Some(Kind::Int),
+            "I16" => Some(Kind::Int16),
+            "I8" => Some(Kind::Int8),
+            "U8" => Some(Kind::Uint8),
+            "BOOL" => Some(Kind::Bool),
+            _ => None,
         };
         let shape: Vec<i64> = serde_json::from_value(info["shape"].clone()).with_context(|| format!("tensor `{key}`: no shape"))?;
         let [start, end]: [u64; 2] = serde_json::from_value(info["data_offsets"].clone()).with_context(|| format!("tensor `{key}`: no data_offsets"))?;
-        let len = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
-        ensure!(end >= start && end - start == len, "tensor `{key}`: {} bytes for shape {shape:?} of {dtype}", end.saturating_sub(start));
+        ensure!(end >= start, "tensor `{key}`: data_offsets [{start}, {end}]");
+        if let Some(kind) = kind {
+            let len = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+            ensure!(end - start == len, "tensor `{key}`: {} bytes for shape {shape:?} of {dtype}", end - start);
+        }
         ensure!(data_start + end <= size, "tensor `{key}` ends at byte {} of a file of {size}", data_start + end);
-        entries.push(Entry { key, shape, kind, offset: data_start + start, len: len as usize });
+        entries.push(Entry { key, shape, dtype: dtype.to_string(), kind, offset: data_start + start, len: (end - start) as usize });
     }
     Ok(entries)
 }
 
 impl Entry {
-    /// Copies the tensor's bytes from `file` into `var` (same shape): straight into its memory
-    /// when it is a contiguous CPU tensor of the same type, else through one buffer of the
-    /// tensor's size (converted by `copy_`). So loading holds the model and at most one
-    /// tensor's bytes, not the whole file besides the model.
-    fn read_into(&self, file: &File, var: &Tensor) -> Result<()> {
-        if var.device() == Device::Cpu && var.kind() == self.kind && var.is_contiguous() {
+    /// Copies the tensor's bytes (of type `kind`, the entry's) from `file` into `var` (same
+    /// shape): straight into its memory when it is a contiguous CPU tensor of the same type,
+    /// else through one buffer of the tensor's size (converted by `copy_`). So loading holds
+    /// the model and at most one tensor's bytes, not the whole file besides the model.
+    fn read_into(&self, file: &File, kind: Kind, var: &Tensor) -> Result<()> {
+        if var.device() == Device::Cpu && var.kind() == kind && var.is_contiguous() {
             // SAFETY: `var` is a contiguous CPU tensor of `self.len` bytes (same shape and
             // element type), written only here, without autograd (the bytes are its value).
             let bytes = unsafe { std::slice::from_raw_parts_mut(var.data_ptr() as *mut u8, self.len) };
@@ -141,7 +153,7 @@ impl Entry {
         } else {
             let mut bytes = vec![0u8; self.len];
             file.read_exact_at(&mut bytes, self.offset).with_context(|| format!("tensor `{}`", self.key))?;
-            let tensor = Tensor::f_from_data_size(&bytes, &self.shape, self.kind)?;
+            let tensor = Tensor::f_from_data_size(&bytes, &self.shape, kind)?;
             tch::no_grad(|| var.shallow_clone().copy_(&tensor));
         }
         Ok(())
@@ -165,6 +177,28 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::model::CausalLm;
+
+    /// The bytes of a contiguous CPU tensor.
+    fn raw(t: &Tensor) -> Vec<u8> {
+        let t = t.contiguous();
+        let n = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: `n` bytes of a live contiguous CPU tensor.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }.to_vec()
+    }
+
+    /// A safetensors file of (key, dtype, shape, bytes), as the format lays it out.
+    fn write_raw(path: &Path, tensors: &[(String, &str, Vec<i64>, Vec<u8>)]) {
+        let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+        for (key, dtype, shape, bytes) in tensors {
+            header.insert(key.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}));
+            data.extend_from_slice(bytes);
+        }
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header);
+        out.extend(data);
+        std::fs::write(path, out).unwrap();
+    }
 
     fn tiny(kind: Kind) -> CausalLm {
         let config: Config = serde_json::from_value(serde_json::json!({
@@ -193,6 +227,25 @@ mod tests {
                 assert!(got.equal(&want), "{name} ({kind:?}) differs after loading");
             }
         }
+        // A tensor of a type haloflow cannot read is skipped when unused (U32 here) and named
+        // when the model needs it; FP8 weights load converted.
+        let fp8 = |t: &Tensor| t.to_kind(Kind::Float8e4m3fn);
+        let mut tensors: Vec<(String, &str, Vec<i64>, Vec<u8>)> = saved.vs.variables().into_iter().map(|(n, t)| (n, "F8_E4M3", t.size(), raw(&fp8(&t)))).collect();
+        tensors.push(("extra.counts".into(), "U32", vec![3], vec![0u8; 12]));
+        let fp8_file = dir.path().join("fp8.safetensors");
+        write_raw(&fp8_file, &tensors);
+        let loaded = tiny(Kind::Float);
+        load_file(&loaded.vs, &fp8_file).unwrap();
+        for (name, var) in saved.vs.variables() {
+            assert!(loaded.vs.variables()[&name].equal(&fp8(&var).to_kind(Kind::Float)), "{name} differs after loading FP8");
+        }
+        tensors[0].1 = "U32";
+        let u32_bytes = tensors[0].3.len() * 4;
+        tensors[0].3.resize(u32_bytes, 0);
+        write_raw(&fp8_file, &tensors);
+        let err = format!("{:#}", load_file(&tiny(Kind::Float).vs, &fp8_file).unwrap_err());
+        assert!(err.contains(&format!("tensor `{}` has dtype U32", tensors[0].0)) && err.contains("fp8.safetensors"), "{err}");
+
         // A header whose offsets run past the end of the file names the tensor.
         let bytes = std::fs::read(&file).unwrap();
         std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();

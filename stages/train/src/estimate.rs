@@ -20,13 +20,12 @@ pub fn live_reference(args: &Args, halo: &dyn Halo) -> bool {
     args.lora.is_none() && halo.needs_reference() && args.reference.as_deref().unwrap_or(if args.ref_logps.is_some() { "cache" } else { "live" }) == "live"
 }
 
-/// The estimate for `config` trained as `args` say, with microbatches of `rows` rows (pairs
-/// for paired data) of at most `length` tokens whose passes with gradient run at most
-/// `head_positions` completion positions through the LM head (`None`: every position), on
+/// The estimate for `config` trained as `args` say, with microbatches of `sequences`
+/// sequences (both sides of pairs) of at most `length` tokens whose passes with gradient run at
+/// most `head_positions` completion positions through the LM head (`None`: every position), on
 /// `ranks` processes in `kind`.
 #[allow(clippy::too_many_arguments)]
-pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, rows: usize, paired: bool, length: usize, head_positions: Option<usize>, ranks: usize) -> Estimate {
-    let sequences = rows * if paired { 2 } else { 1 };
+pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, sequences: usize, length: usize, head_positions: Option<usize>, ranks: usize) -> Estimate {
     let setup = Setup {
         dtype_bytes: kind.elt_size_in_bytes(),
         sequences,
@@ -59,7 +58,7 @@ pub fn print(args: &Args) -> Result<()> {
         Err(_) => 1,
     };
     let paired = halo.data() == DataNeed::Paired;
-    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size, paired, args.max_length, None, ranks);
+    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size * if paired { 2 } else { 1 }, args.max_length, None, ranks);
     println!(
         "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens (every position counted as a completion position), checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
         args.model.display(),

@@ -263,11 +263,11 @@ pub fn run(args: &Args) -> Result<()> {
     let config = CausalLm::config_of(&args.model)?;
     let rows = split.train.iter().chain(&split.eval).map(Vec::len).max().unwrap_or(0);
     let length = encoded.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).max().unwrap_or(0);
-    // Completion positions of a microbatch's passes with gradient (both sides of pairs).
-    let paired = data_kind == DataKind::Paired;
-    let sides = if paired { 2 } else { 1 };
+    // The sequences of a microbatch's passes with gradient (both sides of pairs) and their
+    // completion positions.
+    let sides = if data_kind == DataKind::Paired { 2 } else { 1 };
     let head_positions = split.train.iter().map(|mb| mb.iter().flat_map(|&i| &encoded[i].seqs[..sides]).map(|s| s.ids.len() - s.completion_start).sum::<usize>()).max();
-    let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows, paired, length, head_positions, ranks.world());
+    let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows * sides, length, head_positions, ranks.world());
     estimate::check_fits(&memory, device)?;
     let reference = reference(args, &tok, halo.as_ref(), device, kind)?;
     let mut policy = CausalLm::load(&args.model, device, kind)?;
