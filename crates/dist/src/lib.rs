@@ -271,6 +271,8 @@ pub struct GradBuckets {
     params: Vec<Tensor>,
     bucket_bytes: usize,
     rebuilt: bool,
+    /// The buckets' collective, as errors name it.
+    collective: &'static str,
 }
 
 impl GradBuckets {
@@ -281,7 +283,7 @@ impl GradBuckets {
     pub fn new(dist: Arc<Dist>, params: &[Tensor], bucket_bytes: usize) -> Result<GradBuckets> {
         let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
         let buckets = dist.group.buckets(&params, &bucket_of(&params, bucket_bytes)).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
-        Ok(GradBuckets { buckets, dist, params, bucket_bytes, rebuilt: false })
+        Ok(GradBuckets { buckets, dist, params, bucket_bytes, rebuilt: false, collective: "all_reduce" })
     }
 
     /// Reduce-scatter buckets (ZeRO-1) over `params`: each piece `(parameter, offset, length,
@@ -294,7 +296,7 @@ impl GradBuckets {
     pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<GradBuckets> {
         let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
         let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel, dest).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
-        Ok(GradBuckets { buckets, dist, params, bucket_bytes: 0, rebuilt: true })
+        Ok(GradBuckets { buckets, dist, params, bucket_bytes: 0, rebuilt: true, collective: "reduce_scatter" })
     }
 
     /// Arms the hooks for the backward passes that follow (a step's last microbatch).
@@ -303,13 +305,15 @@ impl GradBuckets {
     }
 
     /// After the armed backward passes: starts, in order, the buckets the hooks did not (with
-    /// zeros for gradients this rank has none of), waits for every bucket, copies the sums
-    /// into the gradients (all-reduce buckets), and reduces again on every rank any bucket whose gradient grew
-    /// after its start on some rank (one small all-reduce of flags tells the ranks which).
-    /// After the first step, rebuilds the buckets in the order in which rank 0's gradients
-    /// became final (a broadcast).
+    /// zeros for gradients this rank has none of), waits for every bucket, puts the sums in
+    /// place (all-reduce buckets: the gradients; reduce-scatter buckets: see
+    /// [`GradBuckets::slices`]), and reduces again on every rank any bucket whose gradient
+    /// grew after its start on some rank (one small all-reduce of flags tells the ranks
+    /// which). After the first step, rebuilds all-reduce buckets in the order in which rank
+    /// 0's gradients became final (a broadcast).
     pub fn finish(&mut self) -> Result<BucketCounts> {
-        let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed("all_reduce of the gradient buckets", e))?;
+        let what = format!("{} of the gradient buckets", self.collective);
+        let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed(&what, e))?;
         if !self.rebuilt {
             self.rebuild()?;
         }
