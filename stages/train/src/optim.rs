@@ -85,10 +85,7 @@ impl AdamW {
     /// `clip_grad_norm_`; 0: no clipping), in one multiplication; returns the norm of the
     /// scaled gradients before clipping.
     pub fn scale_and_clip(&mut self, scale: Option<f64>, max_norm: f64) -> f64 {
-        let scale = scale.unwrap_or(1.0);
-        let norm = self.grad_norm() * scale;
-        let coef = max_norm / (norm + 1e-6);
-        let factor = if max_norm > 0.0 && coef < 1.0 { scale * coef } else { scale };
+        let (norm, factor) = scaled_norm_and_factor(self.grad_norm(), scale, max_norm);
         if factor != 1.0 {
             tch::no_grad(|| {
                 for slot in self.slots.values_mut() {
@@ -254,6 +251,16 @@ impl Optimizer {
             Optimizer::Sharded(opt) => OptimizerState::Sharded(opt),
         }
     }
+}
+
+/// The norm of the gradients once multiplied by `scale` (the accumulator's 1/examples;
+/// `None`: 1), from the norm `raw` of the summed gradients, and the one factor that scales and
+/// clips them to `max_norm` (as torch's `clip_grad_norm_`; 0: no clipping).
+pub fn scaled_norm_and_factor(raw: f64, scale: Option<f64>, max_norm: f64) -> (f64, f64) {
+    let scale = scale.unwrap_or(1.0);
+    let norm = raw * scale;
+    let coef = max_norm / (norm + 1e-6);
+    (norm, if max_norm > 0.0 && coef < 1.0 { scale * coef } else { scale })
 }
 
 /// The L2 norm of `t` in f32, in one pass.

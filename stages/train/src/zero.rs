@@ -155,8 +155,9 @@ pub struct ShardedAdamW {
     /// f32 master weights and reduced gradients of the shard when the weights are not f32
     /// (f32 weights and gradients hold them in place).
     master: Option<(Tensor, Tensor)>,
-    /// The clipping factor of the step in progress (set by [`ShardedAdamW::sync_and_clip`]).
-    clip: Option<f64>,
+    /// The factor of the step in progress, 1/examples and the clip in one (set by
+    /// [`ShardedAdamW::sync_and_clip`], applied by [`ShardedAdamW::update`]).
+    factor: Option<f64>,
     /// Optimizer steps taken.
     steps: i64,
 }
@@ -171,7 +172,7 @@ impl ShardedAdamW {
         let flat = Flat::new(&params);
         let world = ranks.world() as i64;
         let layout = Layout::new(flat.total, world, (ranks.bucket_elements() / world).max(1));
-        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, clip: None, steps: 0 };
+        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0 };
         zero.set_layout(layout);
         zero
     }
@@ -219,50 +220,46 @@ impl ShardedAdamW {
 
     /// Reduce-scatters the gradients (unless `buckets` did during the backward pass) into the
     /// reduced f32 gradients of the shard (narrow weights) or this rank's part of the f32
-    /// gradients, multiplies them by `scale` (the accumulator's 1/examples) and clips them to
-    /// the global norm `max_norm` (0: no clipping); returns the norm before clipping.
+    /// gradients, and takes their global norm: the factor that multiplies them by `scale` (the
+    /// accumulator's 1/examples) and clips them to `max_norm` (0: no clipping) is applied by
+    /// [`ShardedAdamW::update`], as [`optim::scaled_norm_and_factor`] says; returns the norm
+    /// of the scaled gradients before clipping.
     pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
         ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
         let grads = defined_grads(&self.params);
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
-            // This window's sums: where the buckets put them (`in_place`), or reduce-scattered now.
-            let (mut mine, in_place) = match (buckets, &self.master) {
-                (Some(_), Some((_, reduced))) => (reduced.narrow(0, o, n), true),
+            // This window's sums: where the buckets put them, or reduce-scattered now and put there.
+            let sums = match (buckets, &self.master) {
+                (Some(_), Some((_, reduced))) => reduced.narrow(0, o, n),
                 (Some(_), None) => {
-                    let mut mine = Tensor::zeros([n], (Kind::Float, device));
-                    tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut mine));
-                    (mine, false)
+                    let mut sums = Tensor::zeros([n], (Kind::Float, device));
+                    tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut sums));
+                    sums
                 }
                 (None, _) => {
                     let mut input = Tensor::zeros([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
-                    (ranks.reduce_scatter(&input)?, false)
+                    let sums = ranks.reduce_scatter(&input)?;
+                    tch::no_grad(|| match &self.master {
+                        Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&sums),
+                        None => self.flat.write(&grads, self.layout.part(k, self.rank), &sums),
+                    });
+                    sums
                 }
             };
-            tch::no_grad(|| {
-                if let Some(s) = scale {
-                    mine *= s;
-                }
-                squares += l2_norm(&mine).square();
-                match &self.master {
-                    _ if in_place => {}
-                    Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&mine),
-                    None => self.flat.write(&grads, self.layout.part(k, self.rank), &mine),
-                }
-            });
+            squares += tch::no_grad(|| l2_norm(&sums).square());
         }
-        let norm = ranks.sum(&squares)?.sqrt().double_value(&[0]);
-        let coef = max_norm / (norm + 1e-6);
-        self.clip = Some(if max_norm > 0.0 && coef < 1.0 { coef } else { 1.0 });
+        let (norm, factor) = optim::scaled_norm_and_factor(ranks.sum(&squares)?.sqrt().double_value(&[0]), scale, max_norm);
+        self.factor = Some(factor);
         Ok(norm)
     }
 
     /// Updates this rank's shard with the gradient of [`ShardedAdamW::sync_and_clip`] and
     /// all-gathers the weights into the parameters.
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
-        let clip = self.clip.take().context("ShardedAdamW::update before sync_and_clip")?;
+        let factor = self.factor.take().context("ShardedAdamW::update before sync_and_clip")?;
         self.steps += 1;
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let device = self.m.device();
@@ -279,8 +276,8 @@ impl ShardedAdamW {
                 }
             };
             tch::no_grad(|| {
-                if clip < 1.0 {
-                    grad *= clip;
+                if factor != 1.0 {
+                    grad *= factor;
                 }
                 optim::update_all(&self.config, self.steps, lr, self.fused, &[weights.shallow_clone()], &[self.m.narrow(0, o, n)], &[self.v.narrow(0, o, n)], &[grad.shallow_clone()])
             })?;
