@@ -510,6 +510,16 @@ void* halo_dist_all_reduce_async(void* g, at::Tensor** ts, size_t n, int op, int
   return work;
 }
 
+// Starts gathering every rank's `input` into `out` (the ranks' inputs one after another, in
+// rank order: world × input's elements), as halo_dist_all_reduce_async starts its all-reduce.
+void* halo_dist_all_gather_into_async(void* g, at::Tensor* out, at::Tensor* input, char** err) {
+  c10::intrusive_ptr<c10d::Work>* work = nullptr;
+  guarded(err, [&] {
+    work = new c10::intrusive_ptr<c10d::Work>(static_cast<Group*>(g)->backend->_allgather_base(*out, *input));
+  });
+  return work;
+}
+
 // Waits for a started collective to end.
 int halo_dist_work_wait(void* w, char** err) {
   return guarded(err, [&] { wait(*static_cast<c10::intrusive_ptr<c10d::Work>*>(w)); });

@@ -32,6 +32,7 @@ mod ffi {
         fn halo_dist_barrier(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         fn halo_dist_probe(g: *mut c_void, timeout_ms: i64, lost: *mut c_int, cap: usize, n_lost: *mut usize, err: *mut *mut c_char) -> c_int;
         fn halo_dist_all_reduce_async(g: *mut c_void, ts: *const *mut c_void, n: usize, op: c_int, coalesced: c_int, err: *mut *mut c_char) -> *mut c_void;
+        fn halo_dist_all_gather_into_async(g: *mut c_void, out: *mut c_void, input: *mut c_void, err: *mut *mut c_char) -> *mut c_void;
         fn halo_dist_work_wait(w: *mut c_void, err: *mut *mut c_char) -> c_int;
         fn halo_dist_work_free(w: *mut c_void);
         fn halo_dist_buckets_new(g: *mut c_void, ps: *const *mut c_void, n: usize, bucket_of: *const usize, err: *mut *mut c_char) -> *mut c_void;
@@ -103,14 +104,14 @@ mod ffi {
     impl Work {
         /// Waits until the collective ended.
         pub fn wait(&self) -> Result<(), String> {
-            // SAFETY: a live handle from halo_dist_all_reduce_async.
+            // SAFETY: a live handle from halo_dist_all_reduce_async or _all_gather_into_async.
             call(|err| unsafe { halo_dist_work_wait(self.0.as_ptr(), err) })
         }
     }
 
     impl Drop for Work {
         fn drop(&mut self) {
-            // SAFETY: created by halo_dist_all_reduce_async, freed once.
+            // SAFETY: created by halo_dist_all_reduce_async or _all_gather_into_async, freed once.
             unsafe { halo_dist_work_free(self.0.as_ptr()) }
         }
     }
@@ -180,6 +181,13 @@ mod ffi {
             let p = ptrs(ts);
             // SAFETY: live tensors; c10d keeps its own references to them while the work runs.
             create(|err| unsafe { halo_dist_all_reduce_async(self.0.as_ptr(), p.as_ptr(), p.len(), op as c_int, c_int::from(coalesced), err) }).map(Work)
+        }
+
+        /// Starts gathering every rank's `input` into `out` (rank r's at `r × input.numel()`);
+        /// neither tensor may change until the work ended.
+        pub fn all_gather_into_async(&self, out: &Tensor, input: &Tensor) -> Result<Work, String> {
+            // SAFETY: live tensors; c10d keeps its own references to them while the work runs.
+            create(|err| unsafe { halo_dist_all_gather_into_async(self.0.as_ptr(), out.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void, err) }).map(Work)
         }
 
         /// Gradient buckets over `params`, parameter i in bucket `bucket_of[i]`; the group
@@ -309,6 +317,9 @@ mod ffi {
             match *self {}
         }
         pub fn all_reduce_async(&self, _: &[Tensor], _: Op, _: bool) -> Result<Work, String> {
+            match *self {}
+        }
+        pub fn all_gather_into_async(&self, _: &Tensor, _: &Tensor) -> Result<Work, String> {
             match *self {}
         }
         pub fn buckets(&self, _: &[Tensor], _: &[usize]) -> Result<Buckets, String> {

@@ -174,7 +174,24 @@ impl Dist {
     /// and returns at once; the tensors must not change before [`Work::wait`] returned.
     pub fn all_reduce_coalesced_async(&self, ts: &[Tensor], op: ReduceOp) -> Result<Work<'_>> {
         let work = self.group.all_reduce_async(ts, op.shim(), true).map_err(|e| self.failed("all_reduce_coalesced (starting)", e))?;
-        Ok(Work { dist: self, work, tensors: ts.iter().map(Tensor::shallow_clone).collect(), op })
+        Ok(Work { dist: self, work, collective: "all_reduce_coalesced", tensors: ts.iter().map(Tensor::shallow_clone).collect(), op: Some(op) })
+    }
+
+    /// Starts gathering every rank's `input` into `out`, rank r's at `r × input.numel()`
+    /// (`out` holds world × as many elements, of the same type), and returns at once; neither
+    /// tensor may change before [`Work::wait`] returned.
+    pub fn all_gather_into_async(&self, out: &Tensor, input: &Tensor) -> Result<Work<'_>> {
+        let world = self.rv.world_size as i64;
+        ensure!(
+            out.numel() as i64 == world * input.numel() as i64 && out.kind() == input.kind() && out.is_contiguous() && input.is_contiguous(),
+            "all_gather_into needs a contiguous output of {world} × {} elements of {:?}, got {} of {:?}",
+            input.numel(),
+            input.kind(),
+            out.numel(),
+            out.kind()
+        );
+        let work = self.group.all_gather_into_async(out, input).map_err(|e| self.failed("all_gather_into (starting)", e))?;
+        Ok(Work { dist: self, work, collective: "all_gather_into", tensors: vec![out.shallow_clone(), input.shallow_clone()], op: None })
     }
 
     /// Copies rank `root`'s `t` into every other rank's `t`.
@@ -223,21 +240,28 @@ impl Dist {
     }
 }
 
-/// An all-reduce started by [`Dist::all_reduce_coalesced_async`], running while this process
-/// goes on.
+/// A collective started by [`Dist::all_reduce_coalesced_async`] or
+/// [`Dist::all_gather_into_async`], running while this process goes on.
 pub struct Work<'a> {
     dist: &'a Dist,
     work: group::Work,
+    /// The collective, as errors name it.
+    collective: &'static str,
+    /// Its tensors, kept alive until it ended.
     tensors: Vec<Tensor>,
-    op: ReduceOp,
+    /// An all-reduce's operation (its tensors averaged after an `Avg`).
+    op: Option<ReduceOp>,
 }
 
 impl Work<'_> {
-    /// Waits until the all-reduce ended; its tensors then hold the result. Errors as the
+    /// Waits until the collective ended; its output then holds the result. Errors as the
     /// synchronous collectives' (the collective, this rank, the lost ranks).
     pub fn wait(mut self) -> Result<()> {
-        self.work.wait().map_err(|e| self.dist.failed("all_reduce_coalesced", e))?;
-        self.dist.average(&mut self.tensors, self.op)
+        self.work.wait().map_err(|e| self.dist.failed(self.collective, e))?;
+        match self.op {
+            Some(op) => self.dist.average(&mut self.tensors, op),
+            None => Ok(()),
+        }
     }
 }
 

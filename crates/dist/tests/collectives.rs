@@ -76,6 +76,15 @@ fn rank_main(role: &str) {
             let ts = [mine()];
             dist.all_reduce_coalesced_async(&ts, ReduceOp::Avg).unwrap().wait().unwrap();
             assert_eq!(values(&ts[0]), [1.5, 3.0, 4.5]);
+            // Two all-gathers in flight at once, waited for in the order they started.
+            let (a, b) = (mine(), Tensor::from_slice(&[r, -r]));
+            let (out_a, out_b) = (Tensor::zeros([6], (Kind::Float, tch::Device::Cpu)), Tensor::full([4], 9.0, (Kind::Double, tch::Device::Cpu)));
+            let (wa, wb) = (dist.all_gather_into_async(&out_a, &a).unwrap(), dist.all_gather_into_async(&out_b, &b).unwrap());
+            wa.wait().unwrap();
+            wb.wait().unwrap();
+            assert_eq!((values(&out_a), values(&out_b)), (vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0], vec![0.0, 0.0, 1.0, -1.0]));
+            let err = dist.all_gather_into_async(&out_a, &b).err().expect("an output of the wrong size or type is refused");
+            assert!(format!("{err}").contains("needs a contiguous output of 2 × 2 elements"), "{err}");
             gradient_buckets(Arc::new(dist));
         }
         "die" => {
@@ -206,8 +215,9 @@ fn output(child: Child) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `all_reduce_coalesced_async`, and gradient buckets started by their hooks during the
-/// backward pass, after it, redone, and rebuilt (see `gradient_buckets`).
+/// `all_reduce_coalesced_async`, `all_gather_into_async` (two in flight), and gradient buckets
+/// started by their hooks during the backward pass, after it, redone, and rebuilt (see
+/// `gradient_buckets`).
 fn async_all_reduce_and_gradient_buckets() {
     every_rank_reports("async", "async and buckets ok");
 }

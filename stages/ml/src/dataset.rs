@@ -22,6 +22,17 @@ pub enum DataKind {
     Paired,
 }
 
+impl DataKind {
+    /// The sequences of a row that run forward with gradient: both sides of a pair, a plan
+    /// row's completion alone (its KL partner runs without gradient).
+    pub fn sequences_per_row(self) -> usize {
+        match self {
+            DataKind::Plan => 1,
+            DataKind::Paired => 2,
+        }
+    }
+}
+
 /// One row to score: an id, a prompt and two completions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredRow {

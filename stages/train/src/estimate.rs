@@ -6,6 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use haloflow_ml::config::Config;
+use haloflow_ml::dataset::DataKind;
 use haloflow_ml::device::{parse_device, parse_dtype};
 use haloflow_ml::lora::LoraConfig;
 use haloflow_ml::losses::{self, DataNeed, Halo};
@@ -57,8 +58,10 @@ pub fn print(args: &Args) -> Result<()> {
         Ok(w) => w.parse().with_context(|| format!("WORLD_SIZE `{w}`: not a number"))?,
         Err(_) => 1,
     };
+    // Without data, a loss that can take either kind counts as taking rows.
     let paired = halo.data() == DataNeed::Paired;
-    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size * if paired { 2 } else { 1 }, args.max_length, None, ranks);
+    let data = if paired { DataKind::Paired } else { DataKind::Plan };
+    let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size * data.sequences_per_row(), args.max_length, None, ranks);
     println!(
         "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens (every position counted as a completion position), checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
         args.model.display(),

@@ -228,7 +228,8 @@ impl Optimizer {
         }
     }
 
-    /// Updates the weights with learning rate `lr` (ZeRO-1: the slice, then all-gathers).
+    /// Updates the weights with learning rate `lr` (ZeRO-1: the shard, all-gathered window by
+    /// window as it goes).
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         match self {
             Optimizer::Full(opt) => opt.step(lr),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use haloflow_dist::{bucket_of, Dist, GradBuckets, ReduceOp};
+use haloflow_dist::{bucket_of, Dist, GradBuckets, ReduceOp, Work};
 use haloflow_ml::device::parse_device;
 use haloflow_ml::losses::AllReduce;
 use tch::{Device, Kind, Tensor};
@@ -146,15 +146,15 @@ impl Ranks {
         }
     }
 
-    /// Every rank's `slice`, concatenated in rank order.
-    pub fn all_gather(&self, slice: &Tensor) -> Result<Tensor> {
+    /// Starts gathering every rank's `slice` into `out` (world × its elements, in rank order);
+    /// `None` for one process, whose `out` is then `slice` copied.
+    pub fn all_gather_into_async(&self, out: &mut Tensor, slice: &Tensor) -> Result<Option<Work<'_>>> {
         match &self.dist {
-            Some(d) => {
-                let mut out: Vec<Tensor> = (0..d.world_size()).map(|_| slice.zeros_like()).collect();
-                d.all_gather(&mut out, slice)?;
-                Ok(Tensor::cat(&out, 0))
+            Some(d) => d.all_gather_into_async(out, slice).map(Some),
+            None => {
+                tch::no_grad(|| out.copy_(slice));
+                Ok(None)
             }
-            None => Ok(slice.shallow_clone()),
         }
     }
 

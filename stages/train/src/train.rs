@@ -265,7 +265,7 @@ pub fn run(args: &Args) -> Result<()> {
     let length = encoded.iter().flat_map(|r| r.seqs.iter().map(|s| s.ids.len())).max().unwrap_or(0);
     // The sequences of a microbatch's passes with gradient (both sides of pairs) and their
     // completion positions.
-    let sides = if data_kind == DataKind::Paired { 2 } else { 1 };
+    let sides = data_kind.sequences_per_row();
     let head_positions = split.train.iter().map(|mb| mb.iter().flat_map(|&i| &encoded[i].seqs[..sides]).map(|s| s.ids.len() - s.completion_start).sum::<usize>()).max();
     let memory = estimate::estimate(args, halo.as_ref(), &config, kind, rows * sides, length, head_positions, ranks.world());
     estimate::check_fits(&memory, device)?;

@@ -7,22 +7,27 @@
 //! the gradients window by window (each rank gets its part, summed), clips by the global norm
 //! (the parts' squared norms summed), updates its shard and all-gathers the weights, window by
 //! window between the parameters' own tensors and the state, so no flat copy of all weights
-//! ever exists. With `--overlap-grad-sync` the windows are gradient buckets whose
-//! reduce-scatters start during the backward pass as soon as their gradients are final (the
-//! last layers' windows first); the all-gather after the update is not overlapped.
+//! ever exists; each window's all-gather runs while the next windows are updated. With
+//! `--overlap-grad-sync` the windows are gradient buckets whose reduce-scatters start during
+//! the backward pass as soon as their gradients are final (the last layers' windows first).
+//! The all-gathers end before the step does: they do not overlap the next forward pass.
 //! Checkpoints hold one shard file per rank with the layout; a resume with another number of
 //! ranks re-slices them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use haloflow_dist::GradBuckets;
+use haloflow_dist::{GradBuckets, Work};
 use tch::{Kind, Tensor};
 
 use crate::optim::{self, l2_norm, AdamWConfig};
 use crate::parallel::{backward_order, defined_grads, Ranks};
+
+/// All-gathers of updated windows running at once: each window's runs while the next ones are
+/// updated, and the buffers of two windows are all the update holds besides the state.
+const GATHERS_IN_FLIGHT: usize = 2;
 
 /// A shard's place in the flat parameter vector (its `.json` beside the tensors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,12 +262,28 @@ impl ShardedAdamW {
     }
 
     /// Updates this rank's shard with the gradient of [`ShardedAdamW::sync_and_clip`] and
-    /// all-gathers the weights into the parameters.
+    /// all-gathers the weights into the parameters, window by window: each window's
+    /// all-gather runs while the next windows are updated (at most [`GATHERS_IN_FLIGHT`] at
+    /// once, their buffers reused).
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         let factor = self.factor.take().context("ShardedAdamW::update before sync_and_clip")?;
         self.steps += 1;
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let device = self.m.device();
+        let span = self.layout.world * self.layout.window;
+        let mut gathers = VecDeque::with_capacity(GATHERS_IN_FLIGHT);
+        let mut spare: Vec<Tensor> = Vec::with_capacity(GATHERS_IN_FLIGHT);
+        // Waits for the oldest all-gather and writes its window into the parameters.
+        let land = |gathers: &mut VecDeque<(i64, Tensor, Option<Work>)>, spare: &mut Vec<Tensor>| -> Result<()> {
+            if let Some((k, all, work)) = gathers.pop_front() {
+                if let Some(work) = work {
+                    work.wait()?;
+                }
+                tch::no_grad(|| self.flat.write(&self.params, self.layout.window_start(k), &all));
+                spare.push(all);
+            }
+            Ok(())
+        };
         for (k, o, n) in self.windows() {
             let (weights, mut grad) = match &self.master {
                 Some((master, reduced)) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
@@ -282,8 +303,15 @@ impl ShardedAdamW {
                 optim::update_all(&self.config, self.steps, lr, self.fused, &[weights.shallow_clone()], &[self.m.narrow(0, o, n)], &[self.v.narrow(0, o, n)], &[grad.shallow_clone()])
             })?;
             drop(grad);
-            let all = ranks.all_gather(&weights)?;
-            tch::no_grad(|| self.flat.write(&self.params, self.layout.window_start(k), &all));
+            if gathers.len() == GATHERS_IN_FLIGHT {
+                land(&mut gathers, &mut spare)?;
+            }
+            let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (Kind::Float, device)));
+            let work = ranks.all_gather_into_async(&mut all, &weights)?;
+            gathers.push_back((k, all, work));
+        }
+        while !gathers.is_empty() {
+            land(&mut gathers, &mut spare)?;
         }
         Ok(())
     }
