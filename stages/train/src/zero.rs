@@ -7,10 +7,11 @@
 //! the gradients window by window (each rank gets its part, summed), clips by the global norm
 //! (the parts' squared norms summed), updates its shard and all-gathers the weights, window by
 //! window between the parameters' own tensors and the state, so no flat copy of all weights
-//! ever exists; each window's all-gather runs while the next windows are updated. With
-//! `--overlap-grad-sync` the windows are gradient buckets whose reduce-scatters start during
-//! the backward pass as soon as their gradients are final (the last layers' windows first).
-//! The all-gathers end before the step does: they do not overlap the next forward pass.
+//! ever exists; each window's all-gather (in the weights' type) runs while the next windows
+//! are updated. With `--overlap-grad-sync` the windows are gradient buckets whose
+//! reduce-scatters start during the backward pass as soon as their gradients are final (the
+//! last layers' windows first). The all-gathers end before the step does: they do not
+//! overlap the next forward pass.
 //! Checkpoints hold one shard file per rank with the layout; a resume with another number of
 //! ranks re-slices them.
 
@@ -165,6 +166,10 @@ pub struct ShardedAdamW {
     factor: Option<f64>,
     /// Optimizer steps taken.
     steps: i64,
+    /// The type the updated weights are all-gathered in: the parameters' when they all have
+    /// one (bf16 weights cross the wire in bf16, rounded once as a direct copy would round
+    /// them), else f32.
+    gather_kind: Kind,
 }
 
 impl ShardedAdamW {
@@ -177,7 +182,8 @@ impl ShardedAdamW {
         let flat = Flat::new(&params);
         let world = ranks.world() as i64;
         let layout = Layout::new(flat.total, world, (ranks.bucket_elements() / world).max(1));
-        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0 };
+        let gather_kind = if params.iter().all(|p| p.kind() == params[0].kind()) { params[0].kind() } else { Kind::Float };
+        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0, gather_kind };
         zero.set_layout(layout);
         zero
     }
@@ -306,8 +312,8 @@ impl ShardedAdamW {
             if gathers.len() == GATHERS_IN_FLIGHT {
                 land(&mut gathers, &mut spare)?;
             }
-            let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (Kind::Float, device)));
-            let work = ranks.all_gather_into_async(&mut all, &weights)?;
+            let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (self.gather_kind, device)));
+            let work = ranks.all_gather_into_async(&mut all, &weights.to_kind(self.gather_kind))?;
             gathers.push_back((k, all, work));
         }
         while !gathers.is_empty() {

@@ -471,9 +471,9 @@ fn overlapped_gradient_sync_with_lora_equals_one_process() {
     overlapped_equals_synchronous(&plan, &["--loss", "kto", "--reference", "live", "--lr", "1e-2", "--max-steps", "3", "--lora", lora], &[], &[], 1, "KTO + LoRA");
 }
 
-/// ZeRO-1 with bf16 weights (f32 master weights and reduced gradients): the windows
-/// reduce-scattered during the backward pass, straight into the reduced shard, give what the
-/// windows after it give.
+/// ZeRO-1 with bf16 weights (f32 master weights and reduced gradients, weights all-gathered
+/// in bf16): the windows reduce-scattered during the backward pass, straight into the reduced
+/// shard, give what the windows after it give, and DDP's weights up to a sum's rounding.
 #[test]
 fn zero1_bf16_overlapped_equals_after_backward() {
     let Some(model) = model_dir() else { return };
@@ -487,7 +487,14 @@ fn zero1_bf16_overlapped_equals_after_backward() {
     assert!(outs.iter().all(|o| o.status.success()));
     let (m, w) = (max_metric_diff(&after, &overlapped), max_weight_diff(&after, &overlapped));
     let sync = grad_sync(&overlapped);
-    eprintln!("ZeRO-1 bf16, overlapped vs after backward: max |Δ metric| {m:.3e}, max |Δ weight| {w:.3e}; windows {sync}");
+    // DDP sums bf16 gradients in bf16, ZeRO-1 in f32: the weights (all-gathered in bf16) may
+    // differ by the rounding of a sum, not by a misplaced window.
+    let ddp_args: Vec<&str> = args.iter().copied().filter(|a| !["--shard-optimizer", "--grad-bucket-mb", "0.004"].contains(a)).collect();
+    let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp", &plan, &model, &ddp_args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (dm, dw) = (max_metric_diff(&ddp, &overlapped), max_weight_diff(&ddp, &overlapped));
+    eprintln!("ZeRO-1 bf16, overlapped vs after backward: max |Δ metric| {m:.3e}, max |Δ weight| {w:.3e}; windows {sync}; vs DDP bf16: {dm:.3e}, {dw:.3e}");
+    assert!(dw < 1e-2, "ZeRO-1 bf16 weights differ from DDP's by {dw}: more than the rounding of a sum");
     assert!(m < 1e-6 && w < 1e-6, "metrics {m}, weights {w}");
     assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "{sync}");
 }
