@@ -6,6 +6,10 @@
 # torchrun, ci/bench/train_ddp.py) as the peer in the same run. Also peak RSS per rank on 2 ranks
 # with and without ZeRO-1 (--shard-optimizer). Both sides are launched by torchrun.
 # On a machine with fewer than 2 free cores the ranks share cores and the efficiency says so.
+# The runs alternate (ours on 1 rank, ours on 2, the peer on 1, the peer on 2; ROUNDS times,
+# each a fresh launch of STEPS steps) so that the machine's drift falls on all of them; each
+# round gives an efficiency (its 2-rank over its 1-rank examples/s), and the report is their
+# median with min–max. ZeRO-1's peak RSS is measured in one more run after the rounds.
 # halo-train runs with --share-prompts=false: a rank with one microbatch per step would fuse its
 # KL partners into the completions' prompt pass while one rank with two could not (it needs
 # every microbatch's partners first), so 2 ranks would do less work than 1 and the efficiency
@@ -13,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/bench/setup.sh
-STEPS=${STEPS:-6} ACCUM=${ACCUM:-2} MAX_LENGTH=${MAX_LENGTH:-128} MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-64}
+ROUNDS=${ROUNDS:-3} STEPS=${STEPS:-4} ACCUM=${ACCUM:-2} MAX_LENGTH=${MAX_LENGTH:-128} MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-64}
 bash ci/fetch-smollm2.sh >/dev/null
 halo-import-gguf --gguf .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --model "$work/model" 2>/dev/null
 plan_rows "$((STEPS * ACCUM * 8 + 8))" "$work/plan.arrow"
@@ -38,15 +42,17 @@ peer() {  # peer TAG N: the PyTorch DDP step on N ranks
     launch "$2" ci/bench/train_ddp.py "$work/plan.arrow" "$work/model" "$work/peer-$1.json" \
         --steps "$STEPS" --accum "$ACCUM" --threads 1 --lr 1e-5 "${lengths[@]}"
 }
-ours one 1
-ours two 2
+for round in $(seq "$ROUNDS"); do
+    ours "one$round" 1
+    ours "two$round" 2
+    peer "one$round" 1
+    peer "two$round" 2
+done
 ours zero 2 --shard-optimizer
-peer one 1
-peer two 2
 
-.venv/bin/python - "$work" "$STEPS" "$ACCUM" "$MAX_LENGTH" <<'PY'
+.venv/bin/python - "$work" "$ROUNDS" "$STEPS" "$ACCUM" "$MAX_LENGTH" <<'PY'
 import glob, json, statistics, sys, pyarrow.parquet as pq
-w, steps, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+w, rounds, steps, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def median_after_warmup(values):
     return statistics.median(values[1:] if len(values) > 2 else values)
 def ours(tag):  # examples/s from the metrics: examples (plan rows) per step over its seconds
@@ -57,14 +63,21 @@ def peer(tag):
     return p["rows_per_step"] / median_after_warmup(p["seconds"])
 def rss(tag):
     return [float(open(f).read()) for f in sorted(glob.glob(f"{w}/rss-{tag}.*"))]
-print(f"KTO on SmolLM2-135M (f32, CPU), {accum} microbatches x 8 rows per step, at most {sys.argv[4]} tokens, "
-      f"median of {steps} steps after 1 warm-up, 1 thread per rank")
-per_step = {t: (pq.read_table(f"{w}/m-{t}.parquet").to_pydict()["examples"][-1], json.load(open(f"{w}/peer-{t}.json"))["rows_per_step"]) for t in ("one", "two")}
+print(f"KTO on SmolLM2-135M (f32, CPU), {accum} microbatches x 8 rows per step, at most {sys.argv[5]} tokens, "
+      f"{rounds} rounds, each run the median of {steps} steps after 1 warm-up, 1 thread per rank")
+per_step = {t: (pq.read_table(f"{w}/m-{t}1.parquet").to_pydict()["examples"][-1], json.load(open(f"{w}/peer-{t}1.json"))["rows_per_step"]) for t in ("one", "two")}
 print(f"examples per step (halo-train, peer): 1 rank {per_step['one']}, 2 ranks {per_step['two']}")
+efficiency = {}
 for name, f in [("halo-train", ours), ("PyTorch DDP", peer)]:
-    one, two = f("one"), f("two")
-    print(f"{name:12s} 1 rank: {one:6.2f} examples/s   2 ranks: {two:6.2f} examples/s   scaling efficiency {two / (2 * one):.2f}")
-print("peak RSS per rank, halo-train on 2 ranks: " + ", ".join(f"{r:.0f}" for r in rss("two")) + " MiB without ZeRO-1, "
+    one = [f(f"one{r}") for r in range(1, rounds + 1)]
+    two = [f(f"two{r}") for r in range(1, rounds + 1)]
+    eff = [t / (2 * o) for o, t in zip(one, two)]
+    efficiency[name] = eff
+    print(f"{name:12s} 1 rank: {statistics.median(one):6.2f} examples/s   2 ranks: {statistics.median(two):6.2f} examples/s   "
+          f"scaling efficiency {statistics.median(eff):.2f} ({min(eff):.2f}–{max(eff):.2f}; by round: {', '.join(f'{e:.2f}' for e in eff)})")
+wins = sum(o >= p for o, p in zip(efficiency["halo-train"], efficiency["PyTorch DDP"]))
+print(f"halo-train's efficiency at least the peer's in {wins} of {rounds} rounds")
+print("peak RSS per rank, halo-train on 2 ranks: " + ", ".join(f"{r:.0f}" for r in rss("two1")) + " MiB without ZeRO-1, "
       + ", ".join(f"{r:.0f}" for r in rss("zero")) + " MiB with ZeRO-1 (--shard-optimizer); 1 rank: "
-      + ", ".join(f"{r:.0f}" for r in rss("one")) + " MiB")
+      + ", ".join(f"{r:.0f}" for r in rss("one1")) + " MiB")
 PY

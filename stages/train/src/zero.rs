@@ -205,7 +205,7 @@ impl ShardedAdamW {
 
     /// This rank's elements of the parameters, in f32 (zeros past the end).
     fn shard_weights(&self) -> Tensor {
-        let weights = Tensor::zeros([self.layout.shard_len()], (Kind::Float, self.params[0].device()));
+        let weights = Tensor::empty([self.layout.shard_len()], (Kind::Float, self.params[0].device()));
         tch::no_grad(|| {
             for (k, o, n) in self.windows() {
                 self.flat.read(&self.params, self.layout.part(k, self.rank), &mut weights.narrow(0, o, n));
@@ -245,12 +245,12 @@ impl ShardedAdamW {
             let sums = match (buckets, &self.master) {
                 (Some(_), Some((_, reduced))) => reduced.narrow(0, o, n),
                 (Some(_), None) => {
-                    let mut sums = Tensor::zeros([n], (Kind::Float, device));
+                    let mut sums = Tensor::empty([n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut sums));
                     sums
                 }
                 (None, _) => {
-                    let mut input = Tensor::zeros([self.layout.world * n], (Kind::Float, device));
+                    let mut input = Tensor::empty([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
                     let sums = ranks.reduce_scatter(&input)?;
                     tch::no_grad(|| match &self.master {
@@ -294,7 +294,7 @@ impl ShardedAdamW {
             let (weights, mut grad) = match &self.master {
                 Some((master, reduced)) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
                 None => {
-                    let (mut w, mut g) = (Tensor::zeros([n], (Kind::Float, device)), Tensor::zeros([n], (Kind::Float, device)));
+                    let (mut w, mut g) = (Tensor::empty([n], (Kind::Float, device)), Tensor::empty([n], (Kind::Float, device)));
                     tch::no_grad(|| {
                         self.flat.read(&self.params, self.layout.part(k, self.rank), &mut w);
                         self.flat.read(&grads, self.layout.part(k, self.rank), &mut g);
