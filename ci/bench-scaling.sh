@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/bench/setup.sh
-ROUNDS=${ROUNDS:-3} STEPS=${STEPS:-4} ACCUM=${ACCUM:-2} MAX_LENGTH=${MAX_LENGTH:-128} MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-64}
+ROUNDS=${ROUNDS:-3} STEPS=${STEPS:-6} ACCUM=${ACCUM:-2} MAX_LENGTH=${MAX_LENGTH:-128} MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-64}
 bash ci/fetch-smollm2.sh >/dev/null
 halo-import-gguf --gguf .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --model "$work/model" 2>/dev/null
 plan_rows "$((STEPS * ACCUM * 8 + 8))" "$work/plan.arrow"
