@@ -77,9 +77,15 @@ bool is_loopback(const std::string& host) {
 //
 // A bucket holds pieces of parameters (a range of one flattened parameter each) and its flat
 // buffer may end in zeros. Two kinds:
-// - all-reduce (DDP): whole parameters; the sums are copied back into the gradients. As DDP,
-//   the Rust side rebuilds these buckets once, after the first step, in the order in which
-//   rank 0's gradients became final.
+// - all-reduce (DDP): whole parameters, whose gradients are views into the bucket's storage
+//   (as DDP's gradient_as_bucket_view): the backward pass accumulates into it, and once every
+//   parameter's accumulation count is known (after the first armed step) the all-reduce runs
+//   in place on it, with no copy either way. Until then, or for a gradient something else
+//   replaced, a flat copy is all-reduced and its sums copied back. A gradient that grows
+//   after its in-place all-reduce started (a count changed) is caught before the
+//   accumulation: the sums are kept aside once the all-reduce ends and the storage cleared,
+//   so that the redo sums only what came after. As DDP, the Rust side rebuilds these buckets
+//   once, after the first step, in the order in which rank 0's gradients became final.
 // - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
 //   gets the sums of the buffer's r-th slice, in `dest` (the buckets' slices one after
 //   another) or, without it, in its own part of the (f32) gradients.
@@ -97,6 +103,9 @@ struct Buckets {
     int64_t dest_offset = 0;    // where its slice of the sums goes in `dest`
     size_t pending = 0;         // parameters not at their expected count yet
     at::Tensor flat, out;
+    at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
+    at::Tensor saved;           // the in-place sums, kept aside when a gradient grew after them
+    bool in_place = false;      // this step's all-reduce runs on `storage`
     c10::intrusive_ptr<c10d::Work> work;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
@@ -113,6 +122,8 @@ struct Buckets {
   size_t next = 0;      // the first bucket not started
   size_t seen = 0;      // accumulations in the armed step
   bool armed = false;
+  bool counted = false; // an armed step ended: each parameter's accumulation count is known
+  std::vector<unsigned> pre_hooks;  // each parameter's hook before an accumulation
   std::string error;    // the first failure to start a bucket inside a hook
   std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
 
@@ -138,7 +149,49 @@ struct Buckets {
     return at::cat(parts);
   }
 
-  void start(size_t k) {
+  // All-reduce buckets: points each parameter's gradient at its piece of its bucket's
+  // storage (made on first use), keeping the gradient's values, unless it already is.
+  void attach() {
+    at::NoGradGuard no_grad;
+    for (auto& b : buckets) {
+      if (!b.storage.defined()) b.storage = at::zeros({b.numel}, params[b.pieces.at(0).param].options());
+      int64_t at = 0;
+      for (const auto& piece : b.pieces) {
+        auto& p = params[piece.param];
+        if (!aliases(b, piece, at)) {
+          auto view = b.storage.narrow(0, at, piece.len).view(p.sizes());
+          auto& grad = p.mutable_grad();
+          if (grad.defined()) view.copy_(grad);
+          grad = view;
+        }
+        at += piece.len;
+      }
+    }
+  }
+
+  // Whether the gradient of bucket b's (whole-parameter) piece is its view into the storage,
+  // `at` elements in.
+  bool aliases(const Bucket& b, const Piece& piece, int64_t at) {
+    const auto& grad = params[piece.param].grad();
+    const auto* view = static_cast<const char*>(b.storage.data_ptr()) + at * b.storage.element_size();
+    return grad.defined() && grad.is_contiguous() && grad.data_ptr() == view;
+  }
+
+  // Bucket k's all-reduce can run in place: the counts are known and every gradient is its
+  // view.
+  bool in_place_ready(size_t k) {
+    const auto& b = buckets[k];
+    if (slices > 0 || !counted || !b.storage.defined()) return false;
+    int64_t at = 0;
+    for (const auto& piece : b.pieces) {
+      if (!aliases(b, piece, at)) return false;
+      at += piece.len;
+    }
+    return true;
+  }
+
+  // Starts bucket k's collective: in place on its storage, or on a flat copy.
+  void start(size_t k, bool in_place) {
     if (slices > 0) {
       // A reduce-scatter that ended needs its input no more: free it before making another,
       // and with kMaxInFlight inputs held, wait for the oldest (the backward pass pauses
@@ -161,7 +214,8 @@ struct Buckets {
       }
     }
     auto& b = buckets[k];
-    b.flat = flatten(b);
+    b.in_place = in_place;
+    b.flat = in_place ? b.storage : flatten(b);
     if (slices == 0) {
       std::vector<at::Tensor> list{b.flat};
       b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
@@ -175,8 +229,52 @@ struct Buckets {
   void start_ready() {
     while (next < buckets.size() && buckets[next].pending == 0) {
       buckets[next].started_at = seen;
-      start(next++);
+      start(next, in_place_ready(next));
+      ++next;
     }
+  }
+
+  // Before an accumulation into parameter i's gradient (a hook): a bucket of it whose
+  // all-reduce runs in place got the gradient too early. Once that all-reduce ends its sums
+  // are kept aside and its storage cleared, to gather what comes after (see `redo`).
+  void before_accumulate(size_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed || !error.empty()) return;
+    for (size_t k : buckets_of[i]) {
+      auto& b = buckets[k];
+      if (!b.in_place || !b.work || b.saved.defined()) continue;
+      try {
+        wait(b.work);
+      } catch (const std::exception& e) {
+        error = "gradient bucket " + std::to_string(k) + " (a gradient grew during its all-reduce): " + halo_ffi::first_lines(e);
+        return;
+      }
+      at::NoGradGuard no_grad;
+      b.saved = b.storage.clone();
+      b.storage.zero_();
+    }
+  }
+
+  // Reduces bucket k again, with all of this rank's gradients: a copy's collective restarts
+  // from the gradients; an in-place all-reduce sums what was accumulated after its sums (the
+  // storage, cleared by `before_accumulate`, or nothing on a rank without such) and adds
+  // them to those sums.
+  void redo(size_t k) {
+    auto& b = buckets[k];
+    if (!b.in_place) {
+      start(k, false);
+      wait(b.work);
+      return;
+    }
+    at::NoGradGuard no_grad;
+    if (!b.saved.defined()) {
+      b.saved = b.storage.clone();
+      b.storage.zero_();
+    }
+    std::vector<at::Tensor> list{b.storage};
+    wait(group->backend->allreduce(list, c10d::AllreduceOptions()));
+    b.storage.add_(b.saved);
+    b.saved = at::Tensor();
   }
 
   void ready(size_t i) {
@@ -207,10 +305,13 @@ struct Buckets {
       b.pending = b.pieces.size();
       b.flat = at::Tensor();
       b.out = at::Tensor();
+      b.saved = at::Tensor();
+      b.in_place = false;
       b.work.reset();
       b.dirty = false;
       b.started_at = 0;
     }
+    if (slices == 0) attach();
     next = 0;
     seen = 0;
     error.clear();
@@ -247,6 +348,7 @@ struct Buckets {
     if (armed) throw std::logic_error("gradient buckets rebuilt while armed");
     buckets = std::move(made);
     buckets_of = std::move(of);
+    if (slices == 0) attach();
   }
 
   // All-reduce buckets of whole parameters: parameter order[j] in bucket bucket_of[j]
@@ -325,9 +427,9 @@ struct Buckets {
     }
   }
 
-  // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
+  // See the struct; counts[0..4]: buckets started while gradients were still to come (by a
   // hook before the armed passes' last accumulation), the others (by that last hook or
-  // after the backward pass), and those redone.
+  // after the backward pass), those redone, and those all-reduced in place.
   void finish(size_t* counts) {
     std::unique_lock<std::mutex> lock(mu);
     armed = false;
@@ -339,7 +441,7 @@ struct Buckets {
     counts[1] = buckets.size() - counts[0];
     for (size_t k = next; k < buckets.size(); ++k) {
       try {
-        start(k);
+        start(k, in_place_ready(k));
       } catch (const std::exception& e) {
         throw std::runtime_error("starting gradient bucket " + std::to_string(k) + " after backward: " + halo_ffi::first_lines(e));
       }
@@ -360,25 +462,26 @@ struct Buckets {
     } catch (const std::exception& e) {
       throw std::runtime_error("exchanging which gradient buckets to redo: " + halo_ffi::first_lines(e));
     }
-    auto redo = flags.cpu();
+    auto again = flags.cpu();
     counts[2] = 0;
+    counts[3] = 0;
     for (size_t k = 0; k < buckets.size(); ++k) {
       try {
         wait(buckets[k].work);
       } catch (const std::exception& e) {
         throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
       }
-      if (redo[k].item<int32_t>() != 0) {
+      if (again[k].item<int32_t>() != 0) {
         ++counts[2];
         try {
-          start(k);
-          wait(buckets[k].work);
+          redo(k);
         } catch (const std::exception& e) {
           throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
+      if (buckets[k].in_place) ++counts[3];
       if (slices == 0) {
-        scatter(k);
+        if (!buckets[k].in_place) scatter(k);
       } else if (!dest.defined()) {
         scatter_own(k);
       }
@@ -389,6 +492,7 @@ struct Buckets {
     for (size_t i = 0; i < params.size(); ++i) {
       if (fired[i] > 0) expected[i] = fired[i];
     }
+    counted = true;
   }
 };
 
@@ -425,8 +529,12 @@ void* new_buckets(void* g, at::Tensor** ps, size_t n, int64_t slices, char** err
       }
     }
     fill(*b);
+    std::weak_ptr<Buckets> weak = b;
     for (size_t i = 0; i < n; ++i) {
       torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
+      b->pre_hooks.push_back(b->params[i].register_hook([weak, i](const at::Tensor&) {
+        if (auto bs = weak.lock()) bs->before_accumulate(i);
+      }));
     }
     out = new std::shared_ptr<Buckets>(std::move(b));
   });
@@ -561,8 +669,9 @@ void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t s
 // Removes the hooks and frees the buckets.
 void halo_dist_buckets_free(void* bs) {
   auto b = static_cast<std::shared_ptr<Buckets>*>(bs);
-  for (auto& p : (*b)->params) {
-    torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  for (size_t i = 0; i < (*b)->params.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks((*b)->params[i], nullptr);
+    if (i < (*b)->pre_hooks.size()) (*b)->params[i].remove_hook((*b)->pre_hooks[i]);
   }
   delete b;
 }

@@ -439,6 +439,9 @@ fn overlapped_gradient_sync_equals_synchronous_and_one_process_kto_dpo() {
     // Without checkpointing every gradient is final after one accumulation: nothing redone,
     // and in each of the 3 steps only the last bucket waits for the last gradient.
     assert_eq!((sync["buckets_after_backward"].as_u64(), sync["buckets_redone"].as_u64()), (Some(3), Some(0)), "{sync}");
+    // The first step all-reduces copies; the other two run in the gradients' own memory.
+    let all = sync["buckets_during_backward"].as_u64().unwrap() + 3;
+    assert_eq!(sync["buckets_in_place"].as_u64(), Some(all * 2 / 3), "{sync}");
     overlapped_equals_synchronous(&pairs, &dpo, &[], &[], 2, "DPO, grad_accum 2 per rank");
 }
 
