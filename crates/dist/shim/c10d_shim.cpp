@@ -78,14 +78,13 @@ bool is_loopback(const std::string& host) {
 // A bucket holds pieces of parameters (a range of one flattened parameter each) and its flat
 // buffer may end in zeros. Two kinds:
 // - all-reduce (DDP): whole parameters, whose gradients are views into the bucket's storage
-//   (as DDP's gradient_as_bucket_view): the backward pass accumulates into it, and once every
-//   parameter's accumulation count is known (after the first armed step) the all-reduce runs
-//   in place on it, with no copy either way. Until then, or for a gradient something else
-//   replaced, a flat copy is all-reduced and its sums copied back. A gradient that grows
-//   after its in-place all-reduce started (a count changed) is caught before the
-//   accumulation: the sums are kept aside once the all-reduce ends and the storage cleared,
-//   so that the redo sums only what came after. As DDP, the Rust side rebuilds these buckets
-//   once, after the first step, in the order in which rank 0's gradients became final.
+//   (as DDP's gradient_as_bucket_view): the backward pass accumulates into it and the
+//   all-reduce runs in place on it, with no copy either way. The first armed step, whose
+//   counts are not known yet, starts every bucket after its backward pass. A gradient that
+//   grows after its all-reduce started (a count changed) is caught before the accumulation:
+//   the sums are kept aside once the all-reduce ends and the storage cleared, so that the
+//   redo sums only what came after. As DDP, the Rust side rebuilds these buckets once, after
+//   the first step, in the order in which rank 0's gradients became final.
 // - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
 //   gets the sums of the buffer's r-th slice, in `dest` (the buckets' slices one after
 //   another) or, without it, in its own part of the (f32) gradients.
@@ -102,10 +101,9 @@ struct Buckets {
     int64_t numel = 0;          // elements of the flat buffer: the pieces, then zeros
     int64_t dest_offset = 0;    // where its slice of the sums goes in `dest`
     size_t pending = 0;         // parameters not at their expected count yet
-    at::Tensor flat, out;
+    at::Tensor flat, out;       // reduce-scatter: the gradients' copy, this rank's sums
     at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
-    at::Tensor saved;           // the in-place sums, kept aside when a gradient grew after them
-    bool in_place = false;      // this step's all-reduce runs on `storage`
+    at::Tensor saved;           // all-reduce: the sums, kept aside when a gradient grew after them
     c10::intrusive_ptr<c10d::Work> work;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
@@ -127,8 +125,8 @@ struct Buckets {
   std::string error;    // the first failure to start a bucket inside a hook
   std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
 
-  // Bucket b's pieces of the gradients, flattened (zeros where a parameter has no gradient on
-  // this rank, and after the pieces), in f32 for a reduce-scatter.
+  // Reduce-scatter bucket b's pieces of the gradients, flattened in f32 (zeros where a
+  // parameter has no gradient on this rank, and after the pieces).
   at::Tensor flatten(const Bucket& b) {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> parts;
@@ -136,15 +134,11 @@ struct Buckets {
     for (const auto& piece : b.pieces) {
       const auto& p = params[piece.param];
       const auto& grad = p.grad();
-      parts.push_back(grad.defined() ? grad.reshape({-1}).narrow(0, piece.offset, piece.len) : at::zeros({piece.len}, p.options()));
+      parts.push_back(grad.defined() ? grad.reshape({-1}).narrow(0, piece.offset, piece.len).to(at::kFloat) : at::zeros({piece.len}, p.options().dtype(at::kFloat)));
       filled += piece.len;
     }
-    if (slices > 0) {
-      for (auto& part : parts) part = part.to(at::kFloat);
-    }
     if (b.numel > filled || parts.empty()) {
-      auto options = parts.empty() || slices > 0 ? params[0].options().dtype(at::kFloat) : parts[0].options();
-      parts.push_back(at::zeros({b.numel - filled}, options));
+      parts.push_back(at::zeros({b.numel - filled}, params[0].options().dtype(at::kFloat)));
     }
     return at::cat(parts);
   }
@@ -177,21 +171,22 @@ struct Buckets {
     return grad.defined() && grad.is_contiguous() && grad.data_ptr() == view;
   }
 
-  // Bucket k's all-reduce can run in place: the counts are known and every gradient is its
-  // view.
-  bool in_place_ready(size_t k) {
+  // Checks that all-reduce bucket b's gradients are still its views (`attach` made them so
+  // when armed; only a backward pass that builds a graph, create_graph, replaces them).
+  void check_attached(size_t k) {
     const auto& b = buckets[k];
-    if (slices > 0 || !counted || !b.storage.defined()) return false;
     int64_t at = 0;
     for (const auto& piece : b.pieces) {
-      if (!aliases(b, piece, at)) return false;
+      if (!aliases(b, piece, at)) {
+        throw std::logic_error("the gradient of parameter " + std::to_string(piece.param) + " (bucket " + std::to_string(k) + ") was replaced during the backward pass, not accumulated in place");
+      }
       at += piece.len;
     }
-    return true;
   }
 
-  // Starts bucket k's collective: in place on its storage, or on a flat copy.
-  void start(size_t k, bool in_place) {
+  // Starts bucket k's collective: an all-reduce in place on its storage, or a reduce-scatter
+  // of a flat copy.
+  void start(size_t k) {
     if (slices > 0) {
       // A reduce-scatter that ended needs its input no more: free it before making another,
       // and with kMaxInFlight inputs held, wait for the oldest (the backward pass pauses
@@ -214,35 +209,36 @@ struct Buckets {
       }
     }
     auto& b = buckets[k];
-    b.in_place = in_place;
-    b.flat = in_place ? b.storage : flatten(b);
     if (slices == 0) {
-      std::vector<at::Tensor> list{b.flat};
+      check_attached(k);
+      std::vector<at::Tensor> list{b.storage};
       b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
     } else {
+      b.flat = flatten(b);
       b.out = dest.defined() ? dest.narrow(0, b.dest_offset, b.numel / slices) : at::empty({b.numel / slices}, b.flat.options());
       b.work = group->backend->_reduce_scatter_base(b.out, b.flat, c10d::ReduceScatterOptions());
     }
   }
 
-  // Starts, in order, the buckets whose gradients are all final (called by the hooks).
+  // Starts, in order, the buckets whose gradients are all final (called by the hooks); for
+  // all-reduce buckets (in place: no redo from a copy), once an armed step showed how often
+  // each gradient is accumulated.
   void start_ready() {
-    while (next < buckets.size() && buckets[next].pending == 0) {
+    while ((counted || slices > 0) && next < buckets.size() && buckets[next].pending == 0) {
       buckets[next].started_at = seen;
-      start(next, in_place_ready(next));
-      ++next;
+      start(next++);
     }
   }
 
-  // Before an accumulation into parameter i's gradient (a hook): a bucket of it whose
-  // all-reduce runs in place got the gradient too early. Once that all-reduce ends its sums
+  // Before an accumulation into parameter i's gradient (a hook): an all-reduce bucket of it
+  // that started got the gradient too early. Once that all-reduce ends its sums
   // are kept aside and its storage cleared, to gather what comes after (see `redo`).
   void before_accumulate(size_t i) {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed || !error.empty()) return;
     for (size_t k : buckets_of[i]) {
       auto& b = buckets[k];
-      if (!b.in_place || !b.work || b.saved.defined()) continue;
+      if (slices > 0 || !b.work || b.saved.defined()) continue;
       try {
         wait(b.work);
       } catch (const std::exception& e) {
@@ -255,14 +251,14 @@ struct Buckets {
     }
   }
 
-  // Reduces bucket k again, with all of this rank's gradients: a copy's collective restarts
-  // from the gradients; an in-place all-reduce sums what was accumulated after its sums (the
+  // Reduces bucket k again, with all of this rank's gradients: a reduce-scatter restarts
+  // from a copy of the gradients; an all-reduce sums what was accumulated after its sums (the
   // storage, cleared by `before_accumulate`, or nothing on a rank without such) and adds
   // them to those sums.
   void redo(size_t k) {
     auto& b = buckets[k];
-    if (!b.in_place) {
-      start(k, false);
+    if (slices > 0) {
+      start(k);
       wait(b.work);
       return;
     }
@@ -306,7 +302,6 @@ struct Buckets {
       b.flat = at::Tensor();
       b.out = at::Tensor();
       b.saved = at::Tensor();
-      b.in_place = false;
       b.work.reset();
       b.dirty = false;
       b.started_at = 0;
@@ -391,24 +386,6 @@ struct Buckets {
     std::copy(seen_order.begin(), seen_order.end(), out);
   }
 
-  // Copies all-reduce bucket k's sums into its parameters' gradients.
-  void scatter(size_t k) {
-    at::NoGradGuard no_grad;
-    auto& b = buckets[k];
-    int64_t offset = 0;
-    for (const auto& piece : b.pieces) {
-      auto& p = params[piece.param];
-      auto part = b.flat.narrow(0, offset, piece.len).view(p.sizes());
-      offset += piece.len;
-      auto& grad = p.mutable_grad();
-      if (grad.defined()) {
-        grad.copy_(part);
-      } else {
-        grad = part.clone();
-      }
-    }
-  }
-
   // Copies reduce-scatter bucket k's slice of the sums into this rank's part of the gradients.
   void scatter_own(size_t k) {
     at::NoGradGuard no_grad;
@@ -427,9 +404,9 @@ struct Buckets {
     }
   }
 
-  // See the struct; counts[0..4]: buckets started while gradients were still to come (by a
+  // See the struct; counts[0..3]: buckets started while gradients were still to come (by a
   // hook before the armed passes' last accumulation), the others (by that last hook or
-  // after the backward pass), those redone, and those all-reduced in place.
+  // after the backward pass), and those redone.
   void finish(size_t* counts) {
     std::unique_lock<std::mutex> lock(mu);
     armed = false;
@@ -441,7 +418,7 @@ struct Buckets {
     counts[1] = buckets.size() - counts[0];
     for (size_t k = next; k < buckets.size(); ++k) {
       try {
-        start(k, in_place_ready(k));
+        start(k);
       } catch (const std::exception& e) {
         throw std::runtime_error("starting gradient bucket " + std::to_string(k) + " after backward: " + halo_ffi::first_lines(e));
       }
@@ -464,7 +441,6 @@ struct Buckets {
     }
     auto again = flags.cpu();
     counts[2] = 0;
-    counts[3] = 0;
     for (size_t k = 0; k < buckets.size(); ++k) {
       try {
         wait(buckets[k].work);
@@ -479,10 +455,7 @@ struct Buckets {
           throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
-      if (buckets[k].in_place) ++counts[3];
-      if (slices == 0) {
-        if (!buckets[k].in_place) scatter(k);
-      } else if (!dest.defined()) {
+      if (slices > 0 && !dest.defined()) {
         scatter_own(k);
       }
       buckets[k].out = at::Tensor();

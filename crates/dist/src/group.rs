@@ -144,10 +144,10 @@ mod ffi {
 
         /// Starts the buckets the hooks did not, waits for all, redoes those a gradient grew
         /// in after they started: the numbers of buckets started while gradients were still
-        /// to come, the others, those redone, and those all-reduced in place.
-        pub fn finish(&self) -> Result<[usize; 4], String> {
-            let mut counts = [0usize; 4];
-            // SAFETY: a live handle and room for the four counts.
+        /// to come, the others, and those redone.
+        pub fn finish(&self) -> Result<[usize; 3], String> {
+            let mut counts = [0usize; 3];
+            // SAFETY: a live handle and room for the three counts.
             call(|err| unsafe { halo_dist_buckets_finish(self.0.as_ptr(), counts.as_mut_ptr(), err) })?;
             Ok(counts)
         }
@@ -285,7 +285,7 @@ mod ffi {
         pub fn arm(&self) {
             match *self {}
         }
-        pub fn finish(&self) -> Result<[usize; 4], String> {
+        pub fn finish(&self) -> Result<[usize; 3], String> {
             match *self {}
         }
     }

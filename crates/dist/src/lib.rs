@@ -277,25 +277,23 @@ pub struct BucketCounts {
     pub after_backward: usize,
     /// All-reduced a second time because a gradient grew after its bucket had started.
     pub redone: usize,
-    /// All-reduced in place, in the gradients' own memory (no copy): every all-reduce bucket
-    /// from the second step on, unless a gradient was replaced by another tensor.
-    pub in_place: usize,
 }
 
 /// Gradient buckets whose sums over the ranks overlap the backward pass, as torch's DDP
 /// does: a hook on every parameter sees its gradient accumulated, and once every gradient
 /// of a bucket is final the bucket's all-reduce starts asynchronously. A parameter counts as
-/// final when its gradient was accumulated as often as in the previous armed step (once at
-/// first): activation checkpointing accumulates a layer's gradient once per checkpointed
-/// forward. Buckets start in their order on every rank; as DDP's, they are rebuilt once,
-/// after the first step, in the order in which rank 0's gradients became final.
+/// final when its gradient was accumulated as often as in the previous armed step:
+/// activation checkpointing accumulates a layer's gradient once per checkpointed forward.
+/// The first step, whose counts are not known yet, starts every bucket after its backward
+/// pass. Buckets start in their order on every rank; as DDP's, they are rebuilt once, after
+/// the first step, in the order in which rank 0's gradients became final.
 ///
 /// The gradients are views into their bucket's memory (DDP's `gradient_as_bucket_view`), so
-/// from the second step on each all-reduce runs in place, with neither a flat copy nor a copy
-/// back (the first step, whose counts are not known yet, all-reduces copies). A gradient
-/// accumulated again after its in-place all-reduce started is caught before the
-/// accumulation and summed in a second all-reduce. ZeRO-1's buckets
-/// ([`GradBuckets::slices`]) reduce-scatter copies of ranges of the parameters instead.
+/// each all-reduce runs in place, with neither a flat copy nor a copy back. A gradient
+/// accumulated again after its all-reduce started (a count that changed) is caught before
+/// the accumulation and summed in a second all-reduce. ZeRO-1's buckets
+/// ([`GradBuckets::slices`]) reduce-scatter copies of ranges of the parameters instead, and
+/// start during the first step's backward pass as well (a copy can be redone).
 pub struct GradBuckets {
     // Dropped first: the hooks go before the process group can.
     buckets: Buckets,
@@ -312,7 +310,8 @@ impl GradBuckets {
     /// until the first step shows the order of the backward pass (start with the parameters
     /// whose gradients should come first: the last layers'). Their gradients are summed, not
     /// averaged; from here on each is a view into its bucket's memory (zeros where it had
-    /// none), which zeroing in place keeps and replacing loses (then copied on the next arm).
+    /// none), which zeroing in place keeps (one replaced between steps is copied back into
+    /// its view when armed; one replaced during the armed backward pass is an error).
     pub fn new(dist: Arc<Dist>, params: &[Tensor], bucket_bytes: usize) -> Result<GradBuckets> {
         let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
         let buckets = dist.group.buckets(&params, &bucket_of(&params, bucket_bytes)).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
@@ -346,11 +345,11 @@ impl GradBuckets {
     /// 0's gradients became final (a broadcast).
     pub fn finish(&mut self) -> Result<BucketCounts> {
         let what = format!("{} of the gradient buckets", self.collective);
-        let [during_backward, after_backward, redone, in_place] = self.buckets.finish().map_err(|e| self.dist.failed(&what, e))?;
+        let [during_backward, after_backward, redone] = self.buckets.finish().map_err(|e| self.dist.failed(&what, e))?;
         if !self.rebuilt {
             self.rebuild()?;
         }
-        Ok(BucketCounts { during_backward, after_backward, redone, in_place })
+        Ok(BucketCounts { during_backward, after_backward, redone })
     }
 
     /// Rebuilds the buckets in the order in which rank 0's gradients became final in the

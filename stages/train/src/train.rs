@@ -151,11 +151,10 @@ impl Trainer<'_> {
         // The buckets' collectives come before any other, in the same order on every rank.
         if let Some(buckets) = &mut self.grad_buckets {
             let counts = buckets.finish()?;
-            tracing::debug!(rank = ranks.rank(), during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, in_place = counts.in_place, "gradient buckets all-reduced");
+            tracing::debug!(rank = ranks.rank(), during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, "gradient buckets all-reduced");
             self.bucket_counts.during_backward += counts.during_backward;
             self.bucket_counts.after_backward += counts.after_backward;
             self.bucket_counts.redone += counts.redone;
-            self.bucket_counts.in_place += counts.in_place;
         }
         let mut tokens = job.tokens.take();
         if let Some(reduce) = ranks.loss_reduce() {
@@ -415,7 +414,6 @@ pub fn run(args: &Args) -> Result<()> {
             "buckets_during_backward": trainer.bucket_counts.during_backward,
             "buckets_after_backward": trainer.bucket_counts.after_backward,
             "buckets_redone": trainer.bucket_counts.redone,
-            "buckets_in_place": trainer.bucket_counts.in_place,
         },
         "fused_adamw": fused,
         "lora": lora_config,

@@ -414,7 +414,9 @@ fn overlapped_equals_synchronous(data: &Path, args: &[&str], ranks_only: &[&str]
     assert_eq!((off["overlap"].as_bool(), off["buckets_during_backward"].as_u64(), off["buckets_after_backward"].as_u64()), (Some(false), Some(0), Some(0)), "{off}");
     assert_eq!(sync["overlap"].as_bool(), Some(true));
     let (during, after) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_after_backward"].as_u64().unwrap());
-    assert!(during > 2 * steps as u64 && during > 3 * after, "{what}: too few buckets started while the backward pass went on: {sync}");
+    // DDP's first step starts every bucket after its backward pass.
+    let first = if ranks_only.contains(&"--shard-optimizer") { 0 } else { (during + after) / steps as u64 };
+    assert!(during > 2 * (steps as u64 - 1) && during > 3 * (after - first), "{what}: too few buckets started while the backward pass went on: {sync}");
     sync
 }
 
@@ -437,17 +439,17 @@ fn overlapped_gradient_sync_equals_synchronous_and_one_process_kto_dpo() {
     let (kto, dpo) = (OVERLAP_KTO, OVERLAP_DPO);
     let sync = overlapped_equals_synchronous(&plan, &kto, &[], &[], 1, "KTO");
     // Without checkpointing every gradient is final after one accumulation: nothing redone,
-    // and in each of the 3 steps only the last bucket waits for the last gradient.
-    assert_eq!((sync["buckets_after_backward"].as_u64(), sync["buckets_redone"].as_u64()), (Some(3), Some(0)), "{sync}");
-    // The first step all-reduces copies; the other two run in the gradients' own memory.
-    let all = sync["buckets_during_backward"].as_u64().unwrap() + 3;
-    assert_eq!(sync["buckets_in_place"].as_u64(), Some(all * 2 / 3), "{sync}");
+    // in the last 2 steps only the last bucket waits for the last gradient,
+    // and the first step, whose counts are not known yet, starts every bucket after it.
+    let per_step = (sync["buckets_during_backward"].as_u64().unwrap() + sync["buckets_after_backward"].as_u64().unwrap()) / 3;
+    assert_eq!((sync["buckets_after_backward"].as_u64(), sync["buckets_redone"].as_u64()), (Some(per_step + 2), Some(0)), "{sync}");
     overlapped_equals_synchronous(&pairs, &dpo, &[], &[], 2, "DPO, grad_accum 2 per rank");
 }
 
 /// Activation checkpointing: the walk-back accumulates a layer's gradient once per
-/// checkpointed forward, so the first step redoes the buckets that started too early and
-/// later steps wait for the count seen before.
+/// checkpointed forward. DDP's first step starts its buckets after the backward pass and
+/// later steps wait for the count seen then: nothing is redone. ZeRO-1's first step starts
+/// windows early and redoes those that started too early.
 #[test]
 fn overlapped_gradient_sync_with_activation_checkpointing_equals_one_plain_process() {
     let (_dir, plan, pairs) = plan_and_pairs(12);
@@ -456,8 +458,7 @@ fn overlapped_gradient_sync_with_activation_checkpointing_equals_one_plain_proce
     // Against a plain process (prompts shared, as the checkpointed ranks share them).
     for (data, args, plain, grad_accum, what) in [(&plan, &kto[..], &[][..], 2, "KTO, checkpointing, grad_accum 2 per rank"), (&pairs, &dpo[..], &[][..], 1, "DPO, checkpointing")] {
         let sync = overlapped_equals_synchronous(data, args, &ckpt, plain, grad_accum, what);
-        let (during, redone) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_redone"].as_u64().unwrap());
-        assert!(redone < during / 2, "{what}: most buckets redone: {sync}");
+        assert_eq!(sync["buckets_redone"].as_u64(), Some(0), "{what}: {sync}");
     }
     // ZeRO-1's windows the same way: a window redone reduce-scatters the local gradients again.
     let sync = overlapped_equals_synchronous(&pairs, &dpo, &[ckpt[0], "--shard-optimizer"], &[], 1, "DPO, checkpointing, ZeRO-1");
