@@ -87,7 +87,10 @@ bool is_loopback(const std::string& host) {
 //   the first step, in the order in which rank 0's gradients became final.
 // - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
 //   gets the sums of the buffer's r-th slice, in `dest` (the buckets' slices one after
-//   another) or, without it, in its own part of the (f32) gradients.
+//   another) or, without it, in its own part of the (f32) gradients: after the backward pass
+//   in the first step (a window started too early is redone from the local gradients), and
+//   from the second on as soon as each window's collective ends, which frees its sums (a
+//   gradient growing later is then caught as an all-reduce's is).
 struct Buckets {
   // Reduce-scatter buckets whose inputs may be held at once (2 × --grad-bucket-mb of f32).
   static constexpr size_t kMaxInFlight = 2;
@@ -103,8 +106,9 @@ struct Buckets {
     size_t pending = 0;         // parameters not at their expected count yet
     at::Tensor flat, out;       // reduce-scatter: the gradients' copy, this rank's sums
     at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
-    at::Tensor saved;           // all-reduce: the sums, kept aside when a gradient grew after them
-    c10::intrusive_ptr<c10d::Work> work;
+    at::Tensor saved;           // what the gradients held with the sums, when one grew after them
+    c10::intrusive_ptr<c10d::Work> work;  // released once a reduce-scatter landed
+    bool started = false;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
   };
@@ -193,22 +197,30 @@ struct Buckets {
       // while the collectives catch up, so a slow network cannot pile up a copy of every
       // gradient; the other ranks started those windows before this one, so they end).
       std::vector<size_t> in_flight;
+      // With the sums in the gradients, an ended window lands at once.
+      auto done = [&](size_t j) {
+        if (sums_in_gradients()) {
+          land(j);
+        } else {
+          release(j);
+        }
+      };
       for (size_t j = 0; j < k; ++j) {
         auto& b = buckets[j];
         if (!b.flat.defined() || !b.work) continue;
         if (b.work->isCompleted()) {
-          b.flat = at::Tensor();
+          done(j);
         } else {
           in_flight.push_back(j);
         }
       }
       for (size_t i = 0; i + kMaxInFlight <= in_flight.size(); ++i) {
-        auto& b = buckets[in_flight[i]];
-        wait(b.work);
-        b.flat = at::Tensor();
+        wait(buckets[in_flight[i]].work);
+        done(in_flight[i]);
       }
     }
     auto& b = buckets[k];
+    b.started = true;
     if (slices == 0) {
       check_attached(k);
       std::vector<at::Tensor> list{b.storage};
@@ -230,46 +242,99 @@ struct Buckets {
     }
   }
 
-  // Before an accumulation into parameter i's gradient (a hook): an all-reduce bucket of it
-  // that started got the gradient too early. Once that all-reduce ends its sums
-  // are kept aside and its storage cleared, to gather what comes after (see `redo`).
+  // Whether bucket sums go into this rank's gradients as soon as their collective ends, so
+  // that a gradient growing after its bucket started cannot be redone from the local
+  // gradients: all-reduce buckets (in place), and reduce-scatter buckets without a
+  // destination once the counts are known (each window's own part as soon as it lands, which
+  // frees its sums; in the first step they wait for the end, and the local gradients stay).
+  bool sums_in_gradients() const {
+    return slices == 0 || (counted && !dest.defined());
+  }
+
+  // Before an accumulation into parameter i's gradient (a hook): a bucket of it that started
+  // got the gradient too early. With the sums in the gradients, what they hold is kept aside
+  // once the collective ends (see `keep`), to sum only what comes after (`redo`).
   void before_accumulate(size_t i) {
     std::lock_guard<std::mutex> lock(mu);
-    if (!armed || !error.empty()) return;
+    if (!armed || !error.empty() || !sums_in_gradients()) return;
     for (size_t k : buckets_of[i]) {
       auto& b = buckets[k];
-      if (slices > 0 || !b.work || b.saved.defined()) continue;
+      if (!b.started || b.saved.defined()) continue;
       try {
-        wait(b.work);
+        if (b.work) wait(b.work);
+        keep(k);
       } catch (const std::exception& e) {
-        error = "gradient bucket " + std::to_string(k) + " (a gradient grew during its all-reduce): " + halo_ffi::first_lines(e);
+        error = "gradient bucket " + std::to_string(k) + " (a gradient grew during its collective): " + halo_ffi::first_lines(e);
         return;
       }
-      at::NoGradGuard no_grad;
-      b.saved = b.storage.clone();
-      b.storage.zero_();
     }
   }
 
-  // Reduces bucket k again, with all of this rank's gradients: a reduce-scatter restarts
-  // from a copy of the gradients; an all-reduce sums what was accumulated after its sums (the
-  // storage, cleared by `before_accumulate`, or nothing on a rank without such) and adds
-  // them to those sums.
+  // Keeps aside what bucket k's gradients hold with its sums in them: an all-reduce's storage
+  // (then cleared, to gather what comes after), a reduce-scatter's window in f32 (its own
+  // part written first).
+  void keep(size_t k) {
+    at::NoGradGuard no_grad;
+    auto& b = buckets[k];
+    if (slices == 0) {
+      b.saved = b.storage.clone();
+      b.storage.zero_();
+    } else {
+      land(k);
+      b.saved = flatten(b);
+    }
+  }
+
+  // Reduce-scatter bucket k, once its collective ends: frees its input and the collective
+  // (whose Gloo work holds its own copies of the input until released).
+  void release(size_t k) {
+    auto& b = buckets[k];
+    if (b.work) {
+      wait(b.work);
+      b.work.reset();
+    }
+    b.flat = at::Tensor();
+  }
+
+  // Reduce-scatter bucket k without a destination, once its collective ends: releases it and
+  // writes its sums into this rank's part of the gradients, freeing them.
+  void land(size_t k) {
+    auto& b = buckets[k];
+    release(k);
+    if (b.out.defined()) {
+      scatter_own(k);
+      b.out = at::Tensor();
+    }
+  }
+
+  // Reduces bucket k again, with all of this rank's gradients. With the local gradients
+  // intact a reduce-scatter restarts from a copy of them; with the sums in the gradients
+  // (every rank alike), each rank sums what was accumulated after them (what `keep` set
+  // aside, taken now on a rank without such: nothing) and adds it to them.
   void redo(size_t k) {
     auto& b = buckets[k];
-    if (slices > 0) {
+    if (!sums_in_gradients()) {
       start(k);
       wait(b.work);
       return;
     }
+    if (!b.saved.defined()) keep(k);
     at::NoGradGuard no_grad;
-    if (!b.saved.defined()) {
-      b.saved = b.storage.clone();
-      b.storage.zero_();
+    if (slices == 0) {
+      std::vector<at::Tensor> list{b.storage};
+      wait(group->backend->allreduce(list, c10d::AllreduceOptions()));
+      b.storage.add_(b.saved);
+    } else {
+      // This rank's part already grew by its own late part: its sums are the kept ones plus
+      // the late parts' sums.
+      auto late = flatten(b) - b.saved;
+      const int64_t size = b.numel / slices;
+      b.out = at::empty({size}, late.options());
+      wait(group->backend->_reduce_scatter_base(b.out, late, c10d::ReduceScatterOptions()));
+      b.out.add_(b.saved.narrow(0, group->backend->getRank() * size, size));
+      scatter_own(k);
+      b.out = at::Tensor();
     }
-    std::vector<at::Tensor> list{b.storage};
-    wait(group->backend->allreduce(list, c10d::AllreduceOptions()));
-    b.storage.add_(b.saved);
     b.saved = at::Tensor();
   }
 
@@ -288,7 +353,7 @@ struct Buckets {
       }
     } else if (fired[i] > expected[i]) {
       for (size_t k : buckets_of[i]) {
-        if (buckets[k].work) buckets[k].dirty = true;
+        if (buckets[k].started) buckets[k].dirty = true;
       }
     }
   }
@@ -303,6 +368,7 @@ struct Buckets {
       b.out = at::Tensor();
       b.saved = at::Tensor();
       b.work.reset();
+      b.started = false;
       b.dirty = false;
       b.started_at = 0;
     }
@@ -443,7 +509,7 @@ struct Buckets {
     counts[2] = 0;
     for (size_t k = 0; k < buckets.size(); ++k) {
       try {
-        wait(buckets[k].work);
+        if (buckets[k].work) wait(buckets[k].work);
       } catch (const std::exception& e) {
         throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
       }
@@ -455,9 +521,7 @@ struct Buckets {
           throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
-      if (slices > 0 && !dest.defined()) {
-        scatter_own(k);
-      }
+      if (slices > 0 && !dest.defined()) land(k);
       buckets[k].out = at::Tensor();
       buckets[k].flat = at::Tensor();
       buckets[k].work.reset();

@@ -193,7 +193,7 @@ fn slice_buckets(dist: &Arc<Dist>) {
         // Local gradients: p = k·(1, 2, 3, 4, 5), q = k·(10, 20, 30); sums 3·(1..5) and (30, 60, 90).
         let c = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]) * k;
         let d = Tensor::from_slice(&[10.0f32, 20.0, 30.0]) * k;
-        ((&p * c).sum(Kind::Float) + (&q * d).sum(Kind::Float)).backward();
+        ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
         let counts = buckets.finish().unwrap();
         assert_eq!(counts.during_backward + counts.after_backward, 2, "{counts:?}");
         let (gp, gq) = (values(&p.grad()), values(&q.grad()));
@@ -206,6 +206,24 @@ fn slice_buckets(dist: &Arc<Dist>) {
                 assert_eq!(values(&dest), if r == 0 { [3.0, 6.0, 15.0, 30.0, 60.0] } else { [9.0, 12.0, 90.0, 0.0, 0.0] });
             }
         }
+        if with_dest {
+            continue;
+        }
+        // The second step knows the counts: each window's sums go into the gradients as soon
+        // as it ends. Rank 0 then accumulates 100 more into p (both windows): what the
+        // gradients held is kept aside first, and every rank reduce-scatters what came after.
+        let _ = p.grad().zero_();
+        let _ = q.grad().zero_();
+        buckets.arm();
+        ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
+        if r == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            (&p * 100.0).sum(Kind::Float).backward();
+        }
+        let counts = buckets.finish().unwrap();
+        assert_eq!(counts.redone, 2, "{counts:?}");
+        let expected = if r == 0 { (vec![103.0, 106.0, 103.0, 104.0, 115.0], vec![30.0, 60.0, 30.0]) } else { (vec![2.0, 4.0, 109.0, 112.0, 10.0], vec![20.0, 40.0, 90.0]) };
+        assert_eq!((values(&p.grad()), values(&q.grad())), expected, "a late part counted once, on every rank");
     }
 }
 

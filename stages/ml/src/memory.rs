@@ -13,9 +13,9 @@
 //!   weights when the weights are bf16/f16; with ZeRO-1 moments and masters are divided by the
 //!   ranks, and bf16/f16 weights add the rank's slice of the reduced gradients in f32 (counted
 //!   with the master weights); left out: the collectives' buffers at the end of the backward
-//!   pass, when most activations are freed (with the overlap on: DDP's bucket copies, up to
-//!   one more gradient, and ZeRO-1's windows in flight plus, for f32 weights, the shard's f32
-//!   sums);
+//!   pass, when most activations are freed (with the overlap on: ZeRO-1's windows in flight
+//!   plus, for f32 weights, the shard's f32 sums; DDP's buckets are the gradients' own memory
+//!   and cost nothing);
 //! - activations of the forwards with gradient of one microbatch (`sequences × length` tokens):
 //!   per layer and token the tensors autograd keeps — the two RMSNorms' inputs and outputs
 //!   (plus their f32 copies below f32), rotated q and k, v, the attention output and its
