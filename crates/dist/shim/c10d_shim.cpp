@@ -87,10 +87,9 @@ bool is_loopback(const std::string& host) {
 //   the first step, in the order in which rank 0's gradients became final.
 // - reduce-scatter (ZeRO-1, `slices` = the ranks): any ranges, the flat buffer in f32; rank r
 //   gets the sums of the buffer's r-th slice, in `dest` (the buckets' slices one after
-//   another) or, without it, in its own part of the (f32) gradients: after the backward pass
-//   in the first step (a window started too early is redone from the local gradients), and
-//   from the second on as soon as each window's collective ends, which frees its sums (a
-//   gradient growing later is then caught as an all-reduce's is).
+//   another) or, without it, in its own part of the (f32) gradients after the backward pass
+//   (a window started too early is redone from the local gradients). A window's collective is
+//   released as soon as it ends (Gloo's work holds copies of its input until then).
 struct Buckets {
   // Reduce-scatter buckets whose inputs may be held at once (2 × --grad-bucket-mb of f32).
   static constexpr size_t kMaxInFlight = 2;
@@ -107,7 +106,7 @@ struct Buckets {
     at::Tensor flat, out;       // reduce-scatter: the gradients' copy, this rank's sums
     at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
     at::Tensor saved;           // what the gradients held with the sums, when one grew after them
-    c10::intrusive_ptr<c10d::Work> work;  // released once a reduce-scatter landed
+    c10::intrusive_ptr<c10d::Work> work;  // a reduce-scatter's: released once it ended
     bool started = false;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
@@ -192,31 +191,23 @@ struct Buckets {
   // of a flat copy.
   void start(size_t k) {
     if (slices > 0) {
-      // A reduce-scatter that ended needs its input no more: free it before making another,
+      // A reduce-scatter that ended needs its input (and its work) no more: free them before
+      // making another,
       // and with kMaxInFlight inputs held, wait for the oldest (the backward pass pauses
       // while the collectives catch up, so a slow network cannot pile up a copy of every
       // gradient; the other ranks started those windows before this one, so they end).
       std::vector<size_t> in_flight;
-      // With the sums in the gradients, an ended window lands at once.
-      auto done = [&](size_t j) {
-        if (sums_in_gradients()) {
-          land(j);
-        } else {
-          release(j);
-        }
-      };
       for (size_t j = 0; j < k; ++j) {
         auto& b = buckets[j];
         if (!b.flat.defined() || !b.work) continue;
         if (b.work->isCompleted()) {
-          done(j);
+          release(j);
         } else {
           in_flight.push_back(j);
         }
       }
       for (size_t i = 0; i + kMaxInFlight <= in_flight.size(); ++i) {
-        wait(buckets[in_flight[i]].work);
-        done(in_flight[i]);
+        release(in_flight[i]);
       }
     }
     auto& b = buckets[k];
@@ -242,21 +233,12 @@ struct Buckets {
     }
   }
 
-  // Whether bucket sums go into this rank's gradients as soon as their collective ends, so
-  // that a gradient growing after its bucket started cannot be redone from the local
-  // gradients: all-reduce buckets (in place), and reduce-scatter buckets without a
-  // destination once the counts are known (each window's own part as soon as it lands, which
-  // frees its sums; in the first step they wait for the end, and the local gradients stay).
-  bool sums_in_gradients() const {
-    return slices == 0 || (counted && !dest.defined());
-  }
-
-  // Before an accumulation into parameter i's gradient (a hook): a bucket of it that started
-  // got the gradient too early. With the sums in the gradients, what they hold is kept aside
-  // once the collective ends (see `keep`), to sum only what comes after (`redo`).
+  // Before an accumulation into parameter i's gradient (a hook): an all-reduce bucket of it
+  // that started got the gradient too early, and its sums are in the gradients. They are
+  // kept aside once the all-reduce ends (see `keep`), to sum only what comes after (`redo`).
   void before_accumulate(size_t i) {
     std::lock_guard<std::mutex> lock(mu);
-    if (!armed || !error.empty() || !sums_in_gradients()) return;
+    if (!armed || !error.empty() || slices > 0) return;
     for (size_t k : buckets_of[i]) {
       auto& b = buckets[k];
       if (!b.started || b.saved.defined()) continue;
@@ -270,19 +252,13 @@ struct Buckets {
     }
   }
 
-  // Keeps aside what bucket k's gradients hold with its sums in them: an all-reduce's storage
-  // (then cleared, to gather what comes after), a reduce-scatter's window in f32 (its own
-  // part written first).
+  // Keeps aside the sums all-reduce bucket k's storage holds and clears it, to gather what
+  // comes after.
   void keep(size_t k) {
     at::NoGradGuard no_grad;
     auto& b = buckets[k];
-    if (slices == 0) {
-      b.saved = b.storage.clone();
-      b.storage.zero_();
-    } else {
-      land(k);
-      b.saved = flatten(b);
-    }
+    b.saved = b.storage.clone();
+    b.storage.zero_();
   }
 
   // Reduce-scatter bucket k, once its collective ends: frees its input and the collective
@@ -296,45 +272,23 @@ struct Buckets {
     b.flat = at::Tensor();
   }
 
-  // Reduce-scatter bucket k without a destination, once its collective ends: releases it and
-  // writes its sums into this rank's part of the gradients, freeing them.
-  void land(size_t k) {
-    auto& b = buckets[k];
-    release(k);
-    if (b.out.defined()) {
-      scatter_own(k);
-      b.out = at::Tensor();
-    }
-  }
 
-  // Reduces bucket k again, with all of this rank's gradients. With the local gradients
-  // intact a reduce-scatter restarts from a copy of them; with the sums in the gradients
-  // (every rank alike), each rank sums what was accumulated after them (what `keep` set
-  // aside, taken now on a rank without such: nothing) and adds it to them.
+  // Reduces bucket k again, with all of this rank's gradients: a reduce-scatter restarts from
+  // a copy of the local gradients; an all-reduce, whose sums are in the gradients, sums what
+  // was accumulated after them (the storage `keep` cleared, or nothing on a rank that kept
+  // them only now) and adds it to them.
   void redo(size_t k) {
     auto& b = buckets[k];
-    if (!sums_in_gradients()) {
+    if (slices > 0) {
       start(k);
       wait(b.work);
       return;
     }
     if (!b.saved.defined()) keep(k);
     at::NoGradGuard no_grad;
-    if (slices == 0) {
-      std::vector<at::Tensor> list{b.storage};
-      wait(group->backend->allreduce(list, c10d::AllreduceOptions()));
-      b.storage.add_(b.saved);
-    } else {
-      // This rank's part already grew by its own late part: its sums are the kept ones plus
-      // the late parts' sums.
-      auto late = flatten(b) - b.saved;
-      const int64_t size = b.numel / slices;
-      b.out = at::empty({size}, late.options());
-      wait(group->backend->_reduce_scatter_base(b.out, late, c10d::ReduceScatterOptions()));
-      b.out.add_(b.saved.narrow(0, group->backend->getRank() * size, size));
-      scatter_own(k);
-      b.out = at::Tensor();
-    }
+    std::vector<at::Tensor> list{b.storage};
+    wait(group->backend->allreduce(list, c10d::AllreduceOptions()));
+    b.storage.add_(b.saved);
     b.saved = at::Tensor();
   }
 
@@ -521,7 +475,7 @@ struct Buckets {
           throw std::runtime_error("gradient bucket " + std::to_string(k) + " (again: a gradient grew after its collective started): " + halo_ffi::first_lines(e));
         }
       }
-      if (slices > 0 && !dest.defined()) land(k);
+      if (slices > 0 && !dest.defined()) scatter_own(k);
       buckets[k].out = at::Tensor();
       buckets[k].flat = at::Tensor();
       buckets[k].work.reset();

@@ -209,9 +209,8 @@ fn slice_buckets(dist: &Arc<Dist>) {
         if with_dest {
             continue;
         }
-        // The second step knows the counts: each window's sums go into the gradients as soon
-        // as it ends. Rank 0 then accumulates 100 more into p (both windows): what the
-        // gradients held is kept aside first, and every rank reduce-scatters what came after.
+        // Rank 0 accumulates 100 more into p (both windows) once their reduce-scatters ended
+        // and were released: every rank reduce-scatters its local gradients again.
         let _ = p.grad().zero_();
         let _ = q.grad().zero_();
         buckets.arm();
