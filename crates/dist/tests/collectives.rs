@@ -130,9 +130,14 @@ fn gradient_buckets(dist: Arc<Dist>) {
 
     // Rebuilt: [e, d] first, which rank 1 never completes (no e), so all its buckets start
     // after the backward pass. Rank 0's [c] waits for c's second accumulation, the last.
-    for step in 1..3 {
+    let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu));
+    for step in 1..4 {
         for t in [&a, &b, &c, &d, &e] {
             let _ = t.grad().zero_();
+        }
+        if step == 3 {
+            // A gradient given other memory between steps is put back into its view when armed.
+            let _ = a.grad().set_source_tensor_(&zeros(3));
         }
         buckets.arm();
         if r == 0.0 {
@@ -168,6 +173,14 @@ fn gradient_buckets(dist: Arc<Dist>) {
     assert_eq!(buckets.finish().unwrap(), if r == 0.0 { counts(3, 0, 1) } else { counts(0, 3, 1) });
     assert_eq!((grad(&a), grad(&b), grad(&c), grad(&d), grad(&e)), (vec![13.0; 3], vec![2.0; 2], vec![16.0; 4], vec![12.0], vec![5.0; 2]));
     assert_eq!(address(&b), address(&a) + 3 * 4, "the redo keeps the views");
+
+    // A gradient given other memory during the armed step cannot be all-reduced in place: an
+    // error naming it, on every rank (each stops at the same bucket).
+    buckets.arm();
+    let _ = a.grad().set_source_tensor_(&zeros(3));
+    (sum(&a, 1.0) + sum(&b, 2.0) + sum(&c, 3.0) + sum(&d, 4.0)).backward();
+    let err = buckets.finish().unwrap_err().to_string();
+    assert!(err.contains("the gradient of parameter 2 (bucket 1) was replaced during the backward pass"), "{err}");
 
     // Not armed: the hooks do nothing, and dropping the buckets removes them.
     sum(&a, 1.0).backward();
