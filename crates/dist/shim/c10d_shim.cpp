@@ -106,7 +106,7 @@ struct Buckets {
     at::Tensor flat, out;       // reduce-scatter: the gradients' copy, this rank's sums
     at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
     at::Tensor saved;           // what the gradients held with the sums, when one grew after them
-    c10::intrusive_ptr<c10d::Work> work;  // a reduce-scatter's: released once it ended
+    c10::intrusive_ptr<c10d::Work> work;  // released once a reduce-scatter ended
     bool started = false;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
@@ -124,7 +124,7 @@ struct Buckets {
   size_t seen = 0;      // accumulations in the armed step
   bool armed = false;
   bool counted = false; // an armed step ended: each parameter's accumulation count is known
-  std::vector<unsigned> pre_hooks;  // each parameter's hook before an accumulation
+  std::vector<unsigned> pre_hooks;  // all-reduce: each parameter's hook before an accumulation
   std::string error;    // the first failure to start a bucket inside a hook
   std::mutex mu;        // hooks run on the autograd engine's device threads on CUDA
 
@@ -192,10 +192,10 @@ struct Buckets {
   void start(size_t k) {
     if (slices > 0) {
       // A reduce-scatter that ended needs its input (and its work) no more: free them before
-      // making another,
-      // and with kMaxInFlight inputs held, wait for the oldest (the backward pass pauses
-      // while the collectives catch up, so a slow network cannot pile up a copy of every
-      // gradient; the other ranks started those windows before this one, so they end).
+      // making another, and with kMaxInFlight inputs held, wait for the oldest (the backward
+      // pass pauses while the collectives catch up, so a slow network cannot pile up a copy
+      // of every gradient; the other ranks started those windows before this one, so they
+      // end).
       std::vector<size_t> in_flight;
       for (size_t j = 0; j < k; ++j) {
         auto& b = buckets[j];
@@ -238,7 +238,7 @@ struct Buckets {
   // kept aside once the all-reduce ends (see `keep`), to sum only what comes after (`redo`).
   void before_accumulate(size_t i) {
     std::lock_guard<std::mutex> lock(mu);
-    if (!armed || !error.empty() || slices > 0) return;
+    if (!armed || !error.empty()) return;
     for (size_t k : buckets_of[i]) {
       auto& b = buckets[k];
       if (!b.started || b.saved.defined()) continue;
@@ -271,7 +271,6 @@ struct Buckets {
     }
     b.flat = at::Tensor();
   }
-
 
   // Reduces bucket k again, with all of this rank's gradients: a reduce-scatter restarts from
   // a copy of the local gradients; an all-reduce, whose sums are in the gradients, sums what
@@ -523,6 +522,7 @@ void* new_buckets(void* g, at::Tensor** ps, size_t n, int64_t slices, char** err
     std::weak_ptr<Buckets> weak = b;
     for (size_t i = 0; i < n; ++i) {
       torch::autograd::impl::set_post_acc_grad_hooks(b->params[i], std::make_unique<ReadyHook>(b, i));
+      if (slices > 0) continue;  // a reduce-scatter is redone from the local gradients
       b->pre_hooks.push_back(b->params[i].register_hook([weak, i](const at::Tensor&) {
         if (auto bs = weak.lock()) bs->before_accumulate(i);
       }));
