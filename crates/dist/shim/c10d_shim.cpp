@@ -107,7 +107,6 @@ struct Buckets {
     at::Tensor storage;         // all-reduce: the gradients' memory (each a view into it)
     at::Tensor saved;           // what the gradients held with the sums, when one grew after them
     c10::intrusive_ptr<c10d::Work> work;  // released once a reduce-scatter ended
-    bool started = false;
     bool dirty = false;
     size_t started_at = 0;  // the accumulation whose hook started it (0: none)
   };
@@ -211,7 +210,6 @@ struct Buckets {
       }
     }
     auto& b = buckets[k];
-    b.started = true;
     if (slices == 0) {
       check_attached(k);
       std::vector<at::Tensor> list{b.storage};
@@ -241,7 +239,7 @@ struct Buckets {
     if (!armed || !error.empty()) return;
     for (size_t k : buckets_of[i]) {
       auto& b = buckets[k];
-      if (!b.started || b.saved.defined()) continue;
+      if (k >= next || b.saved.defined()) continue;
       try {
         if (b.work) wait(b.work);
         keep(k);
@@ -306,7 +304,7 @@ struct Buckets {
       }
     } else if (fired[i] > expected[i]) {
       for (size_t k : buckets_of[i]) {
-        if (buckets[k].started) buckets[k].dirty = true;
+        if (k < next) buckets[k].dirty = true;
       }
     }
   }
@@ -321,7 +319,6 @@ struct Buckets {
       b.out = at::Tensor();
       b.saved = at::Tensor();
       b.work.reset();
-      b.started = false;
       b.dirty = false;
       b.started_at = 0;
     }
