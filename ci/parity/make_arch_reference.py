@@ -20,6 +20,12 @@ How it was run (from the repository root, after `source ci/env.sh` and a release
         qwen3:21:/tmp/arch-qwen3 gemma2:22:/tmp/arch-gemma2 gemma3:23:/tmp/arch-gemma3 \\
         > stages/ml/tests/data/arch_reference.json
 
+Run with `--add-cpu stages/ml/tests/data/arch_reference.json MODEL...` (the same MODEL
+arguments) on another machine, it prints the stored reference with that machine's bf16 logits
+added where they differ (`bf16.other_cpus`, with the CPU's name): the bf16 test accepts the
+logits of any CPU recorded. Added on 2026-12-05 for an AMD EPYC with avx512_bf16, whose bf16
+matmul (Gemma 2's eager attention) rounds differently from the machine that made the reference.
+
 Stores per model what make_window_reference.py stores (its config.json and seed, a weight
 checksum, per-token logits of prompts longer than the window, summed completion log-probs,
 greedy generation from a prompt longer than the window, the full-attention gap), plus for a model
@@ -76,8 +82,37 @@ def bf16_logits(path):
     return out
 
 
+def cpu_name():
+    """This CPU's model name and whether it has native bf16 dot products (avx512_bf16), which
+    change how a bf16 matmul rounds."""
+    info = open("/proc/cpuinfo").read()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown CPU")
+    return f"{name}, {'with' if ' avx512_bf16' in info else 'without'} avx512_bf16"
+
+
+def add_other_cpu(reference_path, args):
+    """Adds this CPU's bf16 logits to each model of the stored reference whose bf16 logits
+    recorded so far it does not reproduce (`bf16.other_cpus`): bf16 matmul kernels round
+    differently from one CPU to another (transformers' own bf16 logits of the Gemma 2 model
+    differed by one bf16 step, 0.0625, in a third of the positions between two machines)."""
+    stored = json.load(open(reference_path))
+    by_name = {m["name"]: m for m in stored["models"]}
+    for arg in args:
+        name, _, path = arg.split(":", 2)
+        here = bf16_logits(path)
+        bf16 = by_name[name]["bf16"]
+        assert here["ids"] == bf16["ids"], f"{name}: other prompt ids than the stored reference's"
+        known = [bf16["logits"]] + [o["logits"] for o in bf16.get("other_cpus", [])]
+        if here["logits"] not in known:
+            bf16.setdefault("other_cpus", []).append(
+                {"cpu": cpu_name(), "transformers": transformers.__version__, "torch": torch.__version__, "logits": here["logits"]})
+    json.dump(stored, sys.stdout)
+
+
 def main():
     torch.manual_seed(0)
+    if sys.argv[1:2] == ["--add-cpu"]:
+        return add_other_cpu(sys.argv[2], sys.argv[3:])
     models = []
     for arg in sys.argv[1:]:
         name, seed, path = arg.split(":", 2)
