@@ -48,9 +48,9 @@ fn bf16_logits_follow_transformers_bf16() {
         let name = m["name"].as_str().unwrap();
         let mut model = tiny::rebuild(m, |_| {});
         model.vs.set_kind(tch::Kind::BFloat16);
-        let ids = common::ids(&m["bf16"]["ids"]);
-        let got = tch::no_grad(|| model.net.forward(&tch::Tensor::from_slice(&ids).unsqueeze(0))).squeeze_dim(0).to_kind(tch::Kind::Float);
         let bf16 = &m["bf16"];
+        let ids = common::ids(&bf16["ids"]);
+        let got = tch::no_grad(|| model.net.forward(&tch::Tensor::from_slice(&ids).unsqueeze(0))).squeeze_dim(0).to_kind(tch::Kind::Float);
         let others = bf16["other_cpus"].as_array().map(Vec::as_slice).unwrap_or_default();
         let references = std::iter::once(("the reference's CPU", &bf16["logits"]))
             .chain(others.iter().map(|o| (o["cpu"].as_str().unwrap(), &o["logits"])));
