@@ -115,8 +115,7 @@ impl Ranks {
 
     /// The gradient buckets of `params` (named `names`) whose all-reduces overlap the backward
     /// pass (`None` for one process), as large as [`Ranks::sum_gradients`]'s: at first the
-    /// parameters in the reverse of their names' natural order (the last layers, whose
-    /// gradients come first, first), after the first step in the order the backward pass
+    /// parameters in [`backward_order`], after the first step in the order the backward pass
     /// showed.
     pub fn grad_buckets(&self, params: &[Tensor], names: &[String]) -> Result<Option<GradBuckets>> {
         let Some(dist) = &self.dist else { return Ok(None) };
@@ -202,17 +201,19 @@ impl Ranks {
     }
 }
 
-/// Indices of `names` in the reverse of their natural order (numbers compared as numbers,
-/// so `layers.10` after `layers.9`): an approximation of the order in which the backward
-/// pass finishes the parameters' gradients (from the last layer to the first).
+/// Indices of `names` in the order in which the backward pass finishes their gradients, as
+/// far as the names tell it: first the heads outside the `model.` trunk (`lm_head`,
+/// `value_head`: applied last in the forward pass, so their gradients come first), then the
+/// trunk in the reverse of its names' natural order (numbers compared as numbers, so
+/// `layers.10` after `layers.9`), from its final norm and last layer to the embedding.
 pub fn backward_order(names: &[String]) -> Vec<usize> {
     #[derive(PartialEq, Eq, PartialOrd, Ord)]
     enum Part<'a> {
         Number(u64),
         Text(&'a str),
     }
-    fn key(name: &str) -> Vec<Part<'_>> {
-        name.split('.').map(|p| p.parse().map_or(Part::Text(p), Part::Number)).collect()
+    fn key(name: &str) -> (bool, Vec<Part<'_>>) {
+        (!name.starts_with("model."), name.split('.').map(|p| p.parse().map_or(Part::Text(p), Part::Number)).collect())
     }
     let mut order: Vec<usize> = (0..names.len()).collect();
     order.sort_by(|&a, &b| key(&names[b]).cmp(&key(&names[a])));
@@ -238,9 +239,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_backward_order_goes_from_the_last_layer_to_the_first() {
-        let names: Vec<String> = ["model.embed_tokens.weight", "model.layers.10.mlp.weight", "model.layers.2.mlp.weight", "model.layers.9.attn.weight", "model.norm.weight", "value_head.w"].map(String::from).to_vec();
+    fn the_backward_order_goes_from_the_heads_and_last_layer_to_the_first() {
+        let names: Vec<String> = ["lm_head.weight", "model.embed_tokens.weight", "model.layers.10.mlp.weight", "model.layers.2.mlp.weight", "model.layers.9.attn.weight", "model.norm.weight", "value_head.w"].map(String::from).to_vec();
         let ordered: Vec<&str> = backward_order(&names).into_iter().map(|i| names[i].as_str()).collect();
-        assert_eq!(ordered, ["value_head.w", "model.norm.weight", "model.layers.10.mlp.weight", "model.layers.9.attn.weight", "model.layers.2.mlp.weight", "model.embed_tokens.weight"]);
+        assert_eq!(ordered, ["value_head.w", "lm_head.weight", "model.norm.weight", "model.layers.10.mlp.weight", "model.layers.9.attn.weight", "model.layers.2.mlp.weight", "model.embed_tokens.weight"]);
     }
 }

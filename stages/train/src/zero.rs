@@ -12,8 +12,9 @@
 //! reduce-scatters start during the backward pass as soon as their gradients are final (the
 //! last layers' windows first). The all-gathers end before the step does: they do not
 //! overlap the next forward pass.
-//! Checkpoints hold one shard file per rank with the layout; a resume with another number of
-//! ranks re-slices them.
+//! Checkpoints hold one shard file per rank with the layout and the parameters' names in the
+//! flat order; a resume with another number of ranks re-slices them, and one whose order
+//! differs (an older halo-train's) re-maps them by name.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -39,6 +40,18 @@ struct ShardMeta {
     total: i64,
     steps: i64,
     config: AdamWConfig,
+    /// The parameters in the flat vector's order, with their elements; empty in checkpoints
+    /// of a halo-train before they were stored, whose order [`legacy_order`] gives.
+    #[serde(default)]
+    params: Vec<(String, i64)>,
+}
+
+/// The flat order of `params` (name, elements; in today's order) in a checkpoint that does
+/// not name them: halo-train then ordered the parameters by the reverse of their names'
+/// natural order alone, which put `lm_head` after the trunk instead of first.
+fn legacy_order(params: &[(String, i64)]) -> Vec<(String, i64)> {
+    let (heads, rest): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(name, _)| name.starts_with("lm_head."));
+    rest.into_iter().chain(heads).collect()
 }
 
 /// Which rank holds which elements of the flat vector: windows of `world × window` elements,
@@ -151,8 +164,9 @@ pub struct ShardedAdamW {
     config: AdamWConfig,
     /// Whether the update runs libtorch's fused kernel ([`optim::update_all`]).
     fused: bool,
-    /// The parameters in the flat vector's order.
+    /// The parameters in the flat vector's order, and their names.
     params: Vec<Tensor>,
+    names: Vec<String>,
     flat: Flat,
     layout: Layout,
     rank: i64,
@@ -177,13 +191,18 @@ impl ShardedAdamW {
     /// fused kernel when `fused`.
     pub fn new(params: BTreeMap<String, Tensor>, config: AdamWConfig, fused: bool, ranks: &Ranks) -> ShardedAdamW {
         let names: Vec<String> = params.keys().cloned().collect();
-        let by_name: Vec<Tensor> = params.into_values().collect();
-        let params: Vec<Tensor> = backward_order(&names).into_iter().map(|i| by_name[i].shallow_clone()).collect();
+        let order = backward_order(&names);
+        ShardedAdamW::in_order(order.into_iter().map(|i| (names[i].clone(), params[&names[i]].shallow_clone())).collect(), config, fused, ranks)
+    }
+
+    /// The optimizer over `params` (name, tensor) in this flat order.
+    fn in_order(params: Vec<(String, Tensor)>, config: AdamWConfig, fused: bool, ranks: &Ranks) -> ShardedAdamW {
+        let (names, params): (Vec<String>, Vec<Tensor>) = params.into_iter().unzip();
         let flat = Flat::new(&params);
         let world = ranks.world() as i64;
         let layout = Layout::new(flat.total, world, (ranks.bucket_elements() / world).max(1));
         let gather_kind = if params.iter().all(|p| p.kind() == params[0].kind()) { params[0].kind() } else { Kind::Float };
-        let mut zero = ShardedAdamW { config, fused, params, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0, gather_kind };
+        let mut zero = ShardedAdamW { config, fused, params, names, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0, gather_kind };
         zero.set_layout(layout);
         zero
     }
@@ -332,13 +351,18 @@ impl ShardedAdamW {
         };
         let tensors = [("m", self.m.shallow_clone()), ("v", self.v.shallow_clone()), ("master", master)].map(|(k, t)| (k.to_string(), t));
         Tensor::write_safetensors(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
-        let meta = ShardMeta { world: self.layout.world, window: self.layout.window, total: self.flat.total, steps: self.steps, config: self.config };
+        let meta = ShardMeta { world: self.layout.world, window: self.layout.window, total: self.flat.total, steps: self.steps, config: self.config, params: self.named_sizes() };
         haloflow::io::write_json(&shard_file(dir, rank, "json"), &meta)
     }
 
-    /// Restores this rank's shard from the shards in `dir`, written by any number of ranks
-    /// (the master weights only where they are not the f32 parameters, loaded from the
-    /// checkpoint's model).
+    /// The parameters' names and elements, in the flat order.
+    fn named_sizes(&self) -> Vec<(String, i64)> {
+        self.names.iter().zip(&self.params).map(|(name, p)| (name.clone(), p.numel() as i64)).collect()
+    }
+
+    /// Restores this rank's shard from the shards in `dir`, written by any number of ranks in
+    /// any order of the parameters (re-mapped by name), the master weights only where they
+    /// are not the f32 parameters, loaded from the checkpoint's model.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let total = self.flat.total;
         let mut metas = Vec::new();
@@ -352,32 +376,48 @@ impl ShardedAdamW {
         let first = metas.first().with_context(|| format!("{}: no optimizer shard in this checkpoint (it was written without --shard-optimizer?)", dir.display()))?;
         let saved = Layout::new(total, first.world, first.window);
         ensure!(
-            saved.window == first.window && metas.iter().all(|m| (m.world, m.window, m.steps) == (first.world, first.window, first.steps)),
+            saved.window == first.window && metas.iter().all(|m| (m.world, m.window, m.steps, &m.params) == (first.world, first.window, first.steps, &first.params)),
             "{}: the optimizer shards disagree on their layout or step",
             dir.display()
         );
         ensure!(metas.len() as i64 == first.world, "{}: {} optimizer shard(s) of the {} ranks that wrote them (a shard file is missing)", dir.display(), metas.len(), first.world);
+        // Where each parameter starts in the saved flat vector.
+        let mine = self.named_sizes();
+        let saved_params = if first.params.is_empty() { legacy_order(&mine) } else { first.params.clone() };
+        let mut saved_at: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        let mut at = 0;
+        for (name, n) in &saved_params {
+            saved_at.insert(name, (at, *n));
+            at += n;
+        }
+        for (name, n) in &mine {
+            let found = saved_at.get(name.as_str()).map(|&(_, saved_n)| saved_n);
+            ensure!(found == Some(*n), "{}: the optimizer shards {} `{name}` ({n} elements in this model)", shard_file(dir, 0, "json").display(), found.map_or("have no parameter".to_string(), |s| format!("give {s} elements to")));
+        }
+        ensure!(saved_params.len() == mine.len(), "{}: the optimizer shards hold {} parameters, this model {}", shard_file(dir, 0, "json").display(), saved_params.len(), mine.len());
         self.steps = first.steps;
         let mut files: BTreeMap<i64, BTreeMap<String, Tensor>> = BTreeMap::new();
         for (k, o, n) in self.windows().collect::<Vec<_>>() {
-            let at = self.layout.part(k, self.rank);
-            for (rank, from, to, len) in saved.runs(at, n.min(total - at).max(0)) {
-                if !files.contains_key(&rank) {
-                    let path = shard_file(dir, rank as usize, "safetensors");
-                    let tensors = Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
-                    files.insert(rank, tensors.into_iter().collect());
-                }
-                let tensors = &files[&rank];
-                tch::no_grad(|| -> Result<()> {
-                    let master = self.master.as_ref().map(|(master, _)| master);
-                    for (name, mine) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", master)] {
-                        let saved = tensors.get(name).with_context(|| format!("{}: no tensor {name}", shard_file(dir, rank as usize, "safetensors").display()))?;
-                        if let Some(mine) = mine {
-                            mine.narrow(0, o + to, len).copy_(&saved.narrow(0, from, len));
-                        }
+            for (i, from, to, len) in self.flat.pieces(self.layout.part(k, self.rank), n).collect::<Vec<_>>() {
+                let piece_at = saved_at[self.names[i].as_str()].0 + from;
+                for (rank, saved_from, run_to, run_len) in saved.runs(piece_at, len) {
+                    if !files.contains_key(&rank) {
+                        let path = shard_file(dir, rank as usize, "safetensors");
+                        let tensors = Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
+                        files.insert(rank, tensors.into_iter().collect());
                     }
-                    Ok(())
-                })?;
+                    let tensors = &files[&rank];
+                    tch::no_grad(|| -> Result<()> {
+                        let master = self.master.as_ref().map(|(master, _)| master);
+                        for (name, mine) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", master)] {
+                            let saved = tensors.get(name).with_context(|| format!("{}: no tensor {name}", shard_file(dir, rank as usize, "safetensors").display()))?;
+                            if let Some(mine) = mine {
+                                mine.narrow(0, o + to + run_to, run_len).copy_(&saved.narrow(0, saved_from, run_len));
+                            }
+                        }
+                        Ok(())
+                    })?;
+                }
             }
         }
         Ok(())
@@ -422,6 +462,55 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 26);
+    }
+
+    /// A checkpoint whose flat order is not today's is re-mapped by name: one of an older
+    /// halo-train (no names; `lm_head` last) and one in another named order resume with each
+    /// parameter's moments in its place; one of another model is refused, naming the parameter.
+    #[test]
+    fn shards_in_another_order_are_re_mapped_by_name() {
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let shapes = [("lm_head.weight", vec![3, 2]), ("model.embed_tokens.weight", vec![3, 2]), ("model.layers.0.w", vec![5]), ("model.norm.weight", vec![2])];
+        let params: BTreeMap<String, Tensor> = shapes.iter().enumerate().map(|(i, (n, shape))| (n.to_string(), crate::optim::tests::spread(shape, i as f64).set_requires_grad(true))).collect();
+        let ranks = Ranks::single();
+        // A parameter's first moment, wherever the optimizer keeps it (one rank: the shard is the flat vector).
+        let moment = |zero: &ShardedAdamW, name: &str| {
+            let i = zero.names.iter().position(|n| n == name).unwrap();
+            Vec::<f32>::try_from(&zero.m.narrow(0, zero.flat.offsets[i], zero.params[i].numel() as i64)).unwrap()
+        };
+        let legacy = ["model.norm.weight", "model.layers.0.w", "model.embed_tokens.weight", "lm_head.weight"];
+        let scrambled = ["model.layers.0.w", "lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"];
+        for (order, named) in [(legacy, false), (scrambled, true)] {
+            let mut old = ShardedAdamW::in_order(order.iter().map(|&n| (n.to_string(), params[n].shallow_clone())).collect(), config, false, &ranks);
+            old.set_layout(Layout::new(old.flat.total, 1, 4));
+            old.zero_grad();
+            params.values().map(|p| (p * p * p).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b).backward();
+            old.sync_and_clip(&ranks, None, 0.0, None).unwrap();
+            old.update(&ranks, 0.01).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            old.save(dir.path(), 0).unwrap();
+            if !named {
+                let path = shard_file(dir.path(), 0, "json");
+                let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                meta.as_object_mut().unwrap().remove("params");
+                std::fs::write(&path, meta.to_string()).unwrap();
+            }
+            let copies = params.iter().map(|(k, t)| (k.clone(), t.detach().copy().set_requires_grad(true))).collect();
+            let mut new = ShardedAdamW::new(copies, config, false, &ranks);
+            assert_eq!(new.names[0], "lm_head.weight");
+            new.load(dir.path()).unwrap();
+            assert_eq!(new.steps, 1);
+            for (name, _) in &shapes {
+                let (was, is) = (moment(&old, name), moment(&new, name));
+                assert!(was.iter().any(|&x| x != 0.0) && was == is, "named {named}: {name}: {was:?} vs {is:?}");
+            }
+            // Another model of as many elements (which the element count alone let through).
+            if named {
+                let other = params.iter().map(|(k, t)| (k.replace("norm", "final_norm"), t.detach().copy())).collect();
+                let err = ShardedAdamW::new(other, config, false, &ranks).load(dir.path()).unwrap_err().to_string();
+                assert!(err.contains("have no parameter `model.final_norm.weight`"), "{err}");
+            }
+        }
     }
 
     /// Window by window, with weights in f32 (their own master) and in bf16 (an f32 master),

@@ -475,6 +475,53 @@ fn overlapped_gradient_sync_with_lora_equals_one_process() {
     overlapped_equals_synchronous(&plan, &["--loss", "kto", "--reference", "live", "--lr", "1e-2", "--max-steps", "3", "--lora", lora], &[], &[], 1, "KTO + LoRA");
 }
 
+/// stories260K with an LM head of its own (the embedding copied, untied), made in `dir`.
+fn untied_model(model: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("untied-model");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut tensors = Tensor::read_safetensors(model.join("model.safetensors")).unwrap();
+    let embed = tensors.iter().find(|(name, _)| name == "model.embed_tokens.weight").unwrap().1.copy();
+    tensors.push(("lm_head.weight".to_string(), embed));
+    Tensor::write_safetensors(&tensors, out.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    config["tie_word_embeddings"] = false.into();
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    out
+}
+
+/// An untied LM head gets its gradient first in the backward pass, and its ZeRO-1 windows
+/// come first: they are reduce-scattered while the backward pass goes on, and only the
+/// windows holding the embedding (whose gradient is final last) wait for its end. ZeRO-1
+/// equals DDP on such a model.
+#[test]
+fn zero1_reduce_scatters_an_untied_lm_head_during_backward() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let model = untied_model(&model, dir.path());
+    let plan = dir.path().join("plan.arrow");
+    write_plan(&plan, 8, false);
+    let args = ["--loss", "kto", "--reference", "live", "--lr", "2e-3", "--max-steps", "3"];
+    let (outs, ddp, _) = train_2_ranks(dir.path(), "ddp", &plan, &model, &args, no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (outs, zero, _) = train_2_ranks(dir.path(), "zero", &plan, &model, &[&args[..], &["--shard-optimizer", "--grad-bucket-mb", "0.004"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    assert!(policy(&zero).contains_key("lm_head.weight"), "the untied head was not trained");
+    let (m, w) = (max_metric_diff(&ddp, &zero), max_weight_diff(&ddp, &zero));
+    let sync = grad_sync(&zero);
+    // Windows of 2 × 524 f32 (4 KiB of --grad-bucket-mb over 2 ranks); the embedding's
+    // 512 × 64 elements lie in at most 33 of them, 32 more would hold the head.
+    let span = (0.004f64 * 1024.0 * 1024.0) as u64 / 4 / 2 * 2;
+    let embedding_windows = (512 * 64u64).div_ceil(span) + 1;
+    let (during, after) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_after_backward"].as_u64().unwrap());
+    eprintln!("untied ZeRO-1 vs DDP: max |Δ metric| {m:.3e}, max |Δ weight| {w:.3e}; windows per step: {} during the backward pass, {} after (the embedding's: at most {embedding_windows})", during / 3, after / 3);
+    assert!(m < 1e-5 && w < 1e-5, "untied ZeRO-1 differs from DDP: metrics {m}, weights {w}");
+    assert!(after <= 3 * embedding_windows, "more windows than the embedding's waited for the end of the backward pass: {sync}");
+}
+
 /// ZeRO-1 with bf16 weights (f32 master weights and reduced gradients, weights all-gathered
 /// in bf16): the windows reduce-scattered during the backward pass, straight into the reduced
 /// shard, give what the windows after it give, and DDP's weights up to a sum's rounding.
