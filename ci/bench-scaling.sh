@@ -4,7 +4,9 @@
 # step): 2 ranks x 1 thread against 1 rank x 1 thread, examples/s and scaling efficiency
 # (examples/s on 2 ranks / (2 x examples/s on 1 rank)); the same measured for PyTorch DDP (Gloo,
 # torchrun, ci/bench/train_ddp.py) as the peer in the same run. Also peak RSS per rank on 2 ranks
-# with and without ZeRO-1 (--shard-optimizer). Both sides are launched by torchrun.
+# with and without ZeRO-1 (--shard-optimizer), its examples/s, and where rank 0's step time goes
+# (forward + backward, gradient sync and clipping, update; halo-train's debug log, medians after
+# the warm-up step). Both sides are launched by torchrun.
 # On a machine with fewer than 2 free cores the ranks share cores and the efficiency says so.
 # The runs alternate (ours on 1 rank, ours on 2, the peer on 1, the peer on 2; ROUNDS times,
 # each a fresh launch of STEPS steps) so that the machine's drift falls on all of them; each
@@ -26,20 +28,20 @@ halo-refcache --data "$work/plan.arrow" --model "$work/model" --logps "$work/ref
   "${lengths[@]}" --device cpu --scratch "$work/s" 2>/dev/null
 
 export OMP_NUM_THREADS=1
-launch() {  # launch N ARGS...: ARGS on N local ranks under torchrun
-    local n=$1; shift
-    .venv/bin/torchrun --standalone --nnodes 1 --nproc-per-node "$n" "$@" >"$work/launch.log" 2>&1 \
-        || { tail -30 "$work/launch.log"; exit 1; }
+launch() {  # launch LOG N ARGS...: ARGS on N local ranks under torchrun, their output in LOG
+    local log=$1 n=$2; shift 2
+    .venv/bin/torchrun --standalone --nnodes 1 --nproc-per-node "$n" "$@" >"$log" 2>&1 \
+        || { tail -30 "$log"; exit 1; }
 }
-ours() {  # ours TAG N [EXTRA...]: halo-train on N ranks (grad_accum counts per rank), per-rank peak RSS in $work/rss-TAG.RANK
+ours() {  # ours TAG N [EXTRA...]: halo-train on N ranks (grad_accum counts per rank), per-rank peak RSS in $work/rss-TAG.RANK, log in $work/log-TAG
     local tag=$1 n=$2; shift 2
-    launch "$n" --no-python .venv/bin/python ci/bench/maxrss.py "$work/rss-$tag" \
+    RUST_LOG=info,halo_train=debug launch "$work/log-$tag" "$n" --no-python .venv/bin/python ci/bench/maxrss.py "$work/rss-$tag" \
         halo-train --data "$work/plan.arrow" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
         --max-steps "$STEPS" --grad-accum "$((ACCUM / n))" --decay constant --eval-batches 0 --device cpu --threads 1 "${lengths[@]}" \
         --share-prompts=false --policy "$work/p-$tag" --metrics "$work/m-$tag.parquet" --summary "$work/t-$tag.json" --report "$work/r-$tag" "$@"
 }
 peer() {  # peer TAG N: the PyTorch DDP step on N ranks
-    launch "$2" ci/bench/train_ddp.py "$work/plan.arrow" "$work/model" "$work/peer-$1.json" \
+    launch "$work/launch.log" "$2" ci/bench/train_ddp.py "$work/plan.arrow" "$work/model" "$work/peer-$1.json" \
         --steps "$STEPS" --accum "$ACCUM" --threads 1 --lr 1e-5 "${lengths[@]}"
 }
 for round in $(seq "$ROUNDS"); do
@@ -51,7 +53,7 @@ done
 ours zero 2 --shard-optimizer
 
 .venv/bin/python - "$work" "$ROUNDS" "$STEPS" "$ACCUM" "$MAX_LENGTH" <<'PY'
-import glob, json, statistics, sys, pyarrow.parquet as pq
+import glob, json, re, statistics, sys, pyarrow.parquet as pq
 w, rounds, steps, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def median_after_warmup(values):
     return statistics.median(values[1:] if len(values) > 2 else values)
@@ -61,6 +63,13 @@ def ours(tag):  # examples/s from the metrics: examples (plan rows) per step ove
 def peer(tag):
     p = json.load(open(f"{w}/peer-{tag}.json"))
     return p["rows_per_step"] / median_after_warmup(p["seconds"])
+def phases(tag):  # rank 0's median seconds per phase after the warm-up step (the "step timing" debug events)
+    rows = []
+    for line in open(f"{w}/log-{tag}"):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        if "step timing" in line and "rank=0 " in line and "step=1 " not in line:
+            rows.append({k: float(v) for k, v in re.findall(r"(\w+)_s=([\d.]+)", line)})
+    return {k: statistics.median(r[k] for r in rows) for k in ("forward_backward", "sync_and_clip", "update")}
 def rss(tag):
     return [float(open(f).read()) for f in sorted(glob.glob(f"{w}/rss-{tag}.*"))]
 print(f"KTO on SmolLM2-135M (f32, CPU), {accum} microbatches x 8 rows per step, at most {sys.argv[5]} tokens, "
@@ -77,6 +86,12 @@ for name, f in [("halo-train", ours), ("PyTorch DDP", peer)]:
           f"scaling efficiency {statistics.median(eff):.2f} ({min(eff):.2f}–{max(eff):.2f}; by round: {', '.join(f'{e:.2f}' for e in eff)})")
 wins = sum(o >= p for o, p in zip(efficiency["halo-train"], efficiency["PyTorch DDP"]))
 print(f"halo-train's efficiency at least the peer's in {wins} of {rounds} rounds")
+zero = ours("zero")
+print(f"halo-train with ZeRO-1 on 2 ranks: {zero:.2f} examples/s (efficiency {zero / (2 * statistics.median(ours(f'one{r}') for r in range(1, rounds + 1))):.2f} against the rounds' 1-rank median)")
+print("where rank 0's step goes (median s after the warm-up; forward + backward of its microbatches, the gradient sync's wait and clipping, the update):")
+for tag, what, mbs in [("one1", "1 rank", accum), ("two1", "2 ranks", accum // 2), ("zero", "2 ranks, ZeRO-1", accum // 2)]:
+    p = phases(tag)
+    print(f"  {what:16s} forward+backward {p['forward_backward']:6.2f} ({p['forward_backward'] / mbs:.2f} per microbatch)   sync+clip {p['sync_and_clip']:5.2f}   update {p['update']:5.2f}")
 print("peak RSS per rank, halo-train on 2 ranks: " + ", ".join(f"{r:.0f}" for r in rss("two1")) + " MiB without ZeRO-1, "
       + ", ".join(f"{r:.0f}" for r in rss("zero")) + " MiB with ZeRO-1 (--shard-optimizer); 1 rank: "
       + ", ".join(f"{r:.0f}" for r in rss("one1")) + " MiB")

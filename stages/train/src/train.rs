@@ -148,6 +148,7 @@ impl Trainer<'_> {
             self.policy.net.finish_backward()?;
             row.add_microbatch(&out);
         }
+        let computed = started.elapsed().as_secs_f64();
         // The buckets' collectives come before any other, in the same order on every rank.
         if let Some(buckets) = &mut self.grad_buckets {
             let counts = buckets.finish()?;
@@ -168,8 +169,11 @@ impl Trainer<'_> {
             let ids: Vec<&str> = microbatches.iter().flat_map(|&mb| &self.split.train[mb]).map(|&i| rows[i].id.as_str()).collect();
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
         }
+        let synced = started.elapsed().as_secs_f64();
         self.opt.update(ranks, lr)?;
-        row.finish(loss, lr, grad_norm, examples, tokens, started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::debug!(rank = ranks.rank(), step = step + 1, forward_backward_s = computed, sync_and_clip_s = synced - computed, update_s = seconds - synced, "step timing");
+        row.finish(loss, lr, grad_norm, examples, tokens, seconds);
         Ok(row)
     }
 
