@@ -239,7 +239,17 @@ fn pipelines_run_as_slurm_jobs() {
         let pids = root.path().join(format!("pids-{signal}"));
         std::fs::create_dir_all(&pids).unwrap();
         let (pids_set, sleep_set) = (format!("pids={}", pids.display()), format!("sleep={}", 31 + i));
-        let mut child = cluster.halo(&["run", &pipeline, "--executor", "slurm", "--set", &sleep_set, "--set", &pids_set]).stderr(Stdio::null()).spawn().unwrap();
+        let mut cmd = cluster.halo(&["run", &pipeline, "--executor", "slurm", "--set", &sleep_set, "--set", &pids_set]);
+        // As from a terminal: a test started in the background of a non-interactive shell
+        // inherits SIGINT ignored, which the runner (as any program under nohup) keeps.
+        // SAFETY: signal() is async-signal-safe, as pre_exec requires.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.stderr(Stdio::null()).spawn().unwrap();
         let rank_pids: Vec<String> = {
             let files = [pids.join("rank0.pid"), pids.join("rank1.pid")];
             wait_until(Duration::from_secs(30), "both ranks starting", || files.iter().all(|f| f.exists()));
