@@ -3,21 +3,36 @@
 # runs refcache and sample on it and prints tokens/s; trains 2 steps with fused AdamW on and
 # off (tokens/s, MFU); runs NCCL on one rank (crates/dist's collectives test) and, with 2 or
 # more GPUs, 2 NCCL ranks of halo-train under torchrun. Usage: bash ci/gpu-check.sh
-# Needs ../shared (stories260K tokenizer, HH-RLHF data) beside the repository.
+# On a machine with a network and a Rust toolchain it bootstraps and builds, and needs ../shared
+# (stories260K tokenizer, HH-RLHF data) beside the repository. With .device/ (ci/gpu-pack.sh:
+# binaries built against the torch of the lent device machine's image, the shared files) it
+# builds nothing and runs the binaries on that machine's own python3 torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/bootstrap.sh
-source ci/env.sh
+if [ -f .device/bin.tar.xz ]; then
+    bins=$(mktemp -d)
+    python3 -c "import sys, tarfile; tarfile.open('.device/bin.tar.xz').extractall(sys.argv[1])" "$bins"
+    torch_lib=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+    echo "carried binaries ($(cat .device/torch-version)) on this machine's torch $(python3 -c 'import torch; print(torch.__version__)')"
+    export PATH="$bins/bin:$PATH" LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+    shared=.device/shared python=python3
+    collectives() { "$bins/bin/collectives" "$@"; }
+else
+    bash ci/bootstrap.sh
+    source ci/env.sh
+    shared=../shared python=.venv/bin/python
+    collectives() { cargo test --release -q -p haloflow-dist --test collectives -- "$@"; }
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU visible"; exit 1; }
-.venv/bin/python -c "import torch; assert torch.cuda.is_available(); print('torch sees', torch.cuda.get_device_name(0))"
+$python -c "import torch; assert torch.cuda.is_available(); print('torch sees', torch.cuda.get_device_name(0))"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-halo run pipelines/example.toml --work-dir "$work/halo" >/dev/null 2>&1
+halo run pipelines/example.toml --work-dir "$work/halo" --set data="$PWD/$shared/data" >/dev/null 2>&1
 plan=$(python3 -c "import json;m=json.load(open('$work/halo/example.lock.json'));print([s for s in m['stages'] if s['name']=='resample'][0]['outputs']['plan']['path'])")
 # A ~300M-parameter random Llama (hidden 1024, 16 layers) on the stories260K tokenizer.
 halo-init --hidden 1024 --layers 16 --heads 16 --kv-heads 4 --max-positions 1024 \
-  --tokenizer ../shared/models/stories260K --out "$work/model"
+  --tokenizer "$shared/models/stories260K" --out "$work/model"
 
 echo "== refcache on CUDA, bf16"
 halo-refcache --data "$plan" --model "$work/model" --logps "$work/ref.parquet" --summary "$work/ref.json" \
@@ -25,7 +40,7 @@ halo-refcache --data "$plan" --model "$work/model" --logps "$work/ref.parquet" -
 python3 -c "import json;s=json.load(open('$work/ref.json'));print(f\"refcache: {s['tokens']} tokens, {s['tokens_per_s']:.0f} tokens/s, padding waste {s['padding_waste']:.1%}, {s['device']} {s['dtype']}\")"
 
 echo "== sample on CUDA, bf16"
-halo-import --source ../shared/data/prompts/vicuna_bench_question.jsonl --format mt-bench --kind prompts \
+halo-import --source "$shared/data/prompts/vicuna_bench_question.jsonl" --format mt-bench --kind prompts \
   --data "$work/prompts.arrow" --summary "$work/prompts.json" 2>/dev/null
 halo-sample --prompts "$work/prompts.arrow" --model "$work/model" --samples "$work/samples.arrow" \
   --summary "$work/samples.json" --device cuda --dtype bf16 --max-new-tokens 128 --batch-size 80 --temperature 0.7
@@ -35,7 +50,7 @@ echo "== train (KTO) on CUDA, bf16 weights with f32 master weights"
 halo-train --data "$plan" --model "$work/model" --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 \
   --max-steps 20 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 \
   --policy "$work/policy" --metrics "$work/metrics.parquet" --report "$work/report" --summary "$work/train.json"
-.venv/bin/python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
+$python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
 import os, statistics, sys, pyarrow.parquet as pq
 w, peak = sys.argv[1], float(sys.argv[2])
 m = pq.read_table(f"{w}/metrics.parquet").to_pydict()
@@ -48,7 +63,7 @@ print(f"train: {tps:.0f} tokens/s (median after 3 steps), ~{params/1e6:.0f}M par
 PY
 
 echo "== NCCL on one rank: every collective on CUDA tensors"
-cargo test --release -q -p haloflow-dist --test collectives -- nccl_on_one_rank | tee "$work/nccl.log"
+collectives nccl_on_one_rank | tee "$work/nccl.log"
 grep -q "nccl ok on one rank" "$work/nccl.log" || { echo "NCCL smoke failed"; exit 1; }
 
 echo "== train 2 steps on CUDA, bf16: fused AdamW on and off"
@@ -57,7 +72,7 @@ for fused in true false; do
       --max-steps 2 --device cuda --dtype bf16 --max-prompt-length 256 --max-length 512 --fused-adamw="$fused" \
       --policy "$work/p-$fused" --metrics "$work/m-$fused.parquet" --report "$work/r-$fused" --summary "$work/t-$fused.json" 2>/dev/null
 done
-.venv/bin/python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
+$python - "$work" "${PEAK_TFLOPS:-989}" <<'PY'
 import json, os, sys, pyarrow.parquet as pq
 w, peak = sys.argv[1], float(sys.argv[2])
 params = os.path.getsize(f"{w}/model/model.safetensors") / 4  # halo-init writes f32
@@ -74,7 +89,7 @@ PY
 gpus=$(nvidia-smi --list-gpus | wc -l)
 if [ "$gpus" -ge 2 ]; then
     echo "== 2 NCCL ranks of halo-train (torchrun), 2 steps"
-    .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python halo-train --data "$plan" --model "$work/model" \
+    $python -m torch.distributed.run --standalone --nproc-per-node 2 --no-python halo-train --data "$plan" --model "$work/model" \
       --ref-logps "$work/ref.parquet" --loss kto --lr 1e-5 --max-steps 2 --device cuda --dtype bf16 --dist-backend nccl \
       --max-prompt-length 256 --max-length 512 --policy "$work/p-nccl" --metrics "$work/m-nccl.parquet" \
       --report "$work/r-nccl" --summary "$work/t-nccl.json"
