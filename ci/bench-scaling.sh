@@ -76,18 +76,18 @@ print(f"KTO on SmolLM2-135M (f32, CPU), {accum} microbatches x 8 rows per step, 
       f"{rounds} rounds, each run the median of {steps} steps after 1 warm-up, 1 thread per rank")
 per_step = {t: (pq.read_table(f"{w}/m-{t}1.parquet").to_pydict()["examples"][-1], json.load(open(f"{w}/peer-{t}1.json"))["rows_per_step"]) for t in ("one", "two")}
 print(f"examples per step (halo-train, peer): 1 rank {per_step['one']}, 2 ranks {per_step['two']}")
-efficiency = {}
+efficiency, one_rank = {}, {}
 for name, f in [("halo-train", ours), ("PyTorch DDP", peer)]:
     one = [f(f"one{r}") for r in range(1, rounds + 1)]
     two = [f(f"two{r}") for r in range(1, rounds + 1)]
     eff = [t / (2 * o) for o, t in zip(one, two)]
-    efficiency[name] = eff
+    efficiency[name], one_rank[name] = eff, statistics.median(one)
     print(f"{name:12s} 1 rank: {statistics.median(one):6.2f} examples/s   2 ranks: {statistics.median(two):6.2f} examples/s   "
           f"scaling efficiency {statistics.median(eff):.2f} ({min(eff):.2f}–{max(eff):.2f}; by round: {', '.join(f'{e:.2f}' for e in eff)})")
 wins = sum(o >= p for o, p in zip(efficiency["halo-train"], efficiency["PyTorch DDP"]))
 print(f"halo-train's efficiency at least the peer's in {wins} of {rounds} rounds")
 zero = ours("zero")
-print(f"halo-train with ZeRO-1 on 2 ranks: {zero:.2f} examples/s (efficiency {zero / (2 * statistics.median(ours(f'one{r}') for r in range(1, rounds + 1))):.2f} against the rounds' 1-rank median)")
+print(f"halo-train with ZeRO-1 on 2 ranks: {zero:.2f} examples/s (efficiency {zero / (2 * one_rank['halo-train']):.2f} against the rounds' 1-rank median)")
 print("where rank 0's step goes (median s after the warm-up; forward + backward of its microbatches, the gradient sync's wait and clipping, the update):")
 for tag, what, mbs in [("one1", "1 rank", accum), ("two1", "2 ranks", accum // 2), ("zero", "2 ranks, ZeRO-1", accum // 2)]:
     p = phases(tag)

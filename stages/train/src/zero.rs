@@ -116,12 +116,18 @@ struct Flat {
 
 impl Flat {
     fn new(tensors: &[Tensor]) -> Flat {
-        let mut offsets = Vec::with_capacity(tensors.len());
+        Flat::of_sizes(tensors.iter().map(|t| t.numel() as i64))
+    }
+
+    /// The flat vector of tensors of these numbers of elements, in order.
+    fn of_sizes(sizes: impl Iterator<Item = i64>) -> Flat {
         let mut total = 0;
-        for t in tensors {
-            offsets.push(total);
-            total += t.numel() as i64;
-        }
+        let offsets = sizes
+            .map(|n| {
+                total += n;
+                total - n
+            })
+            .collect();
         Flat { offsets, total }
     }
 
@@ -381,15 +387,11 @@ impl ShardedAdamW {
             dir.display()
         );
         ensure!(metas.len() as i64 == first.world, "{}: {} optimizer shard(s) of the {} ranks that wrote them (a shard file is missing)", dir.display(), metas.len(), first.world);
-        // Where each parameter starts in the saved flat vector.
+        // Where each parameter starts in the saved flat vector, and its elements there.
         let mine = self.named_sizes();
         let saved_params = if first.params.is_empty() { legacy_order(&mine) } else { first.params.clone() };
-        let mut saved_at: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        let mut at = 0;
-        for (name, n) in &saved_params {
-            saved_at.insert(name, (at, *n));
-            at += n;
-        }
+        let saved_flat = Flat::of_sizes(saved_params.iter().map(|(_, n)| *n));
+        let saved_at: BTreeMap<&str, (i64, i64)> = saved_params.iter().zip(&saved_flat.offsets).map(|((name, n), &at)| (name.as_str(), (at, *n))).collect();
         for (name, n) in &mine {
             let found = saved_at.get(name.as_str()).map(|&(_, saved_n)| saved_n);
             ensure!(found == Some(*n), "{}: the optimizer shards {} `{name}` ({n} elements in this model)", shard_file(dir, 0, "json").display(), found.map_or("have no parameter".to_string(), |s| format!("give {s} elements to")));
