@@ -101,6 +101,10 @@ mod ffi {
     /// A collective in flight (a c10d work handle), owned.
     pub struct Work(NonNull<c_void>);
 
+    // SAFETY: a c10d work handle is waited for from any thread (torch's own futures do); the
+    // shim's handle is used by one thread at a time (`wait` borrows, `drop` owns).
+    unsafe impl Send for Work {}
+
     impl Work {
         /// Waits until the collective ended.
         pub fn wait(&self) -> Result<(), String> {

@@ -172,15 +172,15 @@ impl Dist {
 
     /// Starts reducing several tensors in one collective, as [`Dist::all_reduce_coalesced`],
     /// and returns at once; the tensors must not change before [`Work::wait`] returned.
-    pub fn all_reduce_coalesced_async(&self, ts: &[Tensor], op: ReduceOp) -> Result<Work<'_>> {
+    pub fn all_reduce_coalesced_async(self: &Arc<Self>, ts: &[Tensor], op: ReduceOp) -> Result<Work> {
         let work = self.group.all_reduce_async(ts, op.shim(), true).map_err(|e| self.failed("all_reduce_coalesced (starting)", e))?;
-        Ok(Work { dist: self, work, collective: "all_reduce_coalesced", tensors: ts.iter().map(Tensor::shallow_clone).collect(), op: Some(op) })
+        Ok(Work { dist: self.clone(), work, collective: "all_reduce_coalesced", tensors: ts.iter().map(Tensor::shallow_clone).collect(), op: Some(op) })
     }
 
     /// Starts gathering every rank's `input` into `out`, rank r's at `r × input.numel()`
     /// (`out` holds world × as many elements, of the same type), and returns at once; neither
     /// tensor may change before [`Work::wait`] returned.
-    pub fn all_gather_into_async(&self, out: &Tensor, input: &Tensor) -> Result<Work<'_>> {
+    pub fn all_gather_into_async(self: &Arc<Self>, out: &Tensor, input: &Tensor) -> Result<Work> {
         let world = self.rv.world_size as i64;
         ensure!(
             out.numel() as i64 == world * input.numel() as i64 && out.kind() == input.kind() && out.is_contiguous() && input.is_contiguous(),
@@ -191,7 +191,7 @@ impl Dist {
             out.kind()
         );
         let work = self.group.all_gather_into_async(out, input).map_err(|e| self.failed("all_gather_into (starting)", e))?;
-        Ok(Work { dist: self, work, collective: "all_gather_into", tensors: vec![out.shallow_clone(), input.shallow_clone()], op: None })
+        Ok(Work { dist: self.clone(), work, collective: "all_gather_into", tensors: vec![out.shallow_clone(), input.shallow_clone()], op: None })
     }
 
     /// Copies rank `root`'s `t` into every other rank's `t`.
@@ -242,9 +242,10 @@ impl Dist {
 
 /// A collective started by [`Dist::all_reduce_coalesced_async`] or
 /// [`Dist::all_gather_into_async`], running while this process goes on.
-pub struct Work<'a> {
-    dist: &'a Dist,
+pub struct Work {
+    // Dropped first: the handle goes before the process group can.
     work: group::Work,
+    dist: Arc<Dist>,
     /// The collective, as errors name it.
     collective: &'static str,
     /// Its tensors, kept alive until it ended.
@@ -253,7 +254,13 @@ pub struct Work<'a> {
     op: Option<ReduceOp>,
 }
 
-impl Work<'_> {
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Work({} on rank {})", self.collective, self.dist.rank())
+    }
+}
+
+impl Work {
     /// Waits until the collective ended; its output then holds the result. Errors as the
     /// synchronous collectives' (the collective, this rank, the lost ranks).
     pub fn wait(mut self) -> Result<()> {

@@ -27,7 +27,7 @@ fn rank_main(role: &str) {
         println!("error: {err:#}");
         std::process::exit(3);
     }
-    let dist = Dist::from_env("gloo", TIMEOUT).unwrap().expect("WORLD_SIZE is 2");
+    let dist = Arc::new(Dist::from_env("gloo", TIMEOUT).unwrap().expect("WORLD_SIZE is 2"));
     let (r, w) = (dist.rank() as f64, dist.world_size());
     assert_eq!(w, 2);
     match role {
@@ -85,7 +85,7 @@ fn rank_main(role: &str) {
             assert_eq!((values(&out_a), values(&out_b)), (vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0], vec![0.0, 0.0, 1.0, -1.0]));
             let err = dist.all_gather_into_async(&out_a, &b).err().expect("an output of the wrong size or type is refused");
             assert!(format!("{err}").contains("needs a contiguous output of 2 × 2 elements"), "{err}");
-            gradient_buckets(Arc::new(dist));
+            gradient_buckets(dist.clone());
         }
         "die" => {
             dist.barrier().unwrap();

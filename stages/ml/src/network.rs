@@ -10,6 +10,8 @@
 //! base's), the attention mask (the sliding-window mask on sliding layers) and the layer's KV
 //! cache slot.
 
+use std::sync::Arc;
+
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -128,6 +130,16 @@ pub struct Continuation {
     pub grad: bool,
 }
 
+/// Holds a forward back until the weights it is about to read are current: ZeRO-1's
+/// all-gathers of the weights a step updated run while the next forward reaches them. A
+/// forward reads the weights in stages ([`Network::weight_stage`]): 0 the token embedding,
+/// `i + 1` decoder layer `i`, and last everything after the layers (the final norm, the LM
+/// head, and any head outside the network, which reads the final hidden states).
+pub trait WeightsGate: Send + Sync + std::fmt::Debug {
+    /// Returns once the weights of stages `0..=stage` are current.
+    fn before(&self, stage: usize);
+}
+
 /// A causal LM of any supported architecture (see the module documentation).
 #[derive(Debug)]
 pub struct Network {
@@ -146,6 +158,8 @@ pub struct Network {
     window: Option<i64>,
     /// Activation checkpointing's record of forwards (off unless enabled).
     tape: Tape,
+    /// What each stage of a forward waits for before reading its weights (nothing unless set).
+    gate: Option<Arc<dyn WeightsGate>>,
 }
 
 impl Network {
@@ -185,12 +199,49 @@ impl Network {
             final_softcap: config.softcap("final_logit_softcapping"),
             window: window.map(|w| w as i64),
             tape: Tape::default(),
+            gate: None,
         }
+    }
+
+    /// Makes every forward wait for `gate` before each stage of weights it reads (see
+    /// [`WeightsGate`]); `None` reads them as they are.
+    pub fn set_weights_gate(&mut self, gate: Option<Arc<dyn WeightsGate>>) {
+        self.gate = gate;
+    }
+
+    /// The stage of a forward that first reads parameter `name` (as [`crate::model::CausalLm::trainable`]
+    /// names it): 0 for the token embedding, `i + 1` for decoder layer `i` (its LoRA adapters
+    /// included), the last stage for anything else (final norm, LM head, heads outside the
+    /// network).
+    pub fn weight_stage(&self, name: &str) -> usize {
+        let layers = self.layers.len();
+        if name.starts_with("model.embed_tokens.") {
+            return 0;
+        }
+        let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+        match layer {
+            Some(i) if i < layers => i + 1,
+            _ => layers + 1,
+        }
+    }
+
+    /// Waits for the gate, if any, before reading the weights of `stage`.
+    fn wait_for(&self, stage: usize) {
+        if let Some(gate) = &self.gate {
+            gate.before(stage);
+        }
+    }
+
+    /// The final norm of hidden states `x` (the last stage of weights).
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.wait_for(self.layers.len() + 1);
+        self.norm.forward(x)
     }
 
     /// Token embeddings `(B, T, hidden)` of `input_ids (B, T)` (Gemma's scaled by
     /// `sqrt(hidden)` rounded to the dtype, as transformers does).
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        self.wait_for(0);
         let x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         match self.embed_scale {
             Some(s) => {
@@ -218,7 +269,7 @@ impl Network {
         // ([`Network::shared_forward`] is the checkpointable way to continue from a prompt).
         if cache.is_none() && self.tape.applies() {
             let x = self.tape.forward(vec![x], self.layers.len(), vec![Segment::alone(args)], |i, xs, s| self.segments(i, xs, s));
-            return self.norm.forward(&x[0]);
+            return self.final_norm(&x[0]);
         }
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
@@ -227,7 +278,7 @@ impl Network {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.layer(i, &x, &args, slot);
         }
-        self.norm.forward(&x)
+        self.final_norm(&x)
     }
 
     /// A prompt batch and continuations of its rows, layer by layer: final hidden states of the
@@ -255,7 +306,7 @@ impl Network {
         } else {
             (0..self.layers.len()).fold(xs, |xs, i| self.segments(i, &xs, &segments))
         };
-        let mut hidden = xs.iter().zip(grads).map(|(x, grad)| grad_if(grad, || self.norm.forward(x)));
+        let mut hidden = xs.iter().zip(grads).map(|(x, grad)| grad_if(grad, || self.final_norm(x)));
         let prefix = hidden.next().expect("the prompt's hidden states");
         (prefix, hidden.collect())
     }
@@ -289,6 +340,7 @@ impl Network {
 
     /// Layer `i` on `x`: a sliding layer gets the window mask and (Gemma 3) the local RoPE.
     fn layer(&self, i: usize, x: &Tensor, args: &LayerArgs, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+        self.wait_for(i + 1);
         let layer = &self.layers[i];
         let (mask, (cos, sin)) = match layer.sliding() {
             true => (args.window_mask.as_ref().or(args.mask.as_ref()), args.local.as_ref().map_or((&args.cos, &args.sin), |(c, s)| (c, s))),
@@ -358,6 +410,7 @@ impl Network {
 
     /// Logits `(B, T, vocab)` from hidden states (Gemma 2: `cap · tanh(logits / cap)`).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.wait_for(self.layers.len() + 1);
         let logits = hidden.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None);
         match self.final_softcap {
             Some(cap) => (logits / cap).tanh() * cap,
@@ -370,5 +423,110 @@ impl Network {
         let (b, t) = input_ids.size2().expect("input ids are (B, T)");
         let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).unsqueeze(0).expand([b, t], false);
         self.logits(&self.hidden_states(input_ids, &positions, None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::logprobs::{sequence_logps, shared_prefix_pass, Batch, Sequence, LOGITS_CHUNK};
+    use crate::model::CausalLm;
+    use tch::Device;
+
+    /// A stand-in for ZeRO-1's all-gathers: every weight is zero until a forward asks for its
+    /// stage (or a later one), which then copies its value in, once.
+    #[derive(Debug)]
+    struct Arrivals {
+        /// (stage, parameter, its value, arrived)
+        weights: Mutex<Vec<(usize, Tensor, Tensor, bool)>>,
+        asked: Mutex<Vec<usize>>,
+    }
+
+    impl Arrivals {
+        /// Takes the weights away again.
+        fn leave(&self) {
+            self.asked.lock().unwrap().clear();
+            for (_, p, _, arrived) in self.weights.lock().unwrap().iter_mut() {
+                let _ = tch::no_grad(|| p.shallow_clone().zero_());
+                *arrived = false;
+            }
+        }
+    }
+
+    impl WeightsGate for Arrivals {
+        fn before(&self, stage: usize) {
+            self.asked.lock().unwrap().push(stage);
+            for (s, p, value, arrived) in self.weights.lock().unwrap().iter_mut() {
+                if *s <= stage && !*arrived {
+                    tch::no_grad(|| p.shallow_clone().copy_(value));
+                    *arrived = true;
+                }
+            }
+        }
+    }
+
+    fn sequences(count: usize, seed: usize) -> Vec<Sequence> {
+        (0..count)
+            .map(|i| Sequence { ids: (0..6 + (i + seed) % 5).map(|j| 3 + ((i * 7 + j * 5 + seed * 11) % 90) as i64).collect(), completion_start: 3 })
+            .collect()
+    }
+
+    /// What the trainer computes with the policy, each way it runs it: a batch's log-probs with
+    /// gradient (checkpointed when the model is), prompts shared by continuations with and
+    /// without gradient, the logits; and the gradient of it all.
+    fn forwards(model: &CausalLm) -> Vec<Tensor> {
+        let seqs = sequences(4, 0);
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = Batch::new(&refs, 0, Device::Cpu);
+        // Each row's prompt with another row's completion.
+        let others: Vec<Sequence> = sequences(4, 1).into_iter().zip(&seqs).map(|(o, s)| Sequence { ids: [&s.ids[..3], &o.ids[3..]].concat(), completion_start: 3 }).collect();
+        let pairs: Vec<(&Sequence, &Sequence)> = seqs.iter().zip(&others).collect();
+        let (plain, _) = sequence_logps(&model.net, &batch, LOGITS_CHUNK);
+        let shared = shared_prefix_pass(&model.net, &pairs, Device::Cpu, usize::MAX, LOGITS_CHUNK, [Some(true), Some(false)]).sums();
+        let logits = tch::no_grad(|| model.net.forward(&batch.input_ids));
+        let params: Vec<Tensor> = model.trainable().into_values().collect();
+        for p in &params {
+            p.shallow_clone().zero_grad();
+        }
+        (plain.sum(Kind::Float) + shared.sum(Kind::Float)).backward();
+        model.net.finish_backward().unwrap();
+        let mut out = vec![plain.detach(), shared.detach(), logits];
+        out.extend(params.iter().map(Tensor::grad));
+        out
+    }
+
+    /// With its weights arriving only when a forward's gate asks for their stage, the network
+    /// computes what it computes with all its weights in place, plainly and checkpointed: every
+    /// read of a weight comes after its stage's gate.
+    #[test]
+    fn every_forward_waits_for_the_weights_it_reads() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "max_position_embeddings": 64, "tie_word_embeddings": false, "initializer_range": 0.2
+        }))
+        .unwrap();
+        tch::manual_seed(3);
+        let mut model = CausalLm::random(config, std::path::Path::new("."), Device::Cpu, Kind::Float).unwrap();
+        let stages: Vec<(String, usize)> = model.trainable().keys().map(|n| (n.clone(), model.net.weight_stage(n))).collect();
+        assert!(stages.contains(&("model.embed_tokens.weight".into(), 0)) && stages.contains(&("model.layers.2.mlp.down_proj.weight".into(), 3)) && stages.contains(&("lm_head.weight".into(), 4)), "{stages:?}");
+        for checkpointing in [false, true] {
+            model.net.set_checkpointing(checkpointing);
+            model.net.set_weights_gate(None);
+            let expected = forwards(&model);
+            let arrivals = Arc::new(Arrivals {
+                weights: Mutex::new(model.trainable().into_iter().map(|(n, p)| (model.net.weight_stage(&n), p.shallow_clone(), p.detach().copy(), true)).collect()),
+                asked: Mutex::default(),
+            });
+            arrivals.leave();
+            model.net.set_weights_gate(Some(arrivals.clone()));
+            let got = forwards(&model);
+            assert_eq!(arrivals.asked.lock().unwrap().first(), Some(&0), "the embedding is waited for first");
+            for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
+                assert!(e.equal(g), "checkpointing {checkpointing}: result {i} differs: a weight was read before it arrived");
+            }
+        }
     }
 }

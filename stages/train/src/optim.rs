@@ -229,11 +229,20 @@ impl Optimizer {
     }
 
     /// Updates the weights with learning rate `lr` (ZeRO-1: the shard, all-gathered window by
-    /// window as it goes).
+    /// window as it goes, see [`ShardedAdamW::update`]).
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         match self {
             Optimizer::Full(opt) => opt.step(lr),
             Optimizer::Sharded(opt) => opt.update(ranks, lr),
+        }
+    }
+
+    /// Waits until the last update's weights are all in the parameters (ZeRO-1's all-gathers
+    /// run on into the next forward pass): before they are read outside one.
+    pub fn ready(&self) -> Result<()> {
+        match self {
+            Optimizer::Full(_) => Ok(()),
+            Optimizer::Sharded(opt) => opt.ready(),
         }
     }
 

@@ -147,7 +147,7 @@ impl Ranks {
 
     /// Starts gathering every rank's `slice` into `out` (world × its elements, in rank order);
     /// `None` for one process, whose `out` is then `slice` copied.
-    pub fn all_gather_into_async(&self, out: &mut Tensor, slice: &Tensor) -> Result<Option<Work<'_>>> {
+    pub fn all_gather_into_async(&self, out: &mut Tensor, slice: &Tensor) -> Result<Option<Work>> {
         match &self.dist {
             Some(d) => d.all_gather_into_async(out, slice).map(Some),
             None => {

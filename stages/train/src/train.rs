@@ -292,6 +292,12 @@ pub fn run(args: &Args) -> Result<()> {
     let names: Vec<String> = params.keys().cloned().collect();
     let fused = args.fused_adamw;
     let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
+    // ZeRO-1's all-gathers of updated weights run on into the next forward pass, which waits
+    // for each layer's.
+    if let Optimizer::Sharded(zero) = &opt {
+        let gate = zero.weights_gate(|name| policy.net.weight_stage(name));
+        policy.net.set_weights_gate(gate);
+    }
     let grad_buckets = match &opt {
         _ if !args.overlap_grad_sync => None,
         Optimizer::Sharded(zero) => zero.grad_buckets(&ranks)?,
@@ -382,11 +388,13 @@ pub fn run(args: &Args) -> Result<()> {
         state.metrics.push(row);
         state.step = step + 1;
         if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
+            trainer.opt.ready()?;
             checkpoint::save(&ckpt_root, &ranks, &policy, value_head.is_some().then_some(&value_vs), trainer.opt.state(), &state)?;
         }
         haloflow::stage_cli::fault_point("after_steps", step + 1);
     }
     bar.finish_and_clear();
+    trainer.opt.ready()?;
     // Every rank finished every step before anything is written.
     ranks.barrier()?;
     if !ranks.is_main() {
@@ -418,6 +426,11 @@ pub fn run(args: &Args) -> Result<()> {
             "buckets_during_backward": trainer.bucket_counts.during_backward,
             "buckets_after_backward": trainer.bucket_counts.after_backward,
             "buckets_redone": trainer.bucket_counts.redone,
+        },
+        // ZeRO-1's all-gathers of updated weights (rank 0's windows over the run).
+        "weight_gathers": match &trainer.opt {
+            Optimizer::Sharded(zero) => json!(zero.gather_counts()),
+            Optimizer::Full(_) => json!(null),
         },
         "fused_adamw": fused,
         "lora": lora_config,

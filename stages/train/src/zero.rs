@@ -5,31 +5,107 @@
 //! its shard only, and f32 master weights of it when the weights are stored in a narrower type
 //! (f32 weights are their own master, as in [`crate::optim::AdamW`]). A step reduce-scatters
 //! the gradients window by window (each rank gets its part, summed), clips by the global norm
-//! (the parts' squared norms summed), updates its shard and all-gathers the weights, window by
-//! window between the parameters' own tensors and the state, so no flat copy of all weights
-//! ever exists; each window's all-gather (in the weights' type) runs while the next windows
-//! are updated. With `--overlap-grad-sync` the windows are gradient buckets whose
-//! reduce-scatters start during the backward pass as soon as their gradients are final (the
-//! last layers' windows first). The all-gathers end before the step does: they do not
-//! overlap the next forward pass.
+//! (the parts' squared norms summed), updates its shard and all-gathers the weights window by
+//! window, the first layers' windows first. When the parameters share one type (all but PPO's
+//! f32 value head beside narrower weights) they live in one flat buffer in this order (as
+//! FSDP's flat parameters), so each all-gather writes straight into the parameters, and the
+//! all-gathers run on while the next forward pass reaches them: the network waits, before
+//! each layer, for the windows holding its weights ([`WeightsGate`]). Otherwise each window
+//! is gathered into a buffer and copied into the parameters before the update returns.
+//! With `--overlap-grad-sync` the windows are gradient buckets whose reduce-scatters start
+//! during the backward pass as soon as their gradients are final (the last layers' windows
+//! first).
 //! Checkpoints hold one shard file per rank with the layout and the parameters' names in the
 //! flat order; a resume with another number of ranks re-slices them, and one whose order
 //! differs (an older halo-train's) re-maps them by name.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use haloflow_dist::{GradBuckets, Work};
+use haloflow_ml::network::WeightsGate;
 use tch::{Kind, Tensor};
 
 use crate::optim::{self, l2_norm, AdamWConfig};
 use crate::parallel::{backward_order, defined_grads, Ranks};
 
-/// All-gathers of updated windows running at once: each window's runs while the next ones are
-/// updated, and the buffers of two windows are all the update holds besides the state.
+/// All-gathers of updated windows running at once when they go through buffers (parameters of
+/// several types): each window's runs while the next ones are updated, and the buffers of two
+/// windows are all the update holds besides the state.
 const GATHERS_IN_FLIGHT: usize = 2;
+
+/// The all-gathers of updated weights written straight into the parameters, in flight until a
+/// forward pass reaches their weights (as a [`WeightsGate`]) or the trainer needs them all
+/// ([`ShardedAdamW::ready`]).
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// The all-gather in flight into each window (in the flat order).
+    pending: Mutex<Vec<Option<Work>>>,
+    /// For each stage of a forward, the first window holding weights of it or of an earlier
+    /// stage (every later window then holds some too, or none of a later stage's); set when a
+    /// network waits on the arrivals.
+    first_window: OnceLock<Vec<usize>>,
+    /// The first all-gather that failed while a forward waited for it (the forward cannot
+    /// return an error; [`Arrivals::ready`] does).
+    failed: Mutex<Option<anyhow::Error>>,
+    /// Windows waited for by a forward, and by [`Arrivals::ready`].
+    waited: Mutex<GatherCounts>,
+}
+
+/// Where ZeRO-1's all-gathers of updated weights were waited for, over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GatherCounts {
+    /// By the next forward pass, just before the layers whose weights they hold.
+    pub in_forward: usize,
+    /// Before the update returned, or when everything was needed at once (the next step's
+    /// gradients, a checkpoint, the output).
+    pub at_once: usize,
+}
+
+impl Arrivals {
+    /// Waits for the all-gathers into windows `first..`, the earliest started first; after a
+    /// failure the others are dropped (a lost rank would fail each after a timeout).
+    fn wait_from(&self, first: usize) -> Result<usize> {
+        let mut pending = self.pending.lock().expect("the arrivals' lock");
+        let mut waited = 0;
+        for k in (first.min(pending.len())..pending.len()).rev() {
+            if let Some(work) = pending[k].take() {
+                if let Err(e) = work.wait() {
+                    pending.iter_mut().for_each(|w| drop(w.take()));
+                    return Err(e);
+                }
+                waited += 1;
+            }
+        }
+        Ok(waited)
+    }
+
+    /// Waits for every all-gather in flight; the first failure, here or in a forward, is the
+    /// error.
+    fn ready(&self) -> Result<()> {
+        let waited = self.wait_from(0);
+        if let Some(e) = self.failed.lock().expect("the arrivals' lock").take() {
+            return Err(e.context("all-gathering the updated weights during the forward pass"));
+        }
+        self.waited.lock().expect("the arrivals' lock").at_once += waited?;
+        Ok(())
+    }
+}
+
+impl WeightsGate for Arrivals {
+    fn before(&self, stage: usize) {
+        let Some(first) = self.first_window.get().and_then(|f| f.get(stage).or(f.last()).copied()) else { return };
+        match self.wait_from(first) {
+            Ok(waited) => self.waited.lock().expect("the arrivals' lock").in_forward += waited,
+            Err(e) => {
+                self.failed.lock().expect("the arrivals' lock").get_or_insert(e);
+            }
+        }
+    }
+}
 
 /// A shard's place in the flat parameter vector (its `.json` beside the tensors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +266,11 @@ pub struct ShardedAdamW {
     /// one (bf16 weights cross the wire in bf16, rounded once as a direct copy would round
     /// them), else f32.
     gather_kind: Kind,
+    /// The flat buffer the parameters are views of, windows' padding included, when they
+    /// all have one type (else `None`: each window is gathered into a buffer and copied).
+    storage: Option<Tensor>,
+    /// The all-gathers into `storage` still running.
+    arrivals: Arc<Arrivals>,
 }
 
 impl ShardedAdamW {
@@ -208,22 +289,83 @@ impl ShardedAdamW {
         let world = ranks.world() as i64;
         let layout = Layout::new(flat.total, world, (ranks.bucket_elements() / world).max(1));
         let gather_kind = if params.iter().all(|p| p.kind() == params[0].kind()) { params[0].kind() } else { Kind::Float };
-        let mut zero = ShardedAdamW { config, fused, params, names, flat, layout, rank: ranks.rank() as i64, m: Tensor::new(), v: Tensor::new(), master: None, factor: None, steps: 0, gather_kind };
+        let mut zero = ShardedAdamW {
+            config,
+            fused,
+            params,
+            names,
+            flat,
+            layout,
+            rank: ranks.rank() as i64,
+            m: Tensor::new(),
+            v: Tensor::new(),
+            master: None,
+            factor: None,
+            steps: 0,
+            gather_kind,
+            storage: None,
+            arrivals: Arc::default(),
+        };
         zero.set_layout(layout);
         zero
     }
 
-    /// Lays the state out as `layout` says: zero moments, master weights from the parameters.
+    /// Lays the state out as `layout` says: the parameters moved into one flat buffer when they
+    /// share a type, zero moments, master weights from the parameters.
     fn set_layout(&mut self, layout: Layout) {
         self.layout = layout;
         let device = self.params[0].device();
+        let one_kind = self.params.iter().all(|p| p.kind() == self.gather_kind);
+        self.storage = one_kind.then(|| {
+            let storage = Tensor::zeros([layout.windows * layout.world * layout.window], (self.gather_kind, device));
+            tch::no_grad(|| {
+                for (p, &at) in self.params.iter().zip(&self.flat.offsets) {
+                    let mut view = storage.narrow(0, at, p.numel() as i64).view(p.size().as_slice());
+                    view.copy_(p);
+                    p.shallow_clone().set_data(&view);
+                }
+            });
+            storage
+        });
+        *self.arrivals.pending.lock().expect("the arrivals' lock") = (0..layout.windows).map(|_| None).collect();
         let zeros = || Tensor::zeros([layout.shard_len()], (Kind::Float, device));
         (self.m, self.v) = (zeros(), zeros());
         self.master = self.params.iter().any(|p| p.kind() != Kind::Float).then(|| (self.shard_weights(), zeros()));
     }
 
+    /// Makes a forward wait, before each stage of weights (`stage_of` a parameter's name, see
+    /// [`haloflow_ml::network::Network::weight_stage`]), for the all-gathers into it, so the
+    /// all-gathers of an update run while the next forward starts; `None` when the weights are
+    /// copied in before the update returns (parameters of several types). Without a gate,
+    /// [`ShardedAdamW::update`] waits for them all.
+    pub fn weights_gate(&self, stage_of: impl Fn(&str) -> usize) -> Option<Arc<dyn WeightsGate>> {
+        self.storage.as_ref()?;
+        let span = self.layout.world * self.layout.window;
+        let stages: Vec<usize> = self.names.iter().map(|n| stage_of(n)).collect();
+        let mut first = vec![usize::MAX; stages.iter().max().map_or(1, |s| s + 1)];
+        for (&stage, &at) in stages.iter().zip(&self.flat.offsets) {
+            first[stage] = first[stage].min((at / span) as usize);
+        }
+        for s in 1..first.len() {
+            first[s] = first[s].min(first[s - 1]);
+        }
+        let _ = self.arrivals.first_window.set(first);
+        Some(self.arrivals.clone())
+    }
+
+    /// Waits until every updated weight is in the parameters (they are read outside a gated
+    /// forward: a checkpoint, the output); reports an all-gather that failed in a forward.
+    pub fn ready(&self) -> Result<()> {
+        self.arrivals.ready()
+    }
+
+    /// Where the all-gathers of updated weights were waited for, so far.
+    pub fn gather_counts(&self) -> GatherCounts {
+        *self.arrivals.waited.lock().expect("the arrivals' lock")
+    }
+
     /// The windows `(window, offset in the shard, length)` the collectives go through.
-    fn windows(&self) -> impl Iterator<Item = (i64, i64, i64)> {
+    fn windows(&self) -> impl DoubleEndedIterator<Item = (i64, i64, i64)> {
         let Layout { window, windows, .. } = self.layout;
         (0..windows).map(move |k| (k, k * window, window))
     }
@@ -262,6 +404,8 @@ impl ShardedAdamW {
     /// of the scaled gradients before clipping.
     pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
         ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
+        // The last update's weights arrived during the forward pass (nothing waits here then).
+        self.ready()?;
         let grads = defined_grads(&self.params);
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
@@ -293,9 +437,11 @@ impl ShardedAdamW {
     }
 
     /// Updates this rank's shard with the gradient of [`ShardedAdamW::sync_and_clip`] and
-    /// all-gathers the weights into the parameters, window by window: each window's
-    /// all-gather runs while the next windows are updated (at most [`GATHERS_IN_FLIGHT`] at
-    /// once, their buffers reused).
+    /// all-gathers the weights into the parameters, window by window from the first layers' on,
+    /// each window's all-gather running while the next ones are updated. Into the flat storage
+    /// they run on after the update returns, for the next forward to wait for (when a network
+    /// has the [`ShardedAdamW::weights_gate`]); through buffers (at most [`GATHERS_IN_FLIGHT`]
+    /// at once, reused) they have all landed when it returns.
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         let factor = self.factor.take().context("ShardedAdamW::update before sync_and_clip")?;
         self.steps += 1;
@@ -304,7 +450,7 @@ impl ShardedAdamW {
         let span = self.layout.world * self.layout.window;
         let mut gathers = VecDeque::with_capacity(GATHERS_IN_FLIGHT);
         let mut spare: Vec<Tensor> = Vec::with_capacity(GATHERS_IN_FLIGHT);
-        // Waits for the oldest all-gather and writes its window into the parameters.
+        // Waits for the oldest buffered all-gather and writes its window into the parameters.
         let land = |gathers: &mut VecDeque<(i64, Tensor, Option<Work>)>, spare: &mut Vec<Tensor>| -> Result<()> {
             if let Some((k, all, work)) = gathers.pop_front() {
                 if let Some(work) = work {
@@ -315,17 +461,18 @@ impl ShardedAdamW {
             }
             Ok(())
         };
-        for (k, o, n) in self.windows() {
-            let (weights, mut grad) = match &self.master {
-                Some((master, reduced)) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
-                None => {
-                    let (mut w, mut g) = (Tensor::empty([n], (Kind::Float, device)), Tensor::empty([n], (Kind::Float, device)));
-                    tch::no_grad(|| {
-                        self.flat.read(&self.params, self.layout.part(k, self.rank), &mut w);
-                        self.flat.read(&grads, self.layout.part(k, self.rank), &mut g);
-                    });
-                    (w, g)
+        // The last windows hold the first layers (the flat order is the backward pass's).
+        for (k, o, n) in self.windows().rev() {
+            let own = self.layout.part(k, self.rank);
+            let (weights, mut grad) = match (&self.master, &self.storage) {
+                (Some((master, reduced)), _) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
+                // f32 weights are their own master: updated in place in the storage.
+                (None, Some(storage)) => {
+                    let mut g = Tensor::empty([n], (Kind::Float, device));
+                    tch::no_grad(|| self.flat.read(&grads, own, &mut g));
+                    (storage.narrow(0, own, n), g)
                 }
+                (None, None) => unreachable!("f32 parameters share one type, so they live in the storage"),
             };
             tch::no_grad(|| {
                 if factor != 1.0 {
@@ -334,15 +481,29 @@ impl ShardedAdamW {
                 optim::update_all(&self.config, self.steps, lr, self.fused, &[weights.shallow_clone()], &[self.m.narrow(0, o, n)], &[self.v.narrow(0, o, n)], &[grad.shallow_clone()])
             })?;
             drop(grad);
-            if gathers.len() == GATHERS_IN_FLIGHT {
-                land(&mut gathers, &mut spare)?;
+            // A copy: the window's own part of the storage is the gather's output too.
+            let mine = tch::no_grad(|| weights.to_dtype(self.gather_kind, false, true));
+            match &self.storage {
+                Some(storage) => {
+                    let mut window = storage.narrow(0, self.layout.window_start(k), span);
+                    let work = ranks.all_gather_into_async(&mut window, &mine)?;
+                    self.arrivals.pending.lock().expect("the arrivals' lock")[k as usize] = work;
+                }
+                None => {
+                    if gathers.len() == GATHERS_IN_FLIGHT {
+                        land(&mut gathers, &mut spare)?;
+                    }
+                    let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (self.gather_kind, device)));
+                    let work = ranks.all_gather_into_async(&mut all, &mine)?;
+                    gathers.push_back((k, all, work));
+                }
             }
-            let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (self.gather_kind, device)));
-            let work = ranks.all_gather_into_async(&mut all, &weights.to_kind(self.gather_kind))?;
-            gathers.push_back((k, all, work));
         }
         while !gathers.is_empty() {
             land(&mut gathers, &mut spare)?;
+        }
+        if self.arrivals.first_window.get().is_none() {
+            self.ready()?;
         }
         Ok(())
     }
@@ -350,6 +511,7 @@ impl ShardedAdamW {
     /// Writes this rank's shard (moments, master weights, layout) into `dir`; f32 weights are
     /// their own master, copied out of the parameters.
     pub fn save(&self, dir: &Path, rank: usize) -> Result<()> {
+        self.ready()?;
         let path = shard_file(dir, rank, "safetensors");
         let master = match &self.master {
             Some((master, _)) => master.shallow_clone(),
@@ -515,18 +677,21 @@ mod tests {
         }
     }
 
-    /// Window by window, with weights in f32 (their own master) and in bf16 (an f32 master),
-    /// ZeRO-1 on one process takes the steps plain AdamW takes, with the unfused update and
-    /// with the fused kernel.
+    /// Window by window, with weights in f32 (their own master, updated in the flat storage),
+    /// in bf16 (an f32 master) and in both (PPO's f32 value head beside bf16 weights: gathered
+    /// through buffers), ZeRO-1 on one process takes the steps plain AdamW takes, with the
+    /// unfused update and with the fused kernel.
     #[test]
     fn windowed_steps_equal_plain_adamw() {
         let config = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
-        for (kind, fused) in [(Kind::Float, false), (Kind::BFloat16, false), (Kind::Float, true), (Kind::BFloat16, true)] {
+        let (f32, bf16, mixed) = ([Kind::Float; 3], [Kind::BFloat16; 3], [Kind::BFloat16, Kind::Float, Kind::BFloat16]);
+        for (kinds, fused) in [(f32, false), (bf16, false), (mixed, false), (f32, true), (bf16, true), (mixed, true)] {
+            let kind = if kinds == f32 { Kind::Float } else { Kind::BFloat16 };
             let make = || -> BTreeMap<String, Tensor> {
                 [("a", vec![5, 3]), ("b", vec![7]), ("c", vec![2, 2])]
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (n, shape))| (n.to_string(), (crate::optim::tests::spread(&shape, i as f64) * 1.5).to_kind(kind).set_requires_grad(true)))
+                    .map(|(i, (n, shape))| (n.to_string(), (crate::optim::tests::spread(&shape, i as f64) * 1.5).to_kind(kinds[i]).set_requires_grad(true)))
                     .collect()
             };
             let (plain, sharded) = (make(), make());
@@ -538,6 +703,15 @@ mod tests {
             let max_norm = if kind == Kind::Float { 2.0 } else { 0.0 };
             zero.set_layout(Layout::new(zero.flat.total, 1, 4)); // 26 elements: 7 windows, the last one short
             assert_eq!(zero.layout.windows, 7);
+            // Parameters of one type are views of the flat storage, in the flat order.
+            match &zero.storage {
+                Some(storage) => {
+                    for (p, &at) in zero.params.iter().zip(&zero.flat.offsets) {
+                        assert_eq!(p.data_ptr() as usize, storage.data_ptr() as usize + at as usize * kind.elt_size_in_bytes());
+                    }
+                }
+                None => assert_eq!(kinds, mixed),
+            }
             let loss = |ps: &BTreeMap<String, Tensor>| ps.values().map(|p| (p.to_kind(Kind::Float) * p.to_kind(Kind::Float) * p.to_kind(Kind::Float)).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b);
             for step in 0..4 {
                 adamw.zero_grad();
@@ -546,12 +720,12 @@ mod tests {
                 loss(&sharded).backward();
                 let a = adamw.scale_and_clip(Some(0.5), max_norm);
                 let z = zero.sync_and_clip(&ranks, Some(0.5), max_norm, None).unwrap();
-                assert!((a - z).abs() < 1e-5 * a.max(1.0), "{kind:?} step {step}: norm {a} vs {z}");
+                assert!((a - z).abs() < 1e-5 * a.max(1.0), "{kinds:?} step {step}: norm {a} vs {z}");
                 adamw.step(0.01).unwrap();
                 zero.update(&ranks, 0.01).unwrap();
                 for (name, p) in &plain {
                     let diff = (p.to_kind(Kind::Double) - sharded[name].to_kind(Kind::Double)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-6, "{kind:?} (fused: {fused}) step {step}: {name} differs by {diff}");
+                    assert!(diff < 1e-6, "{kinds:?} (fused: {fused}) step {step}: {name} differs by {diff}");
                 }
             }
         }

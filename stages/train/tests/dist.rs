@@ -145,6 +145,7 @@ fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
     assert!(am < 1e-5 && aw < 1e-5, "ZeRO-1 overlapped differs from ZeRO-1 after backward: metrics {am}, weights {aw}");
     assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "no ZeRO-1 window was reduce-scattered during backward: {sync}");
     assert_eq!(grad_sync(&zero_after)["buckets_during_backward"].as_u64(), Some(0));
+    gathers_run_into_the_next_forward(&zero);
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(ddp.dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!((summary["ranks"].as_u64(), summary["microbatches_per_step"].as_u64()), (Some(2), Some(2)));
 }
@@ -381,6 +382,17 @@ fn evaluation_split_over_two_ranks_equals_one_process() {
     assert!(worst < 1e-9, "the split evaluation differs from one process by {worst}");
 }
 
+/// ZeRO-1's all-gathers of a run (its windows reduce-scattered in buckets) were waited for by
+/// the next forward pass, all but perhaps the last step's (when no evaluation follows it).
+fn gathers_run_into_the_next_forward(run: &Run) {
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.dir.join("summary.json")).unwrap()).unwrap();
+    let (sync, gathers, steps) = (&summary["grad_sync"], &summary["weight_gathers"], summary["steps"].as_u64().unwrap());
+    let windows = (sync["buckets_during_backward"].as_u64().unwrap() + sync["buckets_after_backward"].as_u64().unwrap()) / steps;
+    let (in_forward, at_once) = (gathers["in_forward"].as_u64().unwrap(), gathers["at_once"].as_u64().unwrap());
+    assert_eq!(in_forward + at_once, windows * steps, "{gathers} for {windows} windows, {steps} steps");
+    assert!(in_forward >= windows * (steps - 1), "the all-gathers ended before the next forward: {gathers} for {windows} windows, {steps} steps");
+}
+
 /// Rank 0's `grad_sync` record of a run (summary.json).
 fn grad_sync(run: &Run) -> serde_json::Value {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.dir.join("summary.json")).unwrap()).unwrap();
@@ -548,4 +560,5 @@ fn zero1_bf16_overlapped_equals_after_backward() {
     assert!(dw < 1e-2, "ZeRO-1 bf16 weights differ from DDP's by {dw}: more than the rounding of a sum");
     assert!(m < 1e-6 && w < 1e-6, "metrics {m}, weights {w}");
     assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "{sync}");
+    gathers_run_into_the_next_forward(&overlapped);
 }
