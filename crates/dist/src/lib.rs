@@ -179,7 +179,8 @@ impl Dist {
 
     /// Starts gathering every rank's `input` into `out`, rank r's at `r × input.numel()`
     /// (`out` holds world × as many elements, of the same type), and returns at once; neither
-    /// tensor may change before [`Work::wait`] returned.
+    /// tensor may change before [`Work::wait`] returned. `input` may be its own place in `out`
+    /// (in place, as FSDP2 gathers).
     pub fn all_gather_into_async(self: &Arc<Self>, out: &Tensor, input: &Tensor) -> Result<Work> {
         let world = self.rv.world_size as i64;
         ensure!(

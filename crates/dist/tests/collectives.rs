@@ -83,6 +83,12 @@ fn rank_main(role: &str) {
             wa.wait().unwrap();
             wb.wait().unwrap();
             assert_eq!((values(&out_a), values(&out_b)), (vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0], vec![0.0, 0.0, 1.0, -1.0]));
+            // In place: this rank's part of the output is the input.
+            let out = Tensor::zeros([6], (Kind::Float, tch::Device::Cpu));
+            let part = out.narrow(0, 3 * dist.rank() as i64, 3);
+            part.shallow_clone().copy_(&mine());
+            dist.all_gather_into_async(&out, &part).unwrap().wait().unwrap();
+            assert_eq!(values(&out), [1.0, 2.0, 3.0, 2.0, 4.0, 6.0]);
             let err = dist.all_gather_into_async(&out_a, &b).err().expect("an output of the wrong size or type is refused");
             assert!(format!("{err}").contains("needs a contiguous output of 2 × 2 elements"), "{err}");
             gradient_buckets(dist.clone());

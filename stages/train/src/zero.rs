@@ -481,10 +481,14 @@ impl ShardedAdamW {
                 optim::update_all(&self.config, self.steps, lr, self.fused, &[weights.shallow_clone()], &[self.m.narrow(0, o, n)], &[self.v.narrow(0, o, n)], &[grad.shallow_clone()])
             })?;
             drop(grad);
-            // A copy: the window's own part of the storage is the gather's output too.
-            let mine = tch::no_grad(|| weights.to_dtype(self.gather_kind, false, true));
             match &self.storage {
+                // In place (as FSDP2's): this rank's part of the window is the all-gather's
+                // input, the master's update rounded into it first.
                 Some(storage) => {
+                    let mine = storage.narrow(0, own, n);
+                    if self.master.is_some() {
+                        tch::no_grad(|| mine.shallow_clone().copy_(&weights));
+                    }
                     let mut window = storage.narrow(0, self.layout.window_start(k), span);
                     let work = ranks.all_gather_into_async(&mut window, &mine)?;
                     self.arrivals.pending.lock().expect("the arrivals' lock")[k as usize] = work;
@@ -494,7 +498,7 @@ impl ShardedAdamW {
                         land(&mut gathers, &mut spare)?;
                     }
                     let mut all = spare.pop().unwrap_or_else(|| Tensor::empty([span], (self.gather_kind, device)));
-                    let work = ranks.all_gather_into_async(&mut all, &mine)?;
+                    let work = ranks.all_gather_into_async(&mut all, &weights.to_kind(self.gather_kind))?;
                     gathers.push_back((k, all, work));
                 }
             }
