@@ -317,8 +317,12 @@ impl ShardedAdamW {
         let device = self.params[0].device();
         let one_kind = self.params.iter().all(|p| p.kind() == self.gather_kind);
         self.storage = one_kind.then(|| {
-            let storage = Tensor::zeros([layout.windows * layout.world * layout.window], (self.gather_kind, device));
+            // Untouched until each parameter is copied in (its old memory freed as it goes);
+            // the padding past the last one is zeros.
+            let len = layout.windows * layout.world * layout.window;
+            let storage = Tensor::empty([len], (self.gather_kind, device));
             tch::no_grad(|| {
+                let _ = storage.narrow(0, self.flat.total, len - self.flat.total).zero_();
                 for (p, &at) in self.params.iter().zip(&self.flat.offsets) {
                     let mut view = storage.narrow(0, at, p.numel() as i64).view(p.size().as_slice());
                     view.copy_(p);
