@@ -381,6 +381,14 @@ fn nccl_on_one_rank() {
     let mut one = Tensor::zeros([3], (Kind::Float, cuda));
     dist.reduce_scatter(&mut one, &[t.shallow_clone()], ReduceOp::Sum).unwrap();
     assert_eq!(values(&one.to_device(tch::Device::Cpu)), [1.0, 2.0, 3.0]);
+    // ZeRO-1's all-gather: in place (the input is this rank's part of the output), started
+    // and waited for later.
+    let dist = Arc::new(dist);
+    let out = Tensor::zeros([4], (Kind::BFloat16, cuda));
+    let _ = out.narrow(0, 0, 4).fill_(7.0);
+    let work = dist.all_gather_into_async(&out, &out.narrow(0, 0, 4)).unwrap();
+    work.wait().unwrap();
+    assert_eq!(values(&out.to_device(tch::Device::Cpu)), [7.0; 4]);
     dist.barrier().unwrap();
     println!("nccl ok on one rank ({})", dist.backend());
 }
