@@ -130,6 +130,9 @@ impl Trainer<'_> {
         for (k, members) in mine.iter().enumerate() {
             let fixed = step_kl.as_ref().map(|s| (&s.partners[k], s.z0.as_ref()));
             let out = microbatch_loss(job, self.policy, members, true, fixed)?;
+            // ZeRO-1: an all-gather that failed while the forward waited for it (a lost rank)
+            // is the error, not what the weights it left stale computed.
+            self.opt.ready()?;
             let loss = out.loss.double_value(&[]);
             if !loss.is_finite() {
                 let ids: Vec<&str> = members.iter().map(|&i| rows[i].id.as_str()).collect();
@@ -170,6 +173,9 @@ impl Trainer<'_> {
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
         }
         let synced = started.elapsed().as_secs_f64();
+        // A crash test's kill between the gradient sync and the update (with ZeRO-1, before
+        // this rank starts the all-gathers the other ranks' next forward waits for).
+        haloflow::stage_cli::fault_point("before_update", step + 1);
         self.opt.update(ranks, lr)?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::debug!(rank = ranks.rank(), step = step + 1, forward_backward_s = computed, sync_and_clip_s = synced - computed, update_s = seconds - synced, "step timing");

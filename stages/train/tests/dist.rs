@@ -254,6 +254,29 @@ fn a_killed_rank_stops_the_run_and_the_rerun_resumes() {
     assert!(dm < 1e-12 && dw == 0.0, "resumed run differs: metrics {dm}, weights {dw}");
 }
 
+/// With ZeRO-1, rank 1 is SIGKILLed before its update of step 2 starts the all-gathers that
+/// rank 0's next forward waits for (DPO: no collective comes between that forward and the
+/// step's backward): rank 0's forward finds the lost rank while it waits, and rank 0 fails
+/// within the timeout with that error (not with what its stale weights computed), writing no
+/// output.
+#[test]
+fn a_rank_killed_while_zero1_gathers_stops_the_run() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.arrow");
+    write_pairs(&pairs, 32);
+    let args = ["--loss", "dpo", "--reference", "live", "--lr", "2e-3", "--max-steps", "4", "--microbatch-size", "4", "--dist-timeout-s", "60", "--shard-optimizer", "--grad-bucket-mb", "0.004"];
+    let fault = |rank: usize| if rank == 1 { vec![("HALO_FAULT_BEFORE_UPDATE", "2".to_string())] } else { Vec::new() };
+    let (outs, run, seconds) = train_2_ranks(dir.path(), "killed", &pairs, &model, &args, fault);
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&outs[1].status), Some(9), "rank 1 killed by SIGKILL");
+    let err = String::from_utf8_lossy(&outs[0].stderr);
+    eprintln!("rank 0 exited {seconds:.1} s after the start: {}", err.lines().filter(|l| l.contains("lost rank")).collect::<Vec<_>>().join(" | "));
+    assert!(!outs[0].status.success() && err.contains("lost rank(s) 1") && err.contains("on rank 0 of 2"), "{err}");
+    assert!(err.contains("all-gathering the updated weights during the forward pass") && err.contains("`all_gather_into` failed"), "{err}");
+    assert!(seconds < 60.0);
+    assert!(!run.dir.join("policy").exists() && !run.dir.join("metrics.parquet").exists(), "no output after a failure");
+}
+
 /// A ZeRO-1 checkpoint written by 2 ranks is re-sliced by a single process with the same
 /// global batch (grad_accum 2), which ends as the uninterrupted 2-rank run.
 #[test]
