@@ -86,7 +86,7 @@ impl Arrivals {
     /// Waits for every all-gather in flight; the first failure, here or in a forward, is the
     /// error.
     fn ready(&self) -> Result<()> {
-        let waited = self.wait_from(0);
+        let waited = self.wait_from(0).context("waiting for the all-gathers of the updated weights");
         if let Some(e) = self.failed.lock().expect("the arrivals' lock").take() {
             return Err(e.context("all-gathering the updated weights during the forward pass"));
         }
