@@ -45,8 +45,8 @@ struct Arrivals {
     /// The all-gather in flight into each window (in the flat order).
     pending: Mutex<Vec<Option<Work>>>,
     /// For each stage of a forward, the first window holding weights of it or of an earlier
-    /// stage (every later window then holds some too, or none of a later stage's); set when a
-    /// network waits on the arrivals.
+    /// stage: before that stage the forward waits for this window and every later one (the
+    /// flat order runs from the last stage to the first). Set when a network waits on them.
     first_window: OnceLock<Vec<usize>>,
     /// The first all-gather that failed while a forward waited for it (the forward cannot
     /// return an error; [`Arrivals::ready`] does).
@@ -408,8 +408,6 @@ impl ShardedAdamW {
     /// of the scaled gradients before clipping.
     pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
         ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
-        // The last update's weights arrived during the forward pass (nothing waits here then).
-        self.ready()?;
         let grads = defined_grads(&self.params);
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
@@ -448,6 +446,9 @@ impl ShardedAdamW {
     /// at once, reused) they have all landed when it returns.
     pub fn update(&mut self, ranks: &Ranks, lr: f64) -> Result<()> {
         let factor = self.factor.take().context("ShardedAdamW::update before sync_and_clip")?;
+        // The last update's all-gathers write the parts this one updates in place (they arrived
+        // during the forward pass: nothing waits here then).
+        self.ready()?;
         self.steps += 1;
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let device = self.m.device();
@@ -519,7 +520,6 @@ impl ShardedAdamW {
     /// Writes this rank's shard (moments, master weights, layout) into `dir`; f32 weights are
     /// their own master, copied out of the parameters.
     pub fn save(&self, dir: &Path, rank: usize) -> Result<()> {
-        self.ready()?;
         let path = shard_file(dir, rank, "safetensors");
         let master = match &self.master {
             Some((master, _)) => master.shallow_clone(),
