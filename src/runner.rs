@@ -702,8 +702,24 @@ pub(crate) fn stage_env(command: &mut tokio::process::Command, ws: &Workspace, s
         .env_remove("TORCHELASTIC_USE_AGENT_STORE");
 }
 
-/// A TCP port free on the loopback interface right now, for the ranks' rendezvous.
-pub(crate) fn free_port() -> Result<u16> {
+/// A TCP port free on the loopback interface right now, for the ranks' rendezvous. It is
+/// taken below the kernel's ephemeral range (`ip_local_port_range`): a port the kernel hands
+/// out (`bind` to port 0) can go to another process's outgoing connection before rank 0 binds
+/// it, and the other ranks then wait out the rendezvous timeout for a store that never came
+/// up. Tried from a start that differs per process and call, so concurrent callers rarely
+/// meet; an ephemeral port only when none below is free.
+pub fn free_port() -> Result<u16> {
+    const FIRST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok());
+    let below = ephemeral.unwrap_or(32_768).clamp(FIRST + 1, 65_536) - FIRST;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % below;
+    for i in 0..below {
+        let port = (FIRST + (start + i) % below) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port for the ranks' rendezvous")?;
     Ok(listener.local_addr()?.port())
 }
@@ -757,4 +773,20 @@ pub(crate) fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let shown = lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>();
     if shown.is_empty() { "  | (no output)".into() } else { shown.join("\n") }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The rendezvous port lies below the kernel's ephemeral range (no outgoing connection
+    /// can take it) and can be bound.
+    #[test]
+    fn the_rendezvous_port_is_free_and_outside_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        for _ in 0..20 {
+            let port = super::free_port().unwrap();
+            assert!((10_000..ephemeral).contains(&port), "port {port}, ephemeral range from {ephemeral}");
+            drop(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+        }
+    }
 }

@@ -246,7 +246,7 @@ fn slice_buckets(dist: &Arc<Dist>) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    haloflow::runner::free_port().unwrap()
 }
 
 fn spawn(role: &str, port: u16) -> Vec<Child> {

@@ -25,10 +25,6 @@ const TIMING: [&str; 8] = [
     "padding_waste",
 ];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Runs `name` as two ranks; `env_of(rank)` adds variables to a rank. Returns both outputs
 /// (rank 0 first), the run, and the seconds until the last rank exited.
 fn train_2_ranks(dir: &Path, name: &str, data: &Path, model: &Path, extra: &[&str], env_of: impl Fn(usize) -> Vec<(&'static str, String)>) -> (Vec<Output>, Run, f64) {
@@ -47,7 +43,7 @@ fn train_ranks_with(
     env_of: impl Fn(usize) -> Vec<(&'static str, String)>,
     args_of: impl Fn(usize) -> Vec<String>,
 ) -> (Vec<Output>, Run, f64) {
-    let port = free_port().to_string();
+    let port = haloflow::runner::free_port().unwrap().to_string();
     let started = Instant::now();
     let mut children = Vec::new();
     let mut run = None;
