@@ -9,7 +9,9 @@
 //!   and an untied LM head;
 //! - trained tensors: every parameter (full training), or the count given in
 //!   [`Setup::trainable`] (LoRA adapters);
-//! - gradients in the weights' dtype; AdamW moments in f32 (2 per trained element); f32 master
+//! - gradients in the weights' dtype, counted whole: halo-train drops them between steps (as
+//!   torch's `zero_grad()`; DDP's bucket views excepted), so the forward passes run without
+//!   them, but most exist at the backward pass's peak; AdamW moments in f32 (2 per trained element); f32 master
 //!   weights when the weights are bf16/f16; with ZeRO-1 moments and masters are divided by the
 //!   ranks, and bf16/f16 weights add the rank's slice of the reduced gradients in f32 (counted
 //!   with the master weights); left out: the collectives' buffers at the end of the backward

@@ -5,6 +5,7 @@ mod checkpoint;
 mod data;
 mod estimate;
 mod fused;
+mod grads;
 mod metrics;
 mod microbatch;
 mod optim;

@@ -65,9 +65,20 @@ impl AdamW {
         AdamW { config, fused, slots, steps: 0 }
     }
 
-    /// Clears every gradient.
-    pub fn zero_grad(&mut self) {
-        zero_grads(self.slots.values().map(|s| &s.param));
+    /// Clears every gradient: drops it, its memory free until the next backward pass (as
+    /// torch's `zero_grad()`), or with `in_place` zeroes it where it is (DDP's gradients, views
+    /// into its buckets).
+    pub fn clear_grads(&mut self, in_place: bool) {
+        let params = self.slots.values().map(|s| &s.param);
+        if !in_place {
+            return crate::grads::release(params);
+        }
+        for p in params {
+            let mut grad = p.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        }
     }
 
     /// The global L2 norm of all gradients (f64), as torch's `clip_grad_norm_` computes it: each
@@ -201,11 +212,13 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// Clears every gradient.
-    pub fn zero_grad(&mut self) {
+    /// Clears every gradient after a step: drops it (the forward passes run without its
+    /// memory), unless it is a view into DDP's gradient `buckets`, which keep their memory and
+    /// are zeroed in place.
+    pub fn clear_grads(&mut self, buckets: Option<&GradBuckets>) {
         match self {
-            Optimizer::Full(opt) => opt.zero_grad(),
-            Optimizer::Sharded(opt) => opt.zero_grad(),
+            Optimizer::Full(opt) => opt.clear_grads(buckets.is_some()),
+            Optimizer::Sharded(opt) => opt.clear_grads(),
         }
     }
 
@@ -276,16 +289,6 @@ pub fn scaled_norm_and_factor(raw: f64, scale: Option<f64>, max_norm: f64) -> (f
 /// The L2 norm of `t` in f32, in one pass.
 pub fn l2_norm(t: &Tensor) -> Tensor {
     t.norm_scalaropt_dtype(2.0, Kind::Float)
-}
-
-/// Sets the defined gradients of `params` to zero.
-pub fn zero_grads<'a>(params: impl Iterator<Item = &'a Tensor>) {
-    for p in params {
-        let mut grad = p.grad();
-        if grad.defined() {
-            let _ = grad.zero_();
-        }
-    }
 }
 
 /// How the learning rate decays after warmup.
@@ -381,6 +384,20 @@ pub(crate) mod tests {
         assert!((opt.grad_norm() - 1.0).abs() < 1e-6);
     }
 
+    /// Between steps the gradients are dropped (their memory free for the forward passes),
+    /// unless they are views into DDP's buckets, which are zeroed where they are.
+    #[test]
+    fn cleared_gradients_are_dropped_unless_they_live_in_buckets() {
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut opt = AdamW::new(BTreeMap::from([("p".to_string(), p.shallow_clone())]), config(), false);
+        (&p * &p).sum(Kind::Float).backward();
+        let storage = p.grad().data_ptr();
+        opt.clear_grads(true);
+        assert_eq!((p.grad().data_ptr(), Vec::<f32>::try_from(&p.grad()).unwrap()), (storage, vec![0.0, 0.0]));
+        opt.clear_grads(false);
+        assert!(!p.grad().defined());
+    }
+
     #[test]
     fn state_round_trips_so_resumed_steps_match() {
         let run = |save_at: Option<usize>| -> Vec<f64> {
@@ -396,7 +413,7 @@ pub(crate) mod tests {
                     opt.load(dir.path()).unwrap();
                     return run_rest(q, opt, step);
                 }
-                opt.zero_grad();
+                opt.clear_grads(false);
                 (&p * &p * &p).sum(Kind::Float).backward();
                 opt.step(learning_rate(0.05, step, 2, 6, Decay::Cosine)).unwrap();
             }
@@ -404,7 +421,7 @@ pub(crate) mod tests {
         };
         fn run_rest(p: Tensor, mut opt: AdamW, from: usize) -> Vec<f64> {
             for step in from..6 {
-                opt.zero_grad();
+                opt.clear_grads(false);
                 (&p * &p * &p).sum(Kind::Float).backward();
                 opt.step(learning_rate(0.05, step, 2, 6, Decay::Cosine)).unwrap();
             }

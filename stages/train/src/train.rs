@@ -121,7 +121,7 @@ impl Trainer<'_> {
         let (job, ranks, rows) = (&self.job, self.ranks, self.job.rows);
         let started = Instant::now();
         let mine: Vec<&[usize]> = ranks.share(microbatches).map(|&mb| self.split.train[mb].as_slice()).collect();
-        self.opt.zero_grad();
+        self.opt.clear_grads(self.grad_buckets.as_ref());
         let mut acc = Accumulator::new();
         let mut row = Row::new(step + 1, epoch);
         job.tokens.take(); // not the evaluation passes since the last step

@@ -395,9 +395,10 @@ impl ShardedAdamW {
         ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize], reduced)
     }
 
-    /// Clears every gradient.
-    pub fn zero_grad(&mut self) {
-        optim::zero_grads(self.params.iter());
+    /// Drops every gradient (they are never views into the reduce-scatter windows, which
+    /// copy them): its memory is free until the next backward pass.
+    pub fn clear_grads(&mut self) {
+        crate::grads::release(self.params.iter());
     }
 
     /// Reduce-scatters the gradients (unless `buckets` did during the backward pass) into the
@@ -655,7 +656,7 @@ mod tests {
         for (order, named) in [(legacy, false), (scrambled, true)] {
             let mut old = ShardedAdamW::in_order(order.iter().map(|&n| (n.to_string(), params[n].shallow_clone())).collect(), config, false, &ranks);
             old.set_layout(Layout::new(old.flat.total, 1, 4));
-            old.zero_grad();
+            old.clear_grads();
             params.values().map(|p| (p * p * p).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b).backward();
             old.sync_and_clip(&ranks, None, 0.0, None).unwrap();
             old.update(&ranks, 0.01).unwrap();
@@ -722,8 +723,8 @@ mod tests {
             }
             let loss = |ps: &BTreeMap<String, Tensor>| ps.values().map(|p| (p.to_kind(Kind::Float) * p.to_kind(Kind::Float) * p.to_kind(Kind::Float)).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b);
             for step in 0..4 {
-                adamw.zero_grad();
-                zero.zero_grad();
+                adamw.clear_grads(false);
+                zero.clear_grads();
                 loss(&plain).backward();
                 loss(&sharded).backward();
                 let a = adamw.scale_and_clip(Some(0.5), max_norm);
