@@ -90,6 +90,12 @@ bool is_loopback(const std::string& host) {
 //   another) or, without it, in its own part of the (f32) gradients after the backward pass
 //   (a window started too early is redone from the local gradients). A window's collective is
 //   released as soon as it ends (Gloo's work holds copies of its input until then).
+//   With `shard_grads` (ZeRO-2; needs `dest`) a window's gradients leave as soon as it is
+//   copied: a parameter whose last window it is loses its gradient (its memory free while the
+//   backward pass goes on), one that reaches into later windows has its piece zeroed, and the
+//   sums are added to `dest` (every armed pass of a step adds its own). A gradient that grows
+//   after its window started then holds only what came later, so the window is redone from
+//   that alone and added too (the reduce-scatter is linear).
 struct Buckets {
   // Reduce-scatter buckets whose inputs may be held at once (2 × --grad-bucket-mb of f32).
   static constexpr size_t kMaxInFlight = 2;
@@ -114,6 +120,7 @@ struct Buckets {
   Group* group;  // outlives the buckets (the Rust side holds the process group)
   int64_t slices = 0;  // 0: all-reduce buckets; else reduce-scatter over this many ranks
   at::Tensor dest;     // reduce-scatter: where the slices of the sums go (undefined: the gradients)
+  bool shard_grads = false;  // reduce-scatter into `dest`: drop each window's gradients once copied
   std::vector<at::Tensor> params;
   std::vector<std::vector<size_t>> buckets_of;  // each parameter's buckets
   std::vector<int64_t> fired, expected;
@@ -216,7 +223,8 @@ struct Buckets {
       b.work = group->backend->allreduce(list, c10d::AllreduceOptions());
     } else {
       b.flat = flatten(b);
-      b.out = dest.defined() ? dest.narrow(0, b.dest_offset, b.numel / slices) : at::empty({b.numel / slices}, b.flat.options());
+      if (shard_grads) drop_grads(k);
+      b.out = dest.defined() && !shard_grads ? dest.narrow(0, b.dest_offset, b.numel / slices) : at::empty({b.numel / slices}, b.flat.options());
       b.work = group->backend->_reduce_scatter_base(b.out, b.flat, c10d::ReduceScatterOptions());
     }
   }
@@ -259,26 +267,49 @@ struct Buckets {
     b.storage.zero_();
   }
 
+  // With `shard_grads`, once reduce-scatter bucket k copied its pieces: drops the gradient
+  // of each parameter whose last bucket it is and zeroes the piece of any other, so that
+  // only what a later accumulation adds is there.
+  void drop_grads(size_t k) {
+    at::NoGradGuard no_grad;
+    for (const auto& piece : buckets[k].pieces) {
+      auto& grad = params[piece.param].mutable_grad();
+      if (!grad.defined()) continue;
+      if (buckets_of[piece.param].back() == k) {
+        grad.reset();
+      } else {
+        grad.view({-1}).narrow(0, piece.offset, piece.len).zero_();
+      }
+    }
+  }
+
   // Reduce-scatter bucket k, once its collective ends: frees its input and the collective
-  // (whose Gloo work holds its own copies of the input until released).
+  // (whose Gloo work holds its own copies of the input until released); with `shard_grads`
+  // adds its sums to `dest` first.
   void release(size_t k) {
     auto& b = buckets[k];
     if (b.work) {
       wait(b.work);
       b.work.reset();
+      if (shard_grads) {
+        at::NoGradGuard no_grad;
+        dest.narrow(0, b.dest_offset, b.numel / slices).add_(b.out);
+        b.out = at::Tensor();
+      }
     }
     b.flat = at::Tensor();
   }
 
   // Reduces bucket k again, with all of this rank's gradients: a reduce-scatter restarts from
-  // a copy of the local gradients; an all-reduce, whose sums are in the gradients, sums what
-  // was accumulated after them (the storage `keep` cleared, or nothing on a rank that kept
-  // them only now) and adds it to them.
+  // a copy of the local gradients (with `shard_grads`, what came after its start, added to
+  // the sums); an all-reduce, whose sums are in the gradients, sums what was accumulated
+  // after them (the storage `keep` cleared, or nothing on a rank that kept them only now)
+  // and adds it to them.
   void redo(size_t k) {
     auto& b = buckets[k];
     if (slices > 0) {
       start(k);
-      wait(b.work);
+      release(k);
       return;
     }
     if (!b.saved.defined()) keep(k);
@@ -459,7 +490,7 @@ struct Buckets {
     counts[2] = 0;
     for (size_t k = 0; k < buckets.size(); ++k) {
       try {
-        if (buckets[k].work) wait(buckets[k].work);
+        release(k);
       } catch (const std::exception& e) {
         throw std::runtime_error("gradient bucket " + std::to_string(k) + ": " + halo_ffi::first_lines(e));
       }
@@ -639,11 +670,15 @@ void* halo_dist_buckets_new(void* g, at::Tensor** ps, size_t n, const size_t* bu
 // [offset[j], offset[j] + len[j]) of parameter param[j], in bucket bucket[j] (pieces in
 // order, buckets numbered from 0 in order), and bucket k's flat buffer has numel[k] elements
 // (the pieces, then zeros; a multiple of `slices`). The sums go into `dest` (f32, the
-// buckets' slices one after another) or, when it is null, into the gradients.
-void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t slices, const size_t* param, const int64_t* offset, const int64_t* len, const size_t* bucket, size_t n_pieces, const int64_t* numel, size_t n_buckets, at::Tensor* dest, char** err) {
+// buckets' slices one after another) or, when it is null, into the gradients. With
+// `shard_grads` (needs `dest`) the gradients are dropped as their windows are copied and the
+// sums added to `dest` (see Buckets).
+void* halo_dist_buckets_new_slices(void* g, at::Tensor** ps, size_t n, int64_t slices, const size_t* param, const int64_t* offset, const int64_t* len, const size_t* bucket, size_t n_pieces, const int64_t* numel, size_t n_buckets, at::Tensor* dest, int shard_grads, char** err) {
   return new_buckets(g, ps, n, slices, err, [&](Buckets& b) {
     if (slices < 1) throw std::invalid_argument("reduce-scatter buckets need at least 1 rank, got " + std::to_string(slices));
+    if (shard_grads != 0 && dest == nullptr) throw std::invalid_argument("sharded gradients need a destination for the sums");
     if (dest != nullptr) b.dest = *dest;
+    b.shard_grads = shard_grads != 0;
     std::vector<Buckets::Bucket> made(n_buckets);
     for (size_t j = 0; j < n_pieces; ++j) {
       if (bucket[j] >= n_buckets || (j > 0 && bucket[j] < bucket[j - 1])) throw std::invalid_argument("piece " + std::to_string(j) + " is in bucket " + std::to_string(bucket[j]) + " (buckets in order, " + std::to_string(n_buckets) + " of them)");

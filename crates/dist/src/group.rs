@@ -54,6 +54,7 @@ mod ffi {
             numel: *const i64,
             n_buckets: usize,
             dest: *mut c_void,
+            shard_grads: c_int,
             err: *mut *mut c_char,
         ) -> *mut c_void;
     }
@@ -207,7 +208,7 @@ mod ffi {
         /// offset, length, bucket) a range of a flattened parameter, in order; bucket k's flat
         /// buffer has `numel[k]` elements; the sums go into `dest` or the gradients. The group
         /// must outlive them.
-        pub fn slice_buckets(&self, params: &[Tensor], slices: usize, pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<Buckets, String> {
+        pub fn slice_buckets(&self, params: &[Tensor], slices: usize, pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>, shard_grads: bool) -> Result<Buckets, String> {
             let p = ptrs(params);
             let param: Vec<usize> = pieces.iter().map(|x| x.0).collect();
             let offset: Vec<i64> = pieces.iter().map(|x| x.1).collect();
@@ -215,7 +216,7 @@ mod ffi {
             let bucket: Vec<usize> = pieces.iter().map(|x| x.3).collect();
             // SAFETY: live tensors (the shim keeps references) and arrays of the lengths given.
             create(|err| unsafe {
-                halo_dist_buckets_new_slices(self.0.as_ptr(), p.as_ptr(), p.len(), slices as i64, param.as_ptr(), offset.as_ptr(), len.as_ptr(), bucket.as_ptr(), pieces.len(), numel.as_ptr(), numel.len(), dest.map_or(std::ptr::null_mut(), |d| d.as_ptr() as *mut c_void), err)
+                halo_dist_buckets_new_slices(self.0.as_ptr(), p.as_ptr(), p.len(), slices as i64, param.as_ptr(), offset.as_ptr(), len.as_ptr(), bucket.as_ptr(), pieces.len(), numel.as_ptr(), numel.len(), dest.map_or(std::ptr::null_mut(), |d| d.as_ptr() as *mut c_void), c_int::from(shard_grads), err)
             })
             .map(|b| Buckets(b, params.len()))
         }
@@ -329,7 +330,7 @@ mod ffi {
         pub fn buckets(&self, _: &[Tensor], _: &[usize]) -> Result<Buckets, String> {
             match *self {}
         }
-        pub fn slice_buckets(&self, _: &[Tensor], _: usize, _: &[(usize, i64, i64, usize)], _: &[i64], _: Option<&Tensor>) -> Result<Buckets, String> {
+        pub fn slice_buckets(&self, _: &[Tensor], _: usize, _: &[(usize, i64, i64, usize)], _: &[i64], _: Option<&Tensor>, _: bool) -> Result<Buckets, String> {
             match *self {}
         }
     }

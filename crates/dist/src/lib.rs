@@ -331,11 +331,14 @@ impl GradBuckets {
     /// f32) has `numel[k]` elements, the pieces then zeros, a multiple of the ranks. After
     /// [`GradBuckets::finish`] rank r holds the sums of every buffer's r-th slice: in `dest`
     /// (f32, the buckets' slices one after another), or without it in its own part of the
-    /// (f32) gradients, the rest of which are left as they were. These buckets are never
-    /// rebuilt: their layout is that of the optimizer state.
-    pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<GradBuckets> {
+    /// (f32) gradients, the rest of which are left as they were. With `shard_grads` (ZeRO-2,
+    /// `dest` needed) each bucket's gradients leave once copied (a parameter's gradient is
+    /// dropped with its last bucket) and every armed pass adds its sums to `dest`, which the
+    /// caller clears for a step. These buckets are never rebuilt: their layout is that of the
+    /// optimizer state.
+    pub fn slices(dist: Arc<Dist>, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>, shard_grads: bool) -> Result<GradBuckets> {
         let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-        let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel, dest).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
+        let buckets = dist.group.slice_buckets(&params, dist.world_size(), pieces, numel, dest, shard_grads).map_err(|e| anyhow!("rank {}: cannot hook the parameters for the gradient buckets: {e}", dist.rank()))?;
         Ok(GradBuckets { buckets, dist, params, bucket_bytes: 0, rebuilt: true, collective: "reduce_scatter" })
     }
 

@@ -198,7 +198,8 @@ fn gradient_buckets(dist: Arc<Dist>) {
 
 /// ZeRO-1's reduce-scatter buckets on 2 ranks over p (5 elements) and q (3): [p 0..4] and
 /// [p 4..5, q 0..3, two zeros]; rank r gets the sums of each bucket's r-th half, in its own
-/// part of the gradients (the rest stay local) or in a destination.
+/// part of the gradients (the rest stay local) or in a destination; ZeRO-2's drop the
+/// gradients and add the sums to the destination.
 fn slice_buckets(dist: &Arc<Dist>) {
     let r = dist.rank();
     let k = r as f64 + 1.0;
@@ -207,7 +208,7 @@ fn slice_buckets(dist: &Arc<Dist>) {
         let p = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let q = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let dest = Tensor::full([5], -1.0, (Kind::Float, tch::Device::Cpu));
-        let mut buckets = GradBuckets::slices(dist.clone(), &[p.shallow_clone(), q.shallow_clone()], &pieces, &[4, 6], with_dest.then_some(&dest)).unwrap();
+        let mut buckets = GradBuckets::slices(dist.clone(), &[p.shallow_clone(), q.shallow_clone()], &pieces, &[4, 6], with_dest.then_some(&dest), false).unwrap();
         buckets.arm();
         // Local gradients: p = k·(1, 2, 3, 4, 5), q = k·(10, 20, 30); sums 3·(1..5) and (30, 60, 90).
         let c = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]) * k;
@@ -243,6 +244,36 @@ fn slice_buckets(dist: &Arc<Dist>) {
         let expected = if r == 0 { (vec![103.0, 106.0, 103.0, 104.0, 115.0], vec![30.0, 60.0, 30.0]) } else { (vec![2.0, 4.0, 109.0, 112.0, 10.0], vec![20.0, 40.0, 90.0]) };
         assert_eq!((values(&p.grad()), values(&q.grad())), expected, "a late part counted once, on every rank");
     }
+    shard_grads_buckets(dist, &pieces, k);
+}
+
+/// ZeRO-2's buckets (the same as [`slice_buckets`]'s): each armed pass drops the gradients
+/// and adds its sums to the destination; a late part (rank 0 adds 100 to p once both windows
+/// started, so p's first piece was zeroed and its gradient dropped) is reduced alone and added.
+fn shard_grads_buckets(dist: &Arc<Dist>, pieces: &[(usize, i64, i64, usize)], k: f64) {
+    let r = dist.rank();
+    let p = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let q = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let dest = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
+    let mut buckets = GradBuckets::slices(dist.clone(), &[p.shallow_clone(), q.shallow_clone()], pieces, &[4, 6], Some(&dest), true).unwrap();
+    let c = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]) * k;
+    let d = Tensor::from_slice(&[10.0f32, 20.0, 30.0]) * k;
+    buckets.arm();
+    ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
+    buckets.finish().unwrap();
+    assert!(!p.grad().defined() && !q.grad().defined(), "the gradients were dropped");
+    assert_eq!(values(&dest), if r == 0 { [3.0, 6.0, 15.0, 30.0, 60.0] } else { [9.0, 12.0, 90.0, 0.0, 0.0] });
+    buckets.arm();
+    ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
+    if r == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        (&p * 100.0).sum(Kind::Float).backward();
+    }
+    let counts = buckets.finish().unwrap();
+    assert_eq!(counts.redone, 2, "{counts:?}");
+    assert!(!p.grad().defined() && !q.grad().defined(), "the late gradient was dropped too");
+    let expected = if r == 0 { [106.0, 112.0, 130.0, 60.0, 120.0] } else { [118.0, 124.0, 180.0, 0.0, 0.0] };
+    assert_eq!(values(&dest), expected, "two passes added, the late part once");
 }
 
 fn free_port() -> u16 {

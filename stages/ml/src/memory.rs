@@ -14,7 +14,8 @@
 //!   them, but most exist at the backward pass's peak; AdamW moments in f32 (2 per trained element); f32 master
 //!   weights when the weights are bf16/f16; with ZeRO-1 moments and masters are divided by the
 //!   ranks, and bf16/f16 weights add the rank's slice of the reduced gradients in f32 (counted
-//!   with the master weights); left out: the collectives' buffers at the end of the backward
+//!   with the master weights); with ZeRO-2 the gradients are that slice in f32 (each window's
+//!   leave once it is copied for its reduce-scatter); left out: the collectives' buffers at the end of the backward
 //!   pass, when most activations are freed (with the overlap on: ZeRO-1's windows in flight
 //!   plus, for f32 weights, the shard's f32 sums; DDP's buckets are the gradients' own memory
 //!   and cost nothing);
@@ -77,6 +78,8 @@ pub struct Setup {
     pub ranks: usize,
     /// ZeRO-1 sharding of the optimizer state.
     pub shard_optimizer: bool,
+    /// ZeRO-2: the gradients sharded too (implies `shard_optimizer`).
+    pub shard_gradients: bool,
     /// A live reference model (a second copy of the weights).
     pub live_reference: bool,
 }
@@ -216,10 +219,12 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
     let (p, t) = (parameters as f64, trainable as f64);
     let world = setup.ranks.max(1) as f64;
     let narrow = setup.dtype_bytes < 4;
-    let (optimizer, master_weights) = if setup.shard_optimizer {
-        (2.0 * t * 4.0 / world, if narrow { 2.0 * t * 4.0 / world } else { 0.0 })
+    let (optimizer, master_weights, gradients) = if setup.shard_gradients {
+        (2.0 * t * 4.0 / world, if narrow { t * 4.0 / world } else { 0.0 }, t * 4.0 / world)
+    } else if setup.shard_optimizer {
+        (2.0 * t * 4.0 / world, if narrow { 2.0 * t * 4.0 / world } else { 0.0 }, t * s)
     } else {
-        (2.0 * t * 4.0, if narrow { t * 4.0 } else { 0.0 })
+        (2.0 * t * 4.0, if narrow { t * 4.0 } else { 0.0 }, t * s)
     };
     let tokens = (setup.sequences * setup.length) as f64;
     let layer = tokens * layer_bytes(config, setup.dtype_bytes, setup.length);
@@ -240,7 +245,7 @@ pub fn estimate(config: &Config, setup: &Setup) -> Estimate {
         trainable,
         weights: p * s,
         reference: if setup.live_reference { p * s } else { 0.0 },
-        gradients: t * s,
+        gradients,
         optimizer,
         master_weights,
         activations: layers_kept + head,
@@ -264,7 +269,7 @@ mod tests {
     }
 
     fn setup() -> Setup {
-        Setup { dtype_bytes: 2, sequences: 4, length: 1024, head_positions: 4096, chunk: 1024, runtime: 0.0, checkpointing: false, trainable: None, ranks: 1, shard_optimizer: false, live_reference: false }
+        Setup { dtype_bytes: 2, sequences: 4, length: 1024, head_positions: 4096, chunk: 1024, runtime: 0.0, checkpointing: false, trainable: None, ranks: 1, shard_optimizer: false, shard_gradients: false, live_reference: false }
     }
 
     #[test]
@@ -303,6 +308,11 @@ mod tests {
         assert_eq!((z.optimizer, z.master_weights), (2.0 * p, 2.0 * p));
         let z32 = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, dtype_bytes: 4, ..setup() });
         assert_eq!((z32.optimizer, z32.master_weights), (2.0 * p, 0.0));
+        // ZeRO-2: the gradients are the shard's f32 sums, no longer counted with the masters.
+        let z2 = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, shard_gradients: true, ..setup() });
+        assert_eq!((z2.gradients, z2.optimizer, z2.master_weights), (p, 2.0 * p, p));
+        let z2_32 = estimate(&c, &Setup { ranks: 4, shard_optimizer: true, shard_gradients: true, dtype_bytes: 4, ..setup() });
+        assert_eq!((z2_32.gradients, z2_32.master_weights), (p, 0.0));
         // Adapters: only their elements have gradients and optimizer state.
         let lora = estimate(&c, &Setup { trainable: Some(1_000_000), ..setup() });
         assert_eq!((lora.gradients, lora.optimizer, lora.master_weights, lora.weights), (2e6, 8e6, 4e6, 2.0 * p));

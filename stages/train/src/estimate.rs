@@ -38,7 +38,8 @@ pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, seque
         // LoRA adapters train only their own elements.
         trainable: args.lora.as_deref().and_then(|text| LoraConfig::parse(text).ok()).map(|lora| lora.adapter_elements(config)),
         ranks,
-        shard_optimizer: args.shard_optimizer,
+        shard_optimizer: args.shard_optimizer || args.shard_gradients,
+        shard_gradients: args.shard_gradients,
         live_reference: live_reference(args, halo),
     };
     memory::estimate(config, &setup)
@@ -63,7 +64,7 @@ pub fn print(args: &Args) -> Result<()> {
     let data = if paired { DataKind::Paired } else { DataKind::Plan };
     let e = estimate(args, halo.as_ref(), &config, kind, args.microbatch_size * data.sequences_per_row(), args.max_length, None, ranks);
     println!(
-        "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens (every position counted as a completion position), checkpointing {}, ranks {}, ZeRO-1 {}, reference {}",
+        "memory estimate per process: {} ({} layers, hidden {}), {}, microbatch {} {} of ≤ {} tokens (every position counted as a completion position), checkpointing {}, ranks {}, ZeRO {}, reference {}",
         args.model.display(),
         config.num_hidden_layers,
         config.hidden_size,
@@ -73,7 +74,11 @@ pub fn print(args: &Args) -> Result<()> {
         args.max_length,
         if args.checkpoint_activations { "on" } else { "off" },
         ranks,
-        if args.shard_optimizer { "on" } else { "off" },
+        match (args.shard_optimizer, args.shard_gradients) {
+            (_, true) => "2 (optimizer state and gradients sharded)",
+            (true, false) => "1 (optimizer state sharded)",
+            (false, false) => "off",
+        },
         match (live_reference(args, halo.as_ref()), args.lora.is_some() && halo.needs_reference()) {
             (true, _) => "live",
             (false, true) => "the base (adapters off) or cached",

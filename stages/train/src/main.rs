@@ -185,6 +185,12 @@ pub struct Args {
     /// (`--shard-optimizer`, or `--shard-optimizer=true|false` as a pipeline param passes it).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub shard_optimizer: bool,
+    /// ZeRO-2 (implies --shard-optimizer): shard the gradients too. Every microbatch's
+    /// backward pass reduce-scatters each window of gradients as soon as it is final and drops
+    /// it, so a rank holds the f32 sums of its shard instead of every gradient
+    /// (`--shard-gradients`, or `--shard-gradients=true|false` as a pipeline param passes it).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub shard_gradients: bool,
     /// AdamW's update as libtorch's fused multi-tensor kernel (at::_fused_adamw_; on the CPU
     /// within an ulp of the unfused chain and faster, ci/bench-adamw.sh), or with
     /// `--fused-adamw=false` as the unfused chain of element-wise ops. Checkpoints are the same

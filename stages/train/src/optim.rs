@@ -222,6 +222,12 @@ impl Optimizer {
         }
     }
 
+    /// Whether the gradients are sharded (ZeRO-2): every microbatch's backward pass
+    /// reduce-scatters them.
+    pub fn shards_gradients(&self) -> bool {
+        matches!(self, Optimizer::Sharded(opt) if opt.shards_gradients())
+    }
+
     /// Sums the step's gradients over the ranks (or takes the sums of `buckets`, whose
     /// collectives overlapped the backward pass), divides them by its example count and clips
     /// them by global norm; returns the step's loss and the norm before clipping.

@@ -125,10 +125,11 @@ impl Ranks {
 
     /// ZeRO-1's windows as gradient buckets ([`GradBuckets::slices`]: pieces `(parameter,
     /// offset, length, bucket)`, bucket k of `numel[k]` elements, the sums into `dest` or the
-    /// gradients) whose reduce-scatters overlap the backward pass (`None` for one process).
-    pub fn slice_buckets(&self, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>) -> Result<Option<GradBuckets>> {
+    /// gradients; ZeRO-2's with `shard_grads`) whose reduce-scatters overlap the backward pass
+    /// (`None` for one process).
+    pub fn slice_buckets(&self, params: &[Tensor], pieces: &[(usize, i64, i64, usize)], numel: &[i64], dest: Option<&Tensor>, shard_grads: bool) -> Result<Option<GradBuckets>> {
         let Some(dist) = &self.dist else { return Ok(None) };
-        GradBuckets::slices(dist.clone(), params, pieces, numel, dest).map(Some)
+        GradBuckets::slices(dist.clone(), params, pieces, numel, dest, shard_grads).map(Some)
     }
 
     /// Reduce-scatters `flat` (length world × shard): this rank gets the sum of every rank's

@@ -112,6 +112,22 @@ struct Trainer<'a> {
     grad_buckets: Option<GradBuckets>,
     /// How the buckets were all-reduced, summed over the steps.
     bucket_counts: BucketCounts,
+    /// Trained tensors holding a gradient after the last step's backward pass and bucket
+    /// collectives (ZeRO-2: none, each dropped once its windows were copied).
+    grads_held: usize,
+}
+
+/// Waits for the armed backward pass's gradient `buckets` (their collectives come before any
+/// other, in the same order on every rank) and adds where they ran to `total`.
+fn finish_buckets(buckets: &mut Option<GradBuckets>, total: &mut BucketCounts, rank: usize) -> Result<()> {
+    if let Some(buckets) = buckets {
+        let counts = buckets.finish()?;
+        tracing::debug!(rank, during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, "gradient buckets reduced");
+        total.during_backward += counts.during_backward;
+        total.after_backward += counts.after_backward;
+        total.redone += counts.redone;
+    }
+    Ok(())
 }
 
 impl Trainer<'_> {
@@ -139,8 +155,10 @@ impl Trainer<'_> {
                 bail!("loss is {loss} at step {} (microbatch of examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));
             }
             // As DDP's no_sync: earlier microbatches accumulate on this rank alone, the last
-            // one's backward sums each bucket of gradients as soon as it is final.
-            if let Some(buckets) = self.grad_buckets.as_ref().filter(|_| k == last) {
+            // one's backward sums each bucket of gradients as soon as it is final. ZeRO-2
+            // reduce-scatters every microbatch's (its gradients leave as they go).
+            let armed = k == last || self.opt.shards_gradients();
+            if let Some(buckets) = self.grad_buckets.as_ref().filter(|_| armed) {
                 buckets.arm();
             }
             acc.backward(&out)?;
@@ -149,17 +167,14 @@ impl Trainer<'_> {
                 tracing::debug!(forwards = self.policy.net.pending_backward(), "activation checkpointing: recomputing the layers of the microbatch's checkpointed forwards");
             }
             self.policy.net.finish_backward()?;
+            if armed && k != last {
+                finish_buckets(&mut self.grad_buckets, &mut self.bucket_counts, ranks.rank())?;
+            }
             row.add_microbatch(&out);
         }
         let computed = started.elapsed().as_secs_f64();
-        // The buckets' collectives come before any other, in the same order on every rank.
-        if let Some(buckets) = &mut self.grad_buckets {
-            let counts = buckets.finish()?;
-            tracing::debug!(rank = ranks.rank(), during_backward = counts.during_backward, after_backward = counts.after_backward, redone = counts.redone, "gradient buckets all-reduced");
-            self.bucket_counts.during_backward += counts.during_backward;
-            self.bucket_counts.after_backward += counts.after_backward;
-            self.bucket_counts.redone += counts.redone;
-        }
+        finish_buckets(&mut self.grad_buckets, &mut self.bucket_counts, ranks.rank())?;
+        self.grads_held = self.params.iter().filter(|p| p.grad().defined()).count();
         let mut tokens = job.tokens.take();
         if let Some(reduce) = ranks.loss_reduce() {
             acc.all_reduce(reduce.as_ref())?;
@@ -297,7 +312,14 @@ pub fn run(args: &Args) -> Result<()> {
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
     let names: Vec<String> = params.keys().cloned().collect();
     let fused = args.fused_adamw;
-    let opt = if args.shard_optimizer { Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, &ranks)) } else { Optimizer::Full(AdamW::new(params, adam, fused)) };
+    let opt = if args.shard_optimizer || args.shard_gradients {
+        Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, args.shard_gradients, &ranks))
+    } else {
+        Optimizer::Full(AdamW::new(params, adam, fused))
+    };
+    if args.shard_gradients && ranks.world() > 1 && !args.overlap_grad_sync {
+        tracing::warn!("--shard-gradients with --overlap-grad-sync=false: every gradient is kept until the backward pass ends, so ZeRO-2 saves nothing over ZeRO-1");
+    }
     // ZeRO-1's all-gathers of updated weights run on into the next forward pass, which waits
     // for each layer's.
     if let Optimizer::Sharded(zero) = &opt {
@@ -329,7 +351,7 @@ pub fn run(args: &Args) -> Result<()> {
         chunk: args.logits_chunk,
         tokens: Default::default(),
     };
-    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, eval_halo, params: param_list, opt, max_grad_norm: args.max_grad_norm, grad_buckets, bucket_counts: BucketCounts::default() };
+    let mut trainer = Trainer { job, policy: &policy, ranks: &ranks, split: &split, eval_halo, params: param_list, opt, max_grad_norm: args.max_grad_norm, grad_buckets, bucket_counts: BucketCounts::default(), grads_held: 0 };
     let ckpt_root = args
         .checkpoint_dir
         .clone()
@@ -425,13 +447,15 @@ pub fn run(args: &Args) -> Result<()> {
         "eval_microbatches": split.eval.len(),
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
-        "shard_optimizer": args.shard_optimizer,
+        "shard_optimizer": args.shard_optimizer || args.shard_gradients,
+        "shard_gradients": args.shard_gradients,
         // Rank 0's gradient buckets over the run (all zero without overlap).
         "grad_sync": {
             "overlap": trainer.grad_buckets.is_some(),
             "buckets_during_backward": trainer.bucket_counts.during_backward,
             "buckets_after_backward": trainer.bucket_counts.after_backward,
             "buckets_redone": trainer.bucket_counts.redone,
+            "gradients_held_after_sync": trainer.grads_held,
         },
         // ZeRO-1's all-gathers of updated weights (rank 0's windows over the run).
         "weight_gathers": match &trainer.opt {

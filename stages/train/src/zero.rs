@@ -254,9 +254,15 @@ pub struct ShardedAdamW {
     rank: i64,
     m: Tensor,
     v: Tensor,
-    /// f32 master weights and reduced gradients of the shard when the weights are not f32
-    /// (f32 weights and gradients hold them in place).
-    master: Option<(Tensor, Tensor)>,
+    /// f32 master weights of the shard when the weights are not f32 (f32 weights are their
+    /// own master).
+    master: Option<Tensor>,
+    /// The shard's reduced gradients in f32, when the weights are not f32 or the gradients are
+    /// sharded (else they are put in this rank's part of the f32 gradients).
+    reduced: Option<Tensor>,
+    /// ZeRO-2: the gradients leave each window once it is copied for its reduce-scatter
+    /// during the backward pass, and the sums of every microbatch add up in `reduced`.
+    shard_grads: bool,
     /// The factor of the step in progress, 1/examples and the clip in one (set by
     /// [`ShardedAdamW::sync_and_clip`], applied by [`ShardedAdamW::update`]).
     factor: Option<f64>,
@@ -276,14 +282,14 @@ pub struct ShardedAdamW {
 impl ShardedAdamW {
     /// The optimizer of rank `ranks.rank()` over `params` (name → tensor), updating with the
     /// fused kernel when `fused`.
-    pub fn new(params: BTreeMap<String, Tensor>, config: AdamWConfig, fused: bool, ranks: &Ranks) -> ShardedAdamW {
+    pub fn new(params: BTreeMap<String, Tensor>, config: AdamWConfig, fused: bool, shard_grads: bool, ranks: &Ranks) -> ShardedAdamW {
         let names: Vec<String> = params.keys().cloned().collect();
         let order = backward_order(&names);
-        ShardedAdamW::in_order(order.into_iter().map(|i| (names[i].clone(), params[&names[i]].shallow_clone())).collect(), config, fused, ranks)
+        ShardedAdamW::in_order(order.into_iter().map(|i| (names[i].clone(), params[&names[i]].shallow_clone())).collect(), config, fused, shard_grads, ranks)
     }
 
     /// The optimizer over `params` (name, tensor) in this flat order.
-    fn in_order(params: Vec<(String, Tensor)>, config: AdamWConfig, fused: bool, ranks: &Ranks) -> ShardedAdamW {
+    fn in_order(params: Vec<(String, Tensor)>, config: AdamWConfig, fused: bool, shard_grads: bool, ranks: &Ranks) -> ShardedAdamW {
         let (names, params): (Vec<String>, Vec<Tensor>) = params.into_iter().unzip();
         let flat = Flat::new(&params);
         let world = ranks.world() as i64;
@@ -300,6 +306,8 @@ impl ShardedAdamW {
             m: Tensor::new(),
             v: Tensor::new(),
             master: None,
+            reduced: None,
+            shard_grads,
             factor: None,
             steps: 0,
             gather_kind,
@@ -334,7 +342,8 @@ impl ShardedAdamW {
         *self.arrivals.pending.lock().expect("the arrivals' lock") = (0..layout.windows).map(|_| None).collect();
         let zeros = || Tensor::zeros([layout.shard_len()], (Kind::Float, device));
         (self.m, self.v) = (zeros(), zeros());
-        self.master = self.params.iter().any(|p| p.kind() != Kind::Float).then(|| (self.shard_weights(), zeros()));
+        self.master = self.params.iter().any(|p| p.kind() != Kind::Float).then(|| self.shard_weights());
+        self.reduced = (self.master.is_some() || self.shard_grads).then(zeros);
     }
 
     /// Makes a forward wait, before each stage of weights (`stage_of` a parameter's name, see
@@ -391,14 +400,23 @@ impl ShardedAdamW {
         let span = self.layout.world * self.layout.window;
         let pieces: Vec<(usize, i64, i64, usize)> =
             self.windows().flat_map(|(k, _, _)| self.flat.pieces(self.layout.window_start(k), span).map(move |(i, from, _, len)| (i, from, len, k as usize))).collect();
-        let reduced = self.master.as_ref().map(|(_, reduced)| reduced);
-        ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize], reduced)
+        ranks.slice_buckets(&self.params, &pieces, &vec![span; self.layout.windows as usize], self.reduced.as_ref(), self.shard_grads)
     }
 
     /// Drops every gradient (they are never views into the reduce-scatter windows, which
-    /// copy them): its memory is free until the next backward pass.
+    /// copy them): its memory is free until the next backward pass. With sharded gradients
+    /// also clears the sums the step's microbatches add up.
     pub fn clear_grads(&mut self) {
         crate::grads::release(self.params.iter());
+        if let Some(reduced) = self.reduced.as_mut().filter(|_| self.shard_grads) {
+            let _ = reduced.zero_();
+        }
+    }
+
+    /// Whether the gradients are sharded (ZeRO-2): every microbatch's backward pass then
+    /// reduce-scatters its windows, not only the step's last.
+    pub fn shards_gradients(&self) -> bool {
+        self.shard_grads
     }
 
     /// Reduce-scatters the gradients (unless `buckets` did during the backward pass) into the
@@ -414,8 +432,8 @@ impl ShardedAdamW {
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
             // This window's sums: where the buckets put them, or reduce-scattered now and put there.
-            let sums = match (buckets, &self.master) {
-                (Some(_), Some((_, reduced))) => reduced.narrow(0, o, n),
+            let sums = match (buckets, &self.reduced) {
+                (Some(_), Some(reduced)) => reduced.narrow(0, o, n),
                 (Some(_), None) => {
                     let mut sums = Tensor::empty([n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.part(k, self.rank), &mut sums));
@@ -425,8 +443,8 @@ impl ShardedAdamW {
                     let mut input = Tensor::empty([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
                     let sums = ranks.reduce_scatter(&input)?;
-                    tch::no_grad(|| match &self.master {
-                        Some((_, reduced)) => reduced.narrow(0, o, n).copy_(&sums),
+                    tch::no_grad(|| match &self.reduced {
+                        Some(reduced) => reduced.narrow(0, o, n).copy_(&sums),
                         None => self.flat.write(&grads, self.layout.part(k, self.rank), &sums),
                     });
                     sums
@@ -470,15 +488,19 @@ impl ShardedAdamW {
         // The last windows hold the first layers (the flat order is the backward pass's).
         for (k, o, n) in self.windows().rev() {
             let own = self.layout.part(k, self.rank);
-            let (weights, mut grad) = match (&self.master, &self.storage) {
-                (Some((master, reduced)), _) => (master.narrow(0, o, n), reduced.narrow(0, o, n)),
+            let weights = match (&self.master, &self.storage) {
+                (Some(master), _) => master.narrow(0, o, n),
                 // f32 weights are their own master: updated in place in the storage.
-                (None, Some(storage)) => {
+                (None, Some(storage)) => storage.narrow(0, own, n),
+                (None, None) => unreachable!("f32 parameters share one type, so they live in the storage"),
+            };
+            let mut grad = match &self.reduced {
+                Some(reduced) => reduced.narrow(0, o, n),
+                None => {
                     let mut g = Tensor::empty([n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, own, &mut g));
-                    (storage.narrow(0, own, n), g)
+                    g
                 }
-                (None, None) => unreachable!("f32 parameters share one type, so they live in the storage"),
             };
             tch::no_grad(|| {
                 if factor != 1.0 {
@@ -523,7 +545,7 @@ impl ShardedAdamW {
     pub fn save(&self, dir: &Path, rank: usize) -> Result<()> {
         let path = shard_file(dir, rank, "safetensors");
         let master = match &self.master {
-            Some((master, _)) => master.shallow_clone(),
+            Some(master) => master.shallow_clone(),
             None => self.shard_weights(),
         };
         let tensors = [("m", self.m.shallow_clone()), ("v", self.v.shallow_clone()), ("master", master)].map(|(k, t)| (k.to_string(), t));
@@ -581,7 +603,7 @@ impl ShardedAdamW {
                     }
                     let tensors = &files[&rank];
                     tch::no_grad(|| -> Result<()> {
-                        let master = self.master.as_ref().map(|(master, _)| master);
+                        let master = self.master.as_ref();
                         for (name, mine) in [("m", Some(&self.m)), ("v", Some(&self.v)), ("master", master)] {
                             let saved = tensors.get(name).with_context(|| format!("{}: no tensor {name}", shard_file(dir, rank as usize, "safetensors").display()))?;
                             if let Some(mine) = mine {
@@ -654,7 +676,7 @@ mod tests {
         let legacy = ["model.norm.weight", "model.layers.0.w", "model.embed_tokens.weight", "lm_head.weight"];
         let scrambled = ["model.layers.0.w", "lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"];
         for (order, named) in [(legacy, false), (scrambled, true)] {
-            let mut old = ShardedAdamW::in_order(order.iter().map(|&n| (n.to_string(), params[n].shallow_clone())).collect(), config, false, &ranks);
+            let mut old = ShardedAdamW::in_order(order.iter().map(|&n| (n.to_string(), params[n].shallow_clone())).collect(), config, false, false, &ranks);
             old.set_layout(Layout::new(old.flat.total, 1, 4));
             old.clear_grads();
             params.values().map(|p| (p * p * p).sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b).backward();
@@ -669,7 +691,7 @@ mod tests {
                 std::fs::write(&path, meta.to_string()).unwrap();
             }
             let copies = params.iter().map(|(k, t)| (k.clone(), t.detach().copy().set_requires_grad(true))).collect();
-            let mut new = ShardedAdamW::new(copies, config, false, &ranks);
+            let mut new = ShardedAdamW::new(copies, config, false, false, &ranks);
             assert_eq!(new.names[0], "lm_head.weight");
             new.load(dir.path()).unwrap();
             assert_eq!(new.steps, 1);
@@ -680,7 +702,7 @@ mod tests {
             // Another model of as many elements (which the element count alone let through).
             if named {
                 let other = params.iter().map(|(k, t)| (k.replace("norm", "final_norm"), t.detach().copy())).collect();
-                let err = ShardedAdamW::new(other, config, false, &ranks).load(dir.path()).unwrap_err().to_string();
+                let err = ShardedAdamW::new(other, config, false, false, &ranks).load(dir.path()).unwrap_err().to_string();
                 assert!(err.contains("have no parameter `model.final_norm.weight`"), "{err}");
             }
         }
@@ -689,12 +711,14 @@ mod tests {
     /// Window by window, with weights in f32 (their own master, updated in the flat storage),
     /// in bf16 (an f32 master) and in both (PPO's f32 value head beside bf16 weights: gathered
     /// through buffers), ZeRO-1 on one process takes the steps plain AdamW takes, with the
-    /// unfused update and with the fused kernel.
+    /// unfused update and with the fused kernel, and so does ZeRO-2 (the f32 weights' sums
+    /// then in a buffer of their own).
     #[test]
     fn windowed_steps_equal_plain_adamw() {
         let config = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
         let (f32, bf16, mixed) = ([Kind::Float; 3], [Kind::BFloat16; 3], [Kind::BFloat16, Kind::Float, Kind::BFloat16]);
-        for (kinds, fused) in [(f32, false), (bf16, false), (mixed, false), (f32, true), (bf16, true), (mixed, true)] {
+        let cases = [(f32, false), (bf16, false), (mixed, false), (f32, true), (bf16, true), (mixed, true)];
+        for ((kinds, fused), shard_grads) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let kind = if kinds == f32 { Kind::Float } else { Kind::BFloat16 };
             let make = || -> BTreeMap<String, Tensor> {
                 [("a", vec![5, 3]), ("b", vec![7]), ("c", vec![2, 2])]
@@ -707,7 +731,8 @@ mod tests {
             let copy = |ps: &BTreeMap<String, Tensor>| ps.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
             let mut adamw = AdamW::new(copy(&plain), config, fused);
             let ranks = Ranks::single();
-            let mut zero = ShardedAdamW::new(copy(&sharded), config, fused, &ranks);
+            let mut zero = ShardedAdamW::new(copy(&sharded), config, fused, shard_grads, &ranks);
+            assert_eq!(zero.reduced.is_some(), kind != Kind::Float || shard_grads);
             // bf16 gradients clipped in place would round: clip the f32 case only.
             let max_norm = if kind == Kind::Float { 2.0 } else { 0.0 };
             zero.set_layout(Layout::new(zero.flat.total, 1, 4)); // 26 elements: 7 windows, the last one short
@@ -734,7 +759,7 @@ mod tests {
                 zero.update(&ranks, 0.01).unwrap();
                 for (name, p) in &plain {
                     let diff = (p.to_kind(Kind::Double) - sharded[name].to_kind(Kind::Double)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-6, "{kinds:?} (fused: {fused}) step {step}: {name} differs by {diff}");
+                    assert!(diff < 1e-6, "{kinds:?} (fused: {fused}, sharded gradients: {shard_grads}) step {step}: {name} differs by {diff}");
                 }
             }
         }

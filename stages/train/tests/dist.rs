@@ -109,7 +109,7 @@ fn seconds_per_step(run: &Run) -> f64 {
     s.iter().sum::<f64>() / s.len() as f64
 }
 
-/// 2 ranks (DDP and ZeRO-1) against 1 process with grad_accum 2 on the same data.
+/// 2 ranks (DDP, ZeRO-1 and ZeRO-2) against 1 process with grad_accum 2 on the same data.
 fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
     let Some(model) = model_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -124,14 +124,17 @@ fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
     assert!(outs.iter().all(|o| o.status.success()));
     let (outs, zero_after, _) = train_2_ranks(dir.path(), "zero-after", data, &model, &[&zero_args[..], &["--overlap-grad-sync=false"]].concat(), no_env);
     assert!(outs.iter().all(|o| o.status.success()));
+    let (outs, zero2, _) = train_2_ranks(dir.path(), "zero2", data, &model, &[args, &["--shard-gradients", "--grad-bucket-mb", "0.004"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
     let steps = single.metrics()["loss"].len();
     assert!(steps >= 3, "{steps} steps");
     let (dm, dw) = (max_metric_diff(&single, &ddp), max_weight_diff(&single, &ddp));
     let (zm, zw) = (max_metric_diff(&ddp, &zero), max_weight_diff(&ddp, &zero));
     let (am, aw) = (max_metric_diff(&zero_after, &zero), max_weight_diff(&zero_after, &zero));
+    let (gm, gw) = (max_metric_diff(&ddp, &zero2), max_weight_diff(&ddp, &zero2));
     let sync = grad_sync(&zero);
     eprintln!(
-        "{what}, {steps} steps: 2 ranks vs 1 process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}; ZeRO-1 vs DDP: {zm:.3e}, {zw:.3e}; ZeRO-1 overlapped vs after backward: {am:.3e}, {aw:.3e} (windows {sync}); s/step 1 process {:.3}, DDP {:.3}, ZeRO-1 {:.3}",
+        "{what}, {steps} steps: 2 ranks vs 1 process with grad_accum 2: max |Δ metric| {dm:.3e}, max |Δ weight| {dw:.3e}; ZeRO-1 vs DDP: {zm:.3e}, {zw:.3e}; ZeRO-1 overlapped vs after backward: {am:.3e}, {aw:.3e} (windows {sync}); ZeRO-2 vs DDP: {gm:.3e}, {gw:.3e}; s/step 1 process {:.3}, DDP {:.3}, ZeRO-1 {:.3}",
         seconds_per_step(&single),
         seconds_per_step(&ddp),
         seconds_per_step(&zero)
@@ -139,6 +142,11 @@ fn two_ranks_equal_one_process(data: &Path, args: &[&str], what: &str) {
     assert!(dm < 1e-5 && dw < 1e-5, "DDP differs from one process: metrics {dm}, weights {dw}");
     assert!(zm < 1e-5 && zw < 1e-5, "ZeRO-1 differs from DDP: metrics {zm}, weights {zw}");
     assert!(am < 1e-5 && aw < 1e-5, "ZeRO-1 overlapped differs from ZeRO-1 after backward: metrics {am}, weights {aw}");
+    assert!(gm < 1e-5 && gw < 1e-5, "ZeRO-2 differs from DDP: metrics {gm}, weights {gw}");
+    // ZeRO-2 dropped every gradient once its windows were copied; ZeRO-1 keeps them all.
+    assert_eq!(grad_sync(&zero2)["gradients_held_after_sync"].as_u64(), Some(0), "{}", grad_sync(&zero2));
+    assert!(sync["gradients_held_after_sync"].as_u64().unwrap() > 0, "{sync}");
+    gathers_run_into_the_next_forward(&zero2);
     assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "no ZeRO-1 window was reduce-scattered during backward: {sync}");
     assert_eq!(grad_sync(&zero_after)["buckets_during_backward"].as_u64(), Some(0));
     gathers_run_into_the_next_forward(&zero);
@@ -446,7 +454,7 @@ fn overlapped_equals_synchronous(data: &Path, args: &[&str], ranks_only: &[&str]
     assert_eq!(sync["overlap"].as_bool(), Some(true));
     let (during, after) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_after_backward"].as_u64().unwrap());
     // DDP's first step starts every bucket after its backward pass.
-    let first = if ranks_only.contains(&"--shard-optimizer") { 0 } else { (during + after) / steps as u64 };
+    let first = if ranks_only.iter().any(|a| ["--shard-optimizer", "--shard-gradients"].contains(a)) { 0 } else { (during + after) / steps as u64 };
     assert!(during > 2 * (steps as u64 - 1) && during > 3 * (after - first), "{what}: too few buckets started while the backward pass went on: {sync}");
     sync
 }
@@ -495,6 +503,14 @@ fn overlapped_gradient_sync_with_activation_checkpointing_equals_one_plain_proce
     let sync = overlapped_equals_synchronous(&pairs, &dpo, &[ckpt[0], "--shard-optimizer"], &[], 1, "DPO, checkpointing, ZeRO-1");
     let (during, redone) = (sync["buckets_during_backward"].as_u64().unwrap(), sync["buckets_redone"].as_u64().unwrap());
     assert!(redone > 0 && redone < during / 2, "ZeRO-1 with checkpointing: {sync}");
+    // ZeRO-2's too, whose gradients left each window as it started: a window redone
+    // reduce-scatters what came after alone and adds it. With 2 microbatches per rank, each
+    // one's windows (the step's sums adding up).
+    for (data, args, grad_accum, what) in [(&pairs, &dpo[..], 1, "DPO, checkpointing, ZeRO-2"), (&plan, &kto[..], 2, "KTO, checkpointing, ZeRO-2, grad_accum 2 per rank")] {
+        let sync = overlapped_equals_synchronous(data, args, &[ckpt[0], "--shard-gradients"], &[], grad_accum, what);
+        assert!(grad_accum > 1 || sync["buckets_redone"].as_u64().unwrap() > 0, "{what}: {sync}");
+        assert_eq!(sync["gradients_held_after_sync"].as_u64(), Some(0), "{what}: {sync}");
+    }
 }
 
 #[test]
