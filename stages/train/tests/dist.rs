@@ -571,7 +571,8 @@ fn zero1_reduce_scatters_an_untied_lm_head_during_backward() {
 
 /// ZeRO-1 with bf16 weights (f32 master weights and reduced gradients, weights all-gathered
 /// in bf16): the windows reduce-scattered during the backward pass, straight into the reduced
-/// shard, give what the windows after it give, and DDP's weights up to a sum's rounding.
+/// shard, give what the windows after it give, and DDP's weights up to a sum's rounding; so
+/// does ZeRO-2, whose sums are added to the zeroed shard.
 #[test]
 fn zero1_bf16_overlapped_equals_after_backward() {
     let Some(model) = model_dir() else { return };
@@ -596,11 +597,18 @@ fn zero1_bf16_overlapped_equals_after_backward() {
     assert!(m < 1e-6 && w < 1e-6, "metrics {m}, weights {w}");
     assert!(sync["buckets_during_backward"].as_u64().unwrap() > 0, "{sync}");
     gathers_run_into_the_next_forward(&overlapped);
+    let (outs, zero2, _) = train_2_ranks(dir.path(), "zero2", &plan, &model, &[&args[..], &["--shard-gradients"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()));
+    let (m2, w2) = (max_metric_diff(&zero2, &overlapped), max_weight_diff(&zero2, &overlapped));
+    eprintln!("ZeRO-2 bf16 vs ZeRO-1 bf16: max |Δ metric| {m2:.3e}, max |Δ weight| {w2:.3e}; windows {}", grad_sync(&zero2));
+    assert!(m2 < 1e-6 && w2 < 1e-6, "ZeRO-2 bf16: metrics {m2}, weights {w2}");
+    assert_eq!(grad_sync(&zero2)["gradients_held_after_sync"].as_u64(), Some(0));
 }
 
 /// PPO in bf16 trains a value head in f32 beside bf16 weights: ZeRO-1 cannot hold both in one
 /// flat buffer, so it gathers each window through a buffer and copies it in before the update
-/// returns (none waited for in a forward), and gives DDP's weights up to a bf16 sum's rounding.
+/// returns (none waited for in a forward), and gives DDP's weights up to a bf16 sum's rounding;
+/// ZeRO-2 the same as ZeRO-1.
 #[test]
 fn zero1_gathers_ppo_weights_of_two_types_through_buffers() {
     let Some(model) = model_dir() else { return };
@@ -617,4 +625,9 @@ fn zero1_gathers_ppo_weights_of_two_types_through_buffers() {
     eprintln!("PPO bf16, ZeRO-1 vs DDP: max |Δ metric| {m:.3e}, max |Δ weight| {w:.3e}; gathers {}", summary["weight_gathers"]);
     assert_eq!(summary["weight_gathers"]["in_forward"].as_u64(), Some(0));
     assert!(w < 1e-2 && m < 1e-2, "metrics {m}, weights {w}");
+    let (outs, zero2, _) = train_2_ranks(dir.path(), "zero2", &plan, &model, &[&args[..], &["--shard-gradients", "--grad-bucket-mb", "0.004"]].concat(), no_env);
+    assert!(outs.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&outs[0].stderr));
+    let (m2, w2) = (max_metric_diff(&zero, &zero2), max_weight_diff(&zero, &zero2));
+    eprintln!("PPO bf16, ZeRO-2 vs ZeRO-1: max |Δ metric| {m2:.3e}, max |Δ weight| {w2:.3e}");
+    assert!(m2 < 1e-6 && w2 < 1e-6, "metrics {m2}, weights {w2}");
 }
