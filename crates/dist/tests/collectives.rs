@@ -229,17 +229,11 @@ fn slice_buckets(dist: &Arc<Dist>) {
         if with_dest {
             continue;
         }
-        // Rank 0 accumulates 100 more into p (both windows) once their reduce-scatters ended
-        // and were released: every rank reduce-scatters its local gradients again.
+        // Rank 0's late 100 in p (both windows): every rank reduce-scatters its local
+        // gradients again.
         let _ = p.grad().zero_();
         let _ = q.grad().zero_();
-        buckets.arm();
-        ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
-        if r == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            (&p * 100.0).sum(Kind::Float).backward();
-        }
-        let counts = buckets.finish().unwrap();
+        let counts = pass_with_late_part(&mut buckets, [&p, &q, &c, &d], r);
         assert_eq!(counts.redone, 2, "{counts:?}");
         let expected = if r == 0 { (vec![103.0, 106.0, 103.0, 104.0, 115.0], vec![30.0, 60.0, 30.0]) } else { (vec![2.0, 4.0, 109.0, 112.0, 10.0], vec![20.0, 40.0, 90.0]) };
         assert_eq!((values(&p.grad()), values(&q.grad())), expected, "a late part counted once, on every rank");
@@ -263,17 +257,24 @@ fn shard_grads_buckets(dist: &Arc<Dist>, pieces: &[(usize, i64, i64, usize)], k:
     buckets.finish().unwrap();
     assert!(!p.grad().defined() && !q.grad().defined(), "the gradients were dropped");
     assert_eq!(values(&dest), if r == 0 { [3.0, 6.0, 15.0, 30.0, 60.0] } else { [9.0, 12.0, 90.0, 0.0, 0.0] });
-    buckets.arm();
-    ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
-    if r == 0 {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        (&p * 100.0).sum(Kind::Float).backward();
-    }
-    let counts = buckets.finish().unwrap();
+    let counts = pass_with_late_part(&mut buckets, [&p, &q, &c, &d], r);
     assert_eq!(counts.redone, 2, "{counts:?}");
     assert!(!p.grad().defined() && !q.grad().defined(), "the late gradient was dropped too");
     let expected = if r == 0 { [106.0, 112.0, 130.0, 60.0, 120.0] } else { [118.0, 124.0, 180.0, 0.0, 0.0] };
     assert_eq!(values(&dest), expected, "two passes added, the late part once");
+}
+
+/// An armed pass of p·c + q·d after which rank 0 accumulates 100 more into p, once the
+/// windows' reduce-scatters ended and were released (300 ms): a late part every rank reduces
+/// again.
+fn pass_with_late_part(buckets: &mut GradBuckets, [p, q, c, d]: [&Tensor; 4], rank: usize) -> BucketCounts {
+    buckets.arm();
+    ((p * c).sum(Kind::Float) + (q * d).sum(Kind::Float)).backward();
+    if rank == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        (p * 100.0).sum(Kind::Float).backward();
+    }
+    buckets.finish().unwrap()
 }
 
 fn free_port() -> u16 {
