@@ -4,14 +4,15 @@
 # step): 2 ranks x 1 thread against 1 rank x 1 thread, examples/s and scaling efficiency
 # (examples/s on 2 ranks / (2 x examples/s on 1 rank)); the same measured for PyTorch DDP (Gloo,
 # torchrun, ci/bench/train_ddp.py) as the peer in the same run. Also peak RSS per rank on 2 ranks
-# with and without ZeRO-1 (--shard-optimizer), its examples/s, and where rank 0's step time goes
+# without ZeRO, with ZeRO-1 (--shard-optimizer) and with ZeRO-2 (--shard-gradients), their
+# examples/s, and where rank 0's step time goes
 # (forward + backward, gradient sync and clipping, update; halo-train's debug log, medians after
 # the warm-up step). Both sides are launched by torchrun.
 # On a machine with fewer than 2 free cores the ranks share cores and the efficiency says so.
 # The runs alternate (ours on 1 rank, ours on 2, the peer on 1, the peer on 2; ROUNDS times,
 # each a fresh launch of STEPS steps) so that the machine's drift falls on all of them; each
 # round gives an efficiency (its 2-rank over its 1-rank examples/s), and the report is their
-# median with min–max. ZeRO-1's peak RSS is measured in one more run after the rounds.
+# median with min–max. ZeRO-1's and ZeRO-2's are measured in one more run each after the rounds.
 # halo-train runs with --share-prompts=false: a rank with one microbatch per step would fuse its
 # KL partners into the completions' prompt pass while one rank with two could not (it needs
 # every microbatch's partners first), so 2 ranks would do less work than 1 and the efficiency
@@ -51,6 +52,7 @@ for round in $(seq "$ROUNDS"); do
     peer "two$round" 2
 done
 ours zero 2 --shard-optimizer
+ours zero2 2 --shard-gradients
 
 .venv/bin/python - "$work" "$ROUNDS" "$STEPS" "$ACCUM" "$MAX_LENGTH" <<'PY'
 import glob, json, re, statistics, sys, pyarrow.parquet as pq
@@ -86,13 +88,15 @@ for name, f in [("halo-train", ours), ("PyTorch DDP", peer)]:
           f"scaling efficiency {statistics.median(eff):.2f} ({min(eff):.2f}–{max(eff):.2f}; by round: {', '.join(f'{e:.2f}' for e in eff)})")
 wins = sum(o >= p for o, p in zip(efficiency["halo-train"], efficiency["PyTorch DDP"]))
 print(f"halo-train's efficiency at least the peer's in {wins} of {rounds} rounds")
-zero = ours("zero")
-print(f"halo-train with ZeRO-1 on 2 ranks: {zero:.2f} examples/s (efficiency {zero / (2 * one_rank['halo-train']):.2f} against the rounds' 1-rank median)")
+for tag, what in [("zero", "ZeRO-1"), ("zero2", "ZeRO-2")]:
+    rate = ours(tag)
+    print(f"halo-train with {what} on 2 ranks: {rate:.2f} examples/s (efficiency {rate / (2 * one_rank['halo-train']):.2f} against the rounds' 1-rank median)")
 print("where rank 0's step goes (median s after the warm-up; forward + backward of its microbatches, the gradient sync's wait and clipping, the update):")
-for tag, what, mbs in [("one1", "1 rank", accum), ("two1", "2 ranks", accum // 2), ("zero", "2 ranks, ZeRO-1", accum // 2)]:
+for tag, what, mbs in [("one1", "1 rank", accum), ("two1", "2 ranks", accum // 2), ("zero", "2 ranks, ZeRO-1", accum // 2), ("zero2", "2 ranks, ZeRO-2", accum // 2)]:
     p = phases(tag)
     print(f"  {what:16s} forward+backward {p['forward_backward']:6.2f} ({p['forward_backward'] / mbs:.2f} per microbatch)   sync+clip {p['sync_and_clip']:5.2f}   update {p['update']:5.2f}")
 print("peak RSS per rank, halo-train on 2 ranks: " + ", ".join(f"{r:.0f}" for r in rss("two1")) + " MiB without ZeRO-1, "
-      + ", ".join(f"{r:.0f}" for r in rss("zero")) + " MiB with ZeRO-1 (--shard-optimizer); 1 rank: "
+      + ", ".join(f"{r:.0f}" for r in rss("zero")) + " MiB with ZeRO-1 (--shard-optimizer), "
+      + ", ".join(f"{r:.0f}" for r in rss("zero2")) + " MiB with ZeRO-2 (--shard-gradients); 1 rank: "
       + ", ".join(f"{r:.0f}" for r in rss("one1")) + " MiB")
 PY

@@ -93,7 +93,8 @@ bool is_loopback(const std::string& host) {
 //   With `shard_grads` (ZeRO-2; needs `dest`) a window's gradients leave as soon as it is
 //   copied: a parameter whose last window it is loses its gradient (its memory free while the
 //   backward pass goes on), one that reaches into later windows has its piece zeroed, and the
-//   sums are added to `dest` (every armed pass of a step adds its own). A gradient that grows
+//   sums are added to `dest` (every armed pass of a step adds its own; `dest` may be empty
+//   between steps, and is allocated and zeroed when a step's first window lands). A gradient that grows
 //   after its window started then holds only what came later, so the window is redone from
 //   that alone and added too (the reduce-scatter is linear).
 struct Buckets {
@@ -121,6 +122,7 @@ struct Buckets {
   int64_t slices = 0;  // 0: all-reduce buckets; else reduce-scatter over this many ranks
   at::Tensor dest;     // reduce-scatter: where the slices of the sums go (undefined: the gradients)
   bool shard_grads = false;  // reduce-scatter into `dest`: drop each window's gradients once copied
+  int64_t dest_numel = 0;    // the sums' elements (`dest` may be empty until a window lands)
   std::vector<at::Tensor> params;
   std::vector<std::vector<size_t>> buckets_of;  // each parameter's buckets
   std::vector<int64_t> fired, expected;
@@ -293,6 +295,9 @@ struct Buckets {
       b.work.reset();
       if (shard_grads) {
         at::NoGradGuard no_grad;
+        // Allocated, zeroed, when a step's first window lands (the optimizer frees it between
+        // steps, so the forward passes run without it).
+        if (dest.numel() != dest_numel) dest.resize_({dest_numel}).zero_();
         dest.narrow(0, b.dest_offset, b.numel / slices).add_(b.out);
         b.out = at::Tensor();
       }
@@ -383,7 +388,8 @@ struct Buckets {
         made[k].dest_offset = k == 0 ? 0 : made[k - 1].dest_offset + made[k - 1].numel / slices;
       }
     }
-    if (dest.defined() && (made.empty() ? 0 : made.back().dest_offset + made.back().numel / slices) > dest.numel()) {
+    if (slices > 0) dest_numel = made.empty() ? 0 : made.back().dest_offset + made.back().numel / slices;
+    if (dest.defined() && !shard_grads && dest_numel > dest.numel()) {
       throw std::invalid_argument("the gradient buckets' slices do not fit the " + std::to_string(dest.numel()) + " elements of their destination");
     }
     std::lock_guard<std::mutex> lock(mu);

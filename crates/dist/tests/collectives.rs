@@ -248,7 +248,7 @@ fn shard_grads_buckets(dist: &Arc<Dist>, pieces: &[(usize, i64, i64, usize)], k:
     let r = dist.rank();
     let p = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let q = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    let dest = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
+    let mut dest = Tensor::zeros([5], (Kind::Float, tch::Device::Cpu));
     let mut buckets = GradBuckets::slices(dist.clone(), &[p.shallow_clone(), q.shallow_clone()], pieces, &[4, 6], Some(&dest), true).unwrap();
     let c = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]) * k;
     let d = Tensor::from_slice(&[10.0f32, 20.0, 30.0]) * k;
@@ -262,6 +262,13 @@ fn shard_grads_buckets(dist: &Arc<Dist>, pieces: &[(usize, i64, i64, usize)], k:
     assert!(!p.grad().defined() && !q.grad().defined(), "the late gradient was dropped too");
     let expected = if r == 0 { [106.0, 112.0, 130.0, 60.0, 120.0] } else { [118.0, 124.0, 180.0, 0.0, 0.0] };
     assert_eq!(values(&dest), expected, "two passes added, the late part once");
+    // Freed between steps (as the optimizer frees it), the destination comes back with the
+    // first window, zeroed before the sums are added.
+    dest.set_data(&Tensor::empty([0], (Kind::Float, tch::Device::Cpu)));
+    buckets.arm();
+    ((&p * &c).sum(Kind::Float) + (&q * &d).sum(Kind::Float)).backward();
+    buckets.finish().unwrap();
+    assert_eq!(values(&dest), if r == 0 { [3.0, 6.0, 15.0, 30.0, 60.0] } else { [9.0, 12.0, 90.0, 0.0, 0.0] });
 }
 
 /// An armed pass of p·c + q·d after which rank 0 accumulates 100 more into p, once the

@@ -343,7 +343,13 @@ impl ShardedAdamW {
         let zeros = || Tensor::zeros([layout.shard_len()], (Kind::Float, device));
         (self.m, self.v) = (zeros(), zeros());
         self.master = self.params.iter().any(|p| p.kind() != Kind::Float).then(|| self.shard_weights());
-        self.reduced = (self.master.is_some() || self.shard_grads).then(zeros);
+        // ZeRO-2's sums exist only from a step's first reduce-scatter to its end
+        // (`clear_grads`, `sums`).
+        self.reduced = match (self.master.is_some(), self.shard_grads) {
+            (_, true) => Some(Tensor::empty([0], (Kind::Float, device))),
+            (true, false) => Some(zeros()),
+            (false, false) => None,
+        };
     }
 
     /// Makes a forward wait, before each stage of weights (`stage_of` a parameter's name, see
@@ -405,12 +411,22 @@ impl ShardedAdamW {
 
     /// Drops every gradient (they are never views into the reduce-scatter windows, which
     /// copy them): its memory is free until the next backward pass. With sharded gradients
-    /// also clears the sums the step's microbatches add up.
+    /// also frees the sums the last step's microbatches added up (the first window that lands
+    /// in the next backward pass allocates them anew, zeroed).
     pub fn clear_grads(&mut self) {
         crate::grads::release(self.params.iter());
         if let Some(reduced) = self.reduced.as_mut().filter(|_| self.shard_grads) {
-            let _ = reduced.zero_();
+            reduced.set_data(&Tensor::empty([0], (Kind::Float, reduced.device())));
         }
+    }
+
+    /// The shard's reduced gradients, allocated (zeroed) if no window landed in them yet.
+    fn sums(&self) -> Option<&Tensor> {
+        let reduced = self.reduced.as_ref()?;
+        if reduced.numel() as i64 != self.layout.shard_len() {
+            let _ = reduced.shallow_clone().resize_([self.layout.shard_len()]).zero_();
+        }
+        Some(reduced)
     }
 
     /// Whether the gradients are sharded (ZeRO-2): every microbatch's backward pass then
@@ -432,7 +448,7 @@ impl ShardedAdamW {
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
             // This window's sums: where the buckets put them, or reduce-scattered now and put there.
-            let sums = match (buckets, &self.reduced) {
+            let sums = match (buckets, self.sums()) {
                 (Some(_), Some(reduced)) => reduced.narrow(0, o, n),
                 (Some(_), None) => {
                     let mut sums = Tensor::empty([n], (Kind::Float, device));
@@ -443,7 +459,7 @@ impl ShardedAdamW {
                     let mut input = Tensor::empty([self.layout.world * n], (Kind::Float, device));
                     tch::no_grad(|| self.flat.read(&grads, self.layout.window_start(k), &mut input));
                     let sums = ranks.reduce_scatter(&input)?;
-                    tch::no_grad(|| match &self.reduced {
+                    tch::no_grad(|| match self.sums() {
                         Some(reduced) => reduced.narrow(0, o, n).copy_(&sums),
                         None => self.flat.write(&grads, self.layout.part(k, self.rank), &sums),
                     });
