@@ -112,8 +112,8 @@ struct Trainer<'a> {
     grad_buckets: Option<GradBuckets>,
     /// How the buckets were all-reduced, summed over the steps.
     bucket_counts: BucketCounts,
-    /// Trained tensors holding a gradient after the last step's backward pass and bucket
-    /// collectives (ZeRO-2: none, each dropped once its windows were copied).
+    /// Trained tensors holding a gradient after the last step's gradient sync and clipping
+    /// (ZeRO-2: none, each dropped once its windows were copied).
     grads_held: usize,
 }
 
@@ -174,7 +174,6 @@ impl Trainer<'_> {
         }
         let computed = started.elapsed().as_secs_f64();
         finish_buckets(&mut self.grad_buckets, &mut self.bucket_counts, ranks.rank())?;
-        self.grads_held = self.params.iter().filter(|p| p.grad().defined()).count();
         let mut tokens = job.tokens.take();
         if let Some(reduce) = ranks.loss_reduce() {
             acc.all_reduce(reduce.as_ref())?;
@@ -183,6 +182,7 @@ impl Trainer<'_> {
         }
         let examples = acc.examples();
         let (loss, grad_norm) = self.opt.sync_and_clip(ranks, &self.params, acc, self.max_grad_norm, self.grad_buckets.as_ref())?;
+        self.grads_held = self.params.iter().filter(|p| p.grad().defined()).count();
         if !grad_norm.is_finite() {
             let ids: Vec<&str> = microbatches.iter().flat_map(|&mb| &self.split.train[mb]).map(|&i| rows[i].id.as_str()).collect();
             bail!("gradient norm is {grad_norm} at step {} (examples {}); the last good checkpoint is kept", step + 1, ids.join(", "));

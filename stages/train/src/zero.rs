@@ -443,7 +443,9 @@ impl ShardedAdamW {
     /// of the scaled gradients before clipping.
     pub fn sync_and_clip(&mut self, ranks: &Ranks, scale: Option<f64>, max_norm: f64, buckets: Option<&GradBuckets>) -> Result<f64> {
         ensure!(ranks.world() as i64 == self.layout.world, "ShardedAdamW made for {} ranks, used with {}", self.layout.world, ranks.world());
-        let grads = defined_grads(&self.params);
+        // The local gradients, unless every window's sums are in `reduced` already (ZeRO-2
+        // dropped them: making zeros of every one here would undo that).
+        let grads = if buckets.is_some() && self.reduced.is_some() { Vec::new() } else { defined_grads(&self.params) };
         let device = self.m.device();
         let mut squares = Tensor::zeros([1], (Kind::Float, device));
         for (k, o, n) in self.windows() {
