@@ -38,7 +38,7 @@ pub fn estimate(args: &Args, halo: &dyn Halo, config: &Config, kind: Kind, seque
         // LoRA adapters train only their own elements.
         trainable: args.lora.as_deref().and_then(|text| LoraConfig::parse(text).ok()).map(|lora| lora.adapter_elements(config)),
         ranks,
-        shard_optimizer: args.shard_optimizer || args.shard_gradients,
+        shard_optimizer: args.shards_optimizer(),
         shard_gradients: args.shard_gradients,
         live_reference: live_reference(args, halo),
     };

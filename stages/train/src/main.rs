@@ -238,6 +238,14 @@ pub struct Args {
     pub smoothing: f64,
 }
 
+impl Args {
+    /// Whether the optimizer state is sharded: ZeRO-1 (`--shard-optimizer`), or ZeRO-2
+    /// (`--shard-gradients`), which implies it.
+    pub fn shards_optimizer(&self) -> bool {
+        self.shard_optimizer || self.shard_gradients
+    }
+}
+
 /// `halo-train report`: re-render the training report of a finished run from its metrics.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "halo-train report", version)]

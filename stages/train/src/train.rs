@@ -312,7 +312,7 @@ pub fn run(args: &Args) -> Result<()> {
     let param_list: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
     let names: Vec<String> = params.keys().cloned().collect();
     let fused = args.fused_adamw;
-    let opt = if args.shard_optimizer || args.shard_gradients {
+    let opt = if args.shards_optimizer() {
         Optimizer::Sharded(ShardedAdamW::new(params, adam, fused, args.shard_gradients, &ranks))
     } else {
         Optimizer::Full(AdamW::new(params, adam, fused))
@@ -447,7 +447,7 @@ pub fn run(args: &Args) -> Result<()> {
         "eval_microbatches": split.eval.len(),
         "microbatches_per_step": per_step,
         "ranks": ranks.world(),
-        "shard_optimizer": args.shard_optimizer || args.shard_gradients,
+        "shard_optimizer": args.shards_optimizer(),
         "shard_gradients": args.shard_gradients,
         // Rank 0's gradient buckets over the run (all zero without overlap).
         "grad_sync": {
